@@ -1,0 +1,289 @@
+"""Sliding-window prediction of whole volumes, and NIfTI output.
+
+The network is trained on patches (128³ in the paper), so a whole scan is segmented
+as in Richter & Fetit (2022, §3.2.5): the volume is divided into overlapping windows of
+the training patch size, each window's softmax probabilities are computed, and the
+probabilities of overlapping windows are averaged voxel by voxel (MONAI's
+:func:`~monai.inferers.sliding_window_inference` with ``mode="constant"``). The label
+map is the argmax; no post-processing follows. Volumes smaller than a window are
+padded by MONAI and the output is cropped back, so the output always has the input's
+spatial shape.
+
+Example:
+    >>> model = load_weights(build_model(cfg), "runs/baseline/model_best.pt")
+    >>> labels = segment(model, image, patch_size=(128, 128, 128))   # image (2, X, Y, Z)
+    >>> save_segmentation(labels, "sub-1_T2w.nii.gz", "sub-1_desc-neonb_dseg.nii.gz")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.utils import convert_to_tensor
+from torch import nn
+
+from neonb.errors import ConfigError, DataError
+
+SegmentationLogits = Callable[[Any], torch.Tensor]
+"""Takes a model's raw output and returns segmentation logits ``(B, C, X, Y, Z)``."""
+
+NIFTI_LABEL_INTENT: str = "label"
+"""NIfTI intent of a label map (code 1002), so viewers show it as classes."""
+
+
+def default_segmentation_logits(outputs: Any) -> torch.Tensor:
+    """Default extraction of segmentation logits from a model's output.
+
+    Args:
+        outputs: a ``(B, C, X, Y, Z)`` tensor (DynUNet in eval mode) or a stacked
+            deep-supervision tensor ``(B, H, C, X, Y, Z)`` (DynUNet in train mode),
+            whose head 0 is the final full-resolution output.
+
+    Returns:
+        Logits, shape ``(B, C, X, Y, Z)``.
+
+    Raises:
+        ConfigError: for any other output (a tuple or dict from a multi-task model,
+            say); pass a ``segmentation_logits`` function that picks the logits.
+    """
+    if isinstance(outputs, torch.Tensor) and outputs.ndim == 6:
+        return outputs[:, 0]
+    if isinstance(outputs, torch.Tensor) and outputs.ndim == 5:
+        return outputs
+    found = type(outputs).__name__
+    if isinstance(outputs, torch.Tensor):
+        found = f"a tensor of shape {tuple(outputs.shape)}"
+    raise ConfigError(
+        "the model output must be a (B, C, X, Y, Z) or (B, H, C, X, Y, Z) tensor, "
+        f"found {found} (pass segmentation_logits= to pick the logits from it)"
+    )
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; anything else → ``torch.device(device)``."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def use_amp(amp: bool | str, device: torch.device) -> bool:
+    """Whether to run under bf16 autocast: only on CUDA, and when ``amp`` is ``"auto"``/``True``.
+
+    Raises:
+        ConfigError: if ``amp`` is not ``"auto"``, ``True`` or ``False``.
+    """
+    if amp not in ("auto", True, False):
+        raise ConfigError(f"amp must be 'auto', True or False, got {amp!r}")
+    return device.type == "cuda" and amp in ("auto", True)
+
+
+def autocast(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when ``enabled``, else a no-op context."""
+    if enabled:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _check_image(image: torch.Tensor) -> None:
+    """Raise :class:`ConfigError` unless ``image`` is ``(C, X, Y, Z)``."""
+    if image.ndim != 4:
+        raise ConfigError(
+            f"image must have shape (C, X, Y, Z), got {tuple(image.shape)}; "
+            "give one volume at a time, without a batch axis"
+        )
+
+
+def _check_window(patch_size: Sequence[int], overlap: float) -> tuple[int, ...]:
+    """Validate the sliding-window settings; return the patch size as a tuple."""
+    size = tuple(int(s) for s in patch_size)
+    if len(size) != 3 or min(size) < 1:
+        raise ConfigError(f"patch_size must be three positive voxel counts, got {patch_size}")
+    if not 0 <= overlap < 1:
+        raise ConfigError(f"overlap must be in [0, 1), got {overlap}")
+    return size
+
+
+def predict_volume(
+    model: nn.Module,
+    image: torch.Tensor | np.ndarray,
+    *,
+    patch_size: Sequence[int],
+    overlap: float = 0.5,
+    sw_batch_size: int = 1,
+    mode: str = "constant",
+    device: str | torch.device = "auto",
+    amp: bool | str = "auto",
+    segmentation_logits: SegmentationLogits | None = None,
+) -> torch.Tensor:
+    """Class probabilities of a whole volume by overlapping sliding windows.
+
+    Each window's logits are turned into softmax probabilities in float32; overlapping
+    windows are averaged with equal weight (``mode="constant"``, as in the paper) or
+    with a Gaussian weight (``mode="gaussian"``, as in nnU-Net). The model is moved to
+    ``device`` and put in eval mode for the call (its previous mode is restored); no
+    gradients are kept; on CUDA the forward pass runs under bf16 autocast.
+
+    Args:
+        model: segmentation network, e.g. a MONAI ``DynUNet``.
+        image: one intensity-normalised volume, shape ``(2, X, Y, Z)`` (T1w, T2w).
+        patch_size: window size in voxels, the training patch size (paper: 128³).
+        overlap: fraction of a window shared with its neighbour along each axis.
+        sw_batch_size: windows per forward pass.
+        mode: blending of overlapping windows, ``"constant"`` or ``"gaussian"``.
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda:0"``, ...
+        amp: bf16 autocast on CUDA: ``"auto"``/``True`` on, ``False`` off.
+        segmentation_logits: picks ``(B, C, X, Y, Z)`` logits from the model output;
+            default :func:`default_segmentation_logits`.
+
+    Returns:
+        Probabilities, shape ``(C, X, Y, Z)`` (the input's spatial shape), float32, CPU.
+
+    Raises:
+        ConfigError: if ``image`` is not 4-D or the window settings are invalid.
+    """
+    size = _check_window(patch_size, overlap)
+    image = convert_to_tensor(image, track_meta=False)
+    _check_image(image)
+    dev = resolve_device(device)
+    amp_on = use_amp(amp, dev)
+    extract = segmentation_logits or default_segmentation_logits
+    was_training = model.training
+    model.to(dev).eval()
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        with autocast(amp_on, dev):
+            logits = extract(model(window))
+        return torch.softmax(logits.float(), dim=1)
+
+    try:
+        with torch.no_grad():
+            probs = sliding_window_inference(
+                image[None].float().to(dev),
+                roi_size=size,
+                sw_batch_size=sw_batch_size,
+                predictor=predictor,
+                overlap=overlap,
+                mode=mode,
+            )
+    finally:
+        model.train(was_training)
+    return convert_to_tensor(probs, track_meta=False)[0].float().cpu()
+
+
+def segment(model: nn.Module, image: torch.Tensor | np.ndarray, **kwargs: Any) -> np.ndarray:
+    """Label map of a whole volume: argmax of :func:`predict_volume`'s probabilities.
+
+    Args:
+        model: segmentation network.
+        image: one volume, shape ``(2, X, Y, Z)``.
+        **kwargs: keyword arguments of :func:`predict_volume` (``patch_size`` is required).
+
+    Returns:
+        Labels, shape ``(X, Y, Z)``, uint8.
+    """
+    probs = predict_volume(model, image, **kwargs)
+    return probs.argmax(dim=0).to(torch.uint8).numpy()
+
+
+def _temporary_name(path: Path) -> Path:
+    """A hidden name beside ``path`` that keeps its ``.nii``/``.nii.gz`` suffix."""
+    for suffix in (".nii.gz", ".nii"):
+        if path.name.endswith(suffix):
+            return path.with_name(f".{path.name[: -len(suffix)]}.tmp{suffix}")
+    raise ConfigError(f"out_path must end in .nii or .nii.gz, got {path}")
+
+
+def save_segmentation(
+    labels: np.ndarray | torch.Tensor,
+    reference_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+) -> Path:
+    """Write a label map as NIfTI in the space of a reference image.
+
+    The output takes the reference's affine and header (qform/sform, zooms, units),
+    stores uint8 voxels with the intensity scaling reset (no ``scl_slope``/``scl_inter``)
+    and the NIfTI intent "label". It is written to a hidden temporary file in the same
+    folder and then renamed, so a reader never sees a partial file.
+
+    Args:
+        labels: label map, shape ``(X, Y, Z)``, values 0–255.
+        reference_path: the image the labels were predicted from (e.g. the T2w).
+        out_path: destination ending in ``.nii.gz`` or ``.nii``; parent folders are made.
+
+    Returns:
+        The path written.
+
+    Raises:
+        DataError: if the reference is missing or its shape differs from ``labels``.
+        ConfigError: if ``out_path`` does not end in ``.nii``/``.nii.gz``.
+    """
+    out_path = Path(out_path)
+    tmp = _temporary_name(out_path)
+    if not Path(reference_path).is_file():
+        raise DataError(reference_path, "reference image does not exist")
+    reference = nib.load(reference_path)
+    data = np.asarray(labels)
+    if data.shape != reference.shape[:3]:
+        raise DataError(
+            reference_path,
+            f"has shape {reference.shape[:3]}, but the labels have shape {data.shape}",
+            "segment the image that is given as reference",
+        )
+    header = reference.header.copy()
+    image = nib.Nifti1Image(data.astype(np.uint8), reference.affine, header)
+    image.set_data_dtype(np.uint8)
+    image.header.set_slope_inter(np.nan, np.nan)
+    image.header.set_intent(NIFTI_LABEL_INTENT)
+    image.set_qform(*reference.get_qform(coded=True))
+    image.set_sform(*reference.get_sform(coded=True))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_path
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
+    """Load network weights saved by :func:`neonb.engine.fit`.
+
+    Reads with ``torch.load(weights_only=True)`` (tensors and plain containers only;
+    nothing is unpickled), on the CPU.
+
+    Args:
+        model: the network to load into, built with the same architecture.
+        path: ``model_best.pt`` (a bare state dict) or ``checkpoint.pt`` (a dict whose
+            ``"model"`` entry is the state dict).
+        strict: passed to :meth:`torch.nn.Module.load_state_dict`.
+
+    Returns:
+        ``model``, with the weights loaded.
+
+    Raises:
+        DataError: if the file is missing, unreadable, or does not fit ``model``.
+    """
+    if not Path(path).is_file():
+        raise DataError(path, "weights file does not exist")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unpickling failure means a bad file
+        raise DataError(path, f"cannot be read as torch weights ({err})") from err
+    state = saved.get("model", saved) if isinstance(saved, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise DataError(path, "holds neither a state dict nor a checkpoint with 'model'")
+    try:
+        model.load_state_dict(state, strict=strict)
+    except RuntimeError as err:
+        raise DataError(
+            path, f"does not fit the model ({err})", "build the model with the run's config"
+        ) from err
+    return model

@@ -1,0 +1,185 @@
+"""Tests of neonb.inference: sliding-window shapes and averaging, NIfTI output, weights."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import DynUNet
+from torch import nn
+
+from neonb.errors import ConfigError, DataError
+from neonb.inference import (
+    default_segmentation_logits,
+    load_weights,
+    predict_volume,
+    save_segmentation,
+    segment,
+)
+
+PATCH = (16, 16, 16)
+
+
+def _dynunet(seed: int = 0) -> DynUNet:
+    torch.manual_seed(seed)
+    return DynUNet(
+        spatial_dims=3,
+        in_channels=2,
+        out_channels=10,
+        kernel_size=[3, 3, 3],
+        strides=[1, 2, 2],
+        upsample_kernel_size=[2, 2],
+        filters=[4, 8, 16],
+        deep_supervision=True,
+        deep_supr_num=1,
+        res_block=True,
+    )
+
+
+class _Constant(nn.Module):
+    """Returns the same logits at every voxel, whatever the input."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("logits", logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.view(1, -1, 1, 1, 1).expand(x.shape[0], -1, *x.shape[2:])
+
+
+@pytest.mark.parametrize("shape", [(37, 41, 29), (10, 12, 9)])
+def test_output_has_the_input_shape(shape):
+    image = torch.randn(2, *shape)
+    probs = predict_volume(_dynunet(), image, patch_size=PATCH, overlap=0.25, sw_batch_size=4)
+    assert probs.shape == (10, *shape)
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs.sum(0), torch.ones(shape))
+
+
+def test_constant_model_gives_its_probabilities_everywhere():
+    logits = torch.linspace(-1.0, 2.0, 10)
+    image = torch.randn(2, 21, 18, 19)  # smaller than two windows: overlaps and padding
+    probs = predict_volume(_Constant(logits), image, patch_size=PATCH, overlap=0.5)
+    expected = torch.softmax(logits, 0).view(-1, 1, 1, 1).expand_as(probs)
+    torch.testing.assert_close(probs, expected)
+
+
+def test_overlapping_windows_are_averaged_into_the_full_volume_result():
+    torch.manual_seed(0)
+    pointwise = nn.Conv3d(2, 10, kernel_size=1)  # the same answer at a voxel in every window
+    image = torch.randn(2, 37, 41, 29)
+    probs = predict_volume(pointwise, image, patch_size=PATCH, overlap=0.5, sw_batch_size=8)
+    with torch.no_grad():
+        expected = torch.softmax(pointwise(image[None]), 1)[0]
+    torch.testing.assert_close(probs, expected)
+
+
+def test_segment_is_uint8_argmax_and_restores_train_mode():
+    model = _dynunet()
+    model.train()
+    image = torch.randn(2, 20, 17, 16)
+    labels = segment(model, image.numpy(), patch_size=PATCH, overlap=0.25)
+    assert labels.dtype == np.uint8
+    assert labels.shape == (20, 17, 16)
+    assert model.training
+    probs = predict_volume(model, image, patch_size=PATCH, overlap=0.25)
+    np.testing.assert_array_equal(labels, probs.argmax(0).numpy())
+
+
+def test_default_segmentation_logits_picks_head_zero():
+    stacked = torch.randn(2, 3, 10, 4, 4, 4)
+    assert torch.equal(default_segmentation_logits(stacked), stacked[:, 0])
+    plain = torch.randn(2, 10, 4, 4, 4)
+    assert default_segmentation_logits(plain) is plain
+    with pytest.raises(ConfigError, match="segmentation_logits"):
+        default_segmentation_logits((plain, torch.zeros(2)))
+
+
+def test_a_custom_hook_reads_multi_task_outputs():
+    class _TwoHeads(nn.Module):
+        def forward(self, x):
+            return {"segmentation": torch.zeros(x.shape[0], 10, *x.shape[2:]), "age": x.mean()}
+
+    probs = predict_volume(
+        _TwoHeads(),
+        torch.randn(2, 8, 8, 8),
+        patch_size=(8, 8, 8),
+        segmentation_logits=lambda out: out["segmentation"],
+    )
+    torch.testing.assert_close(probs, torch.full((10, 8, 8, 8), 0.1))
+
+
+@pytest.mark.parametrize(
+    ("image", "kwargs"),
+    [
+        (torch.zeros(1, 2, 8, 8, 8), {}),  # batch axis given
+        (torch.zeros(2, 8, 8, 8), {"overlap": 1.0}),
+        (torch.zeros(2, 8, 8, 8), {"patch_size": (8, 8)}),
+    ],
+)
+def test_bad_arguments_raise(image, kwargs):
+    kwargs = {"patch_size": (8, 8, 8)} | kwargs
+    with pytest.raises(ConfigError):
+        predict_volume(_dynunet(), image, **kwargs)
+
+
+def _reference(path, shape=(6, 7, 5)):
+    """A float T2w-like image with an anisotropic, oblique affine and intensity scaling."""
+    affine = np.array(
+        [[0.5, 0.1, 0.0, -30.0], [0.0, 0.6, 0.0, 12.0], [0.0, 0.0, 1.2, 4.5], [0, 0, 0, 1]]
+    )
+    image = nib.Nifti1Image(np.random.default_rng(0).random(shape, np.float32), affine)
+    image.header.set_slope_inter(2.0, 1.0)
+    image.header.set_xyzt_units("mm", "sec")
+    nib.save(image, path)
+    return nib.load(path)
+
+
+@pytest.mark.parametrize("name", ["seg.nii.gz", "seg.nii"])
+def test_save_segmentation_round_trip(tmp_path, name):
+    reference = _reference(tmp_path / "t2w.nii.gz")
+    labels = np.random.default_rng(1).integers(0, 10, reference.shape).astype(np.uint8)
+    out = save_segmentation(labels, tmp_path / "t2w.nii.gz", tmp_path / "out" / name)
+    saved = nib.load(out)
+    assert saved.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asanyarray(saved.dataobj), labels)
+    np.testing.assert_allclose(saved.affine, reference.affine)
+    assert saved.header.get_zooms() == reference.header.get_zooms()
+    assert saved.header.get_sform(coded=True)[1] == reference.header.get_sform(coded=True)[1]
+    assert saved.header.get_qform(coded=True)[1] == reference.header.get_qform(coded=True)[1]
+    assert saved.header.get_slope_inter() == (None, None)
+    assert saved.header.get_xyzt_units() == ("mm", "sec")
+    assert sorted(p.name for p in out.parent.iterdir()) == [name]  # no temporary file left
+
+
+def test_save_segmentation_checks_shape_and_suffix(tmp_path):
+    _reference(tmp_path / "t2w.nii.gz")
+    with pytest.raises(DataError, match="shape"):
+        save_segmentation(np.zeros((6, 7, 4)), tmp_path / "t2w.nii.gz", tmp_path / "s.nii.gz")
+    with pytest.raises(ConfigError, match=".nii"):
+        save_segmentation(np.zeros((6, 7, 5)), tmp_path / "t2w.nii.gz", tmp_path / "s.mgz")
+    with pytest.raises(DataError, match="does not exist"):
+        save_segmentation(np.zeros((6, 7, 5)), tmp_path / "none.nii.gz", tmp_path / "s.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t2w.nii.gz"]
+
+
+def test_load_weights_from_state_dict_or_checkpoint(tmp_path):
+    source = _dynunet(seed=1)
+    torch.save(source.state_dict(), tmp_path / "model_best.pt")
+    torch.save({"epoch": 3, "model": source.state_dict()}, tmp_path / "checkpoint.pt")
+    for name in ("model_best.pt", "checkpoint.pt"):
+        model = load_weights(_dynunet(seed=2), tmp_path / name)
+        for key, value in source.state_dict().items():
+            assert torch.equal(model.state_dict()[key], value)
+
+
+def test_load_weights_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_weights(_dynunet(), tmp_path / "missing.pt")
+    torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(DataError, match="does not fit"):
+        load_weights(_dynunet(), tmp_path / "other.pt")
+    torch.save({"weights": nn.Linear(2, 2)}, tmp_path / "pickled.pt")  # a pickled module
+    with pytest.raises(DataError, match="cannot be read"):
+        load_weights(_dynunet(), tmp_path / "pickled.pt")
