@@ -1,0 +1,232 @@
+"""Tests of neonb.losses: masked Dice + CE and the deep-supervision wrapper."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from monai.losses import DeepSupervisionLoss, DiceCELoss
+
+from neonb.errors import ConfigError
+from neonb.losses import (
+    MaskedDiceCELoss,
+    SegmentationLoss,
+    deep_supervision_weights,
+    masked_dice_ce,
+)
+
+C = 10
+ATOL = 1e-6
+
+
+def _data(batch=2, shape=(6, 5, 4), classes=C, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, classes, *shape, generator=g)
+    label = torch.randint(0, classes, (batch, 1, *shape), generator=g).float()
+    return logits, label
+
+
+def _slice_mask(label, step=3):
+    """Annotate every ``step``-th slice along the last axis."""
+    mask = torch.zeros_like(label)
+    mask[..., ::step] = 1
+    return mask
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("include_background", [True, False])
+@pytest.mark.parametrize("all_ones", [True, False])
+def test_equals_monai_dice_ce_without_mask(batch, include_background, all_ones):
+    logits, label = _data(batch)
+    mask = torch.ones_like(label) if all_ones else None
+    expected = DiceCELoss(to_onehot_y=True, softmax=True, include_background=include_background)(
+        logits, label
+    )
+    got = masked_dice_ce(logits, label, mask, include_background=include_background)
+    assert torch.allclose(got, expected, rtol=1e-6, atol=ATOL), (got, expected)
+
+
+def test_equals_monai_dice_ce_with_lambdas_and_smoothing():
+    logits, label = _data()
+    kwargs = {"smooth_nr": 0.0, "smooth_dr": 1e-3, "lambda_dice": 0.3, "lambda_ce": 2.0}
+    expected = DiceCELoss(to_onehot_y=True, softmax=True, **kwargs)(logits, label)
+    assert torch.allclose(masked_dice_ce(logits, label, **kwargs), expected, rtol=1e-6, atol=ATOL)
+
+
+def test_masked_voxels_get_zero_gradient():
+    logits, label = _data()
+    mask = _slice_mask(label)
+    logits.requires_grad_(True)
+    masked_dice_ce(logits, label, mask).backward()
+    outside = (mask == 0).expand_as(logits)
+    assert torch.count_nonzero(logits.grad[outside]) == 0
+    assert torch.count_nonzero(logits.grad[~outside]) > 0
+
+
+def test_masked_voxels_do_not_change_the_loss():
+    logits, label = _data()
+    mask = _slice_mask(label)
+    reference = masked_dice_ce(logits, label, mask)
+    outside = mask == 0
+    other_logits = torch.where(outside.expand_as(logits), 100 * torch.randn_like(logits), logits)
+    other_label = torch.where(outside, (label + 3) % C, label)
+    assert torch.equal(masked_dice_ce(other_logits, other_label, mask), reference)
+    # an out-of-range "unknown" label in masked voxels is ignored too
+    unknown = torch.where(outside, torch.full_like(label, -1), label)
+    assert torch.equal(masked_dice_ce(logits, unknown, mask), reference)
+
+
+def test_masked_loss_equals_loss_on_the_annotated_voxels_alone():
+    """Masking slices = DiceCE on the tensor made of the annotated slices only."""
+    logits, label = _data()
+    mask = _slice_mask(label)
+    keep = mask[0, 0, 0, 0].bool()
+    expected = DiceCELoss(to_onehot_y=True, softmax=True)(logits[..., keep], label[..., keep])
+    got = masked_dice_ce(logits, label, mask)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=ATOL)
+
+
+def test_monai_onehot_masking_would_count_masked_voxels_as_background():
+    """Why neonb one-hots the label itself before MONAI's MaskedDiceLoss."""
+    from monai.losses import MaskedDiceLoss
+
+    logits, label = _data()
+    mask = _slice_mask(label)
+    naive = MaskedDiceLoss(to_onehot_y=True, softmax=True)(logits, label, mask)
+    ours = masked_dice_ce(logits, label, mask, lambda_ce=0.0)
+    assert not torch.allclose(naive, ours)
+
+
+def test_sample_without_annotation_is_left_out():
+    logits, label = _data(batch=2)
+    mask = _slice_mask(label)
+    mask[1] = 0
+    got = masked_dice_ce(logits, label, mask)
+    alone = masked_dice_ce(logits[:1], label[:1], mask[:1])
+    assert torch.allclose(got, alone, rtol=1e-6, atol=ATOL)
+
+
+def test_empty_mask_gives_zero_loss_and_gradient_not_nan():
+    logits, label = _data()
+    logits.requires_grad_(True)
+    loss = masked_dice_ce(logits, label, torch.zeros_like(label))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(logits.grad) == 0
+    assert not torch.isnan(logits.grad).any()
+
+
+def test_perfect_prediction_has_small_loss():
+    _, label = _data()
+    logits = 50 * torch.nn.functional.one_hot(label[:, 0].long(), C).movedim(-1, 1).float()
+    assert masked_dice_ce(logits, label).item() < 1e-4
+
+
+def test_metatensor_inputs_give_plain_tensor():
+    from monai.data import MetaTensor
+
+    logits, label = _data()
+    loss = masked_dice_ce(MetaTensor(logits), MetaTensor(label), MetaTensor(torch.ones_like(label)))
+    assert type(loss) is torch.Tensor
+
+
+@pytest.mark.parametrize(
+    ("label_shape", "mask_shape", "match"),
+    [((2, 1, 6, 5), None, "label must have shape"), ((2, 1, 6, 5, 4), (2, 1, 6, 5, 3), "mask")],
+)
+def test_shape_mismatch_raises(label_shape, mask_shape, match):
+    logits, _ = _data()
+    label = torch.zeros(label_shape)
+    mask = None if mask_shape is None else torch.ones(mask_shape)
+    with pytest.raises(ValueError, match=match):
+        masked_dice_ce(logits, label, mask)
+
+
+@pytest.mark.parametrize("name", ["smooth_nr", "lambda_dice", "lambda_ce"])
+def test_negative_parameters_raise(name):
+    with pytest.raises(ConfigError, match=name):
+        MaskedDiceCELoss(**{name: -1.0})
+
+
+@pytest.mark.parametrize(
+    ("n_heads", "expected"),
+    [
+        (1, [1.0]),
+        (2, [2 / 3, 1 / 3]),
+        (3, [4 / 7, 2 / 7, 1 / 7]),
+        (4, [8 / 15, 4 / 15, 2 / 15, 1 / 15]),
+    ],
+)
+def test_deep_supervision_weights(n_heads, expected):
+    weights = deep_supervision_weights(n_heads)
+    assert weights == pytest.approx(expected)
+    assert math.isclose(sum(weights), 1.0)
+
+
+@pytest.mark.parametrize("n_heads", [0, -1, 2.0, True])
+def test_deep_supervision_weights_reject_bad_counts(n_heads):
+    with pytest.raises(ConfigError, match="n_heads"):
+        deep_supervision_weights(n_heads)
+
+
+def test_segmentation_loss_is_weighted_sum_over_heads():
+    logits, label = _data()
+    heads = torch.stack([logits, logits.flip(-1), 2 * logits], dim=1)  # (B, 3, C, X, Y, Z)
+    mask = _slice_mask(label)
+    batch = {"label": label, "annotation": mask}
+    got = SegmentationLoss()(heads, batch)
+    w = deep_supervision_weights(3)
+    expected = sum(w[h] * masked_dice_ce(heads[:, h], label, mask) for h in range(3))
+    assert torch.allclose(got, expected, rtol=1e-6, atol=ATOL)
+
+
+def test_segmentation_loss_matches_monai_deep_supervision_loss_without_mask():
+    logits, label = _data()
+    heads = torch.stack([logits, logits.roll(1, dims=2)], dim=1)
+    weights = deep_supervision_weights(2)
+    monai_loss = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True), weights=weights)
+    expected = monai_loss(list(torch.unbind(heads, dim=1)), label)
+    got = SegmentationLoss()(heads, {"label": label})
+    assert torch.allclose(got, expected, rtol=1e-6, atol=ATOL)
+
+
+def test_segmentation_loss_single_head_and_custom_weights():
+    logits, label = _data()
+    batch = {"label": label, "annotation": torch.ones_like(label)}
+    assert torch.allclose(SegmentationLoss()(logits, batch), masked_dice_ce(logits, label))
+    heads = torch.stack([logits, -logits], dim=1)
+    got = SegmentationLoss(weights=[3.0, 1.0])(heads, batch)
+    expected = 0.75 * masked_dice_ce(logits, label) + 0.25 * masked_dice_ce(-logits, label)
+    assert torch.allclose(got, expected, rtol=1e-6, atol=ATOL)
+
+
+def test_segmentation_loss_backward_through_dynunet_output():
+    from neonb.models import ModelConfig, build_model
+
+    net = build_model(ModelConfig(filters=(4, 8, 16), strides=(1, 2, 2), deep_supr_num=1)).train()
+    x = torch.randn(2, 2, 8, 8, 8)
+    label = torch.randint(0, C, (2, 1, 8, 8, 8)).float()
+    mask = _slice_mask(label, step=4)
+    loss = SegmentationLoss()(net(x), {"label": label, "annotation": mask})
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("weights", [[], [1.0, -1.0], [0.0, 0.0]])
+def test_segmentation_loss_rejects_bad_weights(weights):
+    with pytest.raises(ConfigError, match="weights"):
+        SegmentationLoss(weights=weights)
+
+
+def test_segmentation_loss_rejects_wrong_number_of_heads():
+    logits, label = _data()
+    with pytest.raises(ConfigError, match="3 heads"):
+        SegmentationLoss(weights=[1.0, 0.5])(torch.stack([logits] * 3, 1), {"label": label})
+
+
+def test_segmentation_loss_rejects_bad_output_rank():
+    _, label = _data()
+    with pytest.raises(ValueError, match="outputs must be"):
+        SegmentationLoss()(torch.zeros(2, 10, 6, 5), {"label": label})
