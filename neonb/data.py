@@ -53,7 +53,7 @@ import numpy as np
 import pandas as pd
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError, SpatialImage
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from neonb.errors import ConfigError, DataError
 from neonb.labels import DRAWEM9

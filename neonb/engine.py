@@ -57,7 +57,7 @@ from monai.inferers import SimpleInferer
 from monai.utils import set_determinism
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler, PolynomialLR
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from neonb.errors import ConfigError, DataError
 from neonb.inference import (

@@ -1,0 +1,38 @@
+# neonb: one entry point for a newcomer.
+#   make study   set everything up, run the demo study on the synthetic cohort, build the book
+#   make test    set everything up and run the tests (what CI runs)
+# Variables: PARAMS=params/demo (or params/paper, params/smoke), DATA=/path/to/dhcp_release
+# (empty: the synthetic cohort), PYTHON=python3.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PARAMS ?= params/demo
+DATA ?=
+# Where a CPU build of torch lies on local disk (the development and CI machines), install
+# that one first; elsewhere pip picks the build that suits the machine.
+TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
+
+.PHONY: setup study test lint clean
+
+setup: $(VENV)/.neonb-installed
+
+$(VENV)/.neonb-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+ifneq ($(TORCH_WHEEL),)
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+endif
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+study: setup
+	$(BIN)/neonb study --params $(PARAMS) $(if $(DATA),--data $(DATA),)
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) book/_build book/notebooks results data

@@ -1,0 +1,322 @@
+"""Train and evaluate segmentation runs: the glue the study notebooks share.
+
+An *experiment* here is what a notebook does with neonb's parts: build cached datasets
+from session records (:func:`neonb.data.to_data_dicts`), train a DynUNet with the
+masked Dice + cross-entropy loss under deep supervision (:func:`train_segmentation`),
+and evaluate it on whole test volumes with sliding windows (:func:`evaluate`), writing
+the predicted segmentations as NIfTI files named as BIDS derivatives.
+
+Every setting of a run is one :class:`TrainingConfig`, which reads and writes plain
+dictionaries so the notebooks take it from their papermill parameters and the run folder
+records it (``config.yaml``).
+
+Example:
+    >>> config = TrainingConfig.from_dict({"patch_size": [48, 48, 48], "epochs": 2})
+    >>> run = train_segmentation(train_records, val_records, config, "runs/baseline")
+    >>> per_class = evaluate(run.model, test_records, config, out_dir="runs/baseline/test")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from monai.data import CacheDataset
+from torch import nn
+from torch.utils.data import RandomSampler
+from tqdm import tqdm
+
+from neonb.engine import BEST_MODEL_FILE, fit, make_loader, poly_scheduler, sgd_nesterov
+from neonb.errors import ConfigError
+from neonb.inference import load_weights, save_segmentation, segment
+from neonb.losses import SegmentationLoss, deep_supervision_weights
+from neonb.metrics import evaluate_case
+from neonb.models import ModelConfig, build_model, check_patch_size
+from neonb.transforms import AugmentationConfig, eval_transforms, train_transforms
+
+Record = Mapping[str, Any]
+"""A session as a MONAI data dict: ``t1w``, ``t2w``, ``label`` paths, ``scan_age``, ids."""
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Every setting of one training run; the defaults are the paper's (§3.2, §4.1.1).
+
+    Attributes:
+        patch_size: training patch and sliding-window size in voxels, ``(X, Y, Z)``.
+        batch_size: patches per step (paper: 2).
+        epochs: training epochs (paper: 60).
+        samples_per_volume: random patches drawn from each training volume per epoch;
+            the paper draws one (an epoch is one pass over the training volumes).
+        learning_rate: initial SGD learning rate (paper: 1e-2).
+        momentum: Nesterov momentum (paper: 0.99).
+        weight_decay: L2 weight decay (the paper uses one without a value; nnU-Net's 3e-5).
+        poly_power: exponent of the poly schedule ``(1 - epoch / epochs) ** power``.
+        overlap: overlap of neighbouring sliding windows at test time, in [0, 1).
+        num_workers: data-loading worker processes (0: the main process).
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``.
+        seed: fixes initialisation, patch sampling and augmentation.
+        model: the network, :class:`neonb.models.ModelConfig`.
+        augmentation: probabilities and ranges, :class:`neonb.transforms.AugmentationConfig`.
+    """
+
+    patch_size: tuple[int, int, int] = (128, 128, 128)
+    batch_size: int = 2
+    epochs: int = 60
+    samples_per_volume: int = 1
+    learning_rate: float = 1e-2
+    momentum: float = 0.99
+    weight_decay: float = 3e-5
+    poly_power: float = 0.9
+    overlap: float = 0.5
+    num_workers: int = 0
+    device: str = "auto"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch_size", check_patch_size(self.patch_size, self.model))
+        for name in ("batch_size", "epochs", "samples_per_volume"):
+            value = getattr(self, name)
+            if int(value) != value or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 <= self.overlap < 1:
+            raise ConfigError(f"overlap must be in [0, 1), got {self.overlap!r}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate!r}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainingConfig:
+        """Build from plain values (YAML, papermill); ``model`` and ``augmentation`` nested.
+
+        Raises:
+            ConfigError: naming any key that is not a setting.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(
+                f"unknown training setting(s) {sorted(unknown)}; known: {sorted(known)}"
+            )
+        values = dict(values)
+        model = ModelConfig.from_dict(values.pop("model", {}))
+        augmentation = AugmentationConfig.from_dict(values.pop("augmentation", {}))
+        if "patch_size" in values:
+            values["patch_size"] = tuple(values["patch_size"])
+        return cls(model=model, augmentation=augmentation, **values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values that :meth:`from_dict` reads back (YAML and JSON friendly)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["patch_size"] = list(self.patch_size)
+        values["model"] = self.model.to_dict()
+        values["augmentation"] = self.augmentation.to_dict()
+        return values
+
+    def replace(self, **changes: Any) -> TrainingConfig:
+        """A copy with some settings changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class TrainedRun:
+    """The outcome of :func:`train_segmentation`.
+
+    Attributes:
+        model: the network with the weights of its best validation epoch, in eval mode.
+        log: the epoch log (``log.tsv``).
+        run_dir: the run folder with checkpoints, log, config and environment record.
+        train_time_s: wall-clock time of the training epochs, summed from the log.
+    """
+
+    model: nn.Module
+    log: pd.DataFrame
+    run_dir: Path
+    train_time_s: float
+
+    @property
+    def best(self) -> pd.Series:
+        """The log row of the epoch with the best validation Dice (no background)."""
+        return self.log.loc[self.log["val_dice_nobg"].idxmax()]
+
+
+def _check_records(records: Sequence[Record], what: str) -> list[dict[str, Any]]:
+    if len(records) == 0:
+        raise ConfigError(f"no {what} sessions given")
+    return [dict(record) for record in records]
+
+
+def training_loader(
+    records: Sequence[Record], config: TrainingConfig
+) -> torch.utils.data.DataLoader:
+    """Augmented training patches, ``samples_per_volume`` per volume and epoch.
+
+    Loading, cropping and normalisation are cached in memory once; the random patch
+    choice and augmentation run afresh every epoch.
+    """
+    transform = train_transforms(config.patch_size, config.augmentation, model=config.model)
+    dataset = CacheDataset(_check_records(records, "training"), transform, progress=False)
+    sampler = RandomSampler(dataset, num_samples=len(dataset) * config.samples_per_volume)
+    return make_loader(
+        dataset,
+        config.batch_size,
+        seed=config.seed,
+        num_workers=config.num_workers,
+        sampler=sampler,
+        drop_last=False,
+    )
+
+
+def validation_loader(
+    records: Sequence[Record], config: TrainingConfig
+) -> torch.utils.data.DataLoader:
+    """One centre patch of the training patch size per validation volume (paper §4.1.1)."""
+    transform = eval_transforms(config.patch_size, model=config.model)
+    dataset = CacheDataset(_check_records(records, "validation"), transform, progress=False)
+    return make_loader(dataset, config.batch_size, num_workers=config.num_workers)
+
+
+def segmentation_loss(config: TrainingConfig) -> SegmentationLoss:
+    """Masked Dice + CE over every deep-supervision head, weights halving per level."""
+    heads = 1 + config.model.deep_supr_num if config.model.deep_supervision else 1
+    return SegmentationLoss(deep_supervision_weights(heads))
+
+
+def train_segmentation(
+    train_records: Sequence[Record],
+    val_records: Sequence[Record],
+    config: TrainingConfig,
+    run_dir: str | os.PathLike,
+    *,
+    model: nn.Module | None = None,
+    loss_fn: Callable[[Any, Mapping[str, Any]], torch.Tensor] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    segmentation_logits: Callable[[Any], torch.Tensor] | None = None,
+    progress: bool = True,
+) -> TrainedRun:
+    """Train a segmentation network and return it with the weights of its best epoch.
+
+    An existing ``run_dir`` with a checkpoint is resumed (see :func:`neonb.engine.fit`);
+    one that has finished all epochs is simply reloaded, so re-running a notebook reuses
+    a trained model instead of training it again.
+
+    Args:
+        train_records: training sessions (MONAI data dicts).
+        val_records: validation sessions.
+        config: the run's settings.
+        run_dir: the run folder.
+        model: a network to train (default: ``build_model(config.model)``, initialised
+            from ``config.seed``). Parameters with ``requires_grad=False`` stay frozen.
+        loss_fn: ``loss_fn(outputs, batch)`` (default: :func:`segmentation_loss`).
+        optimizer: default SGD with Nesterov momentum over the trainable parameters.
+        segmentation_logits: picks the segmentation logits out of the model's outputs
+            for validation (needed for models with more than one output).
+        progress: show progress bars.
+
+    Returns:
+        The trained run.
+    """
+    if model is None:
+        torch.manual_seed(config.seed)
+        model = build_model(config.model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ConfigError("the model has no trainable parameter")
+    optimizer = optimizer or sgd_nesterov(
+        trainable,
+        lr=config.learning_rate,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    log = fit(
+        model,
+        loss_fn or segmentation_loss(config),
+        optimizer,
+        training_loader(train_records, config),
+        validation_loader(val_records, config),
+        epochs=config.epochs,
+        run_dir=run_dir,
+        scheduler=poly_scheduler(optimizer, config.epochs, power=config.poly_power),
+        device=config.device,
+        seed=config.seed,
+        progress=progress,
+        segmentation_logits=segmentation_logits,
+        config=config.to_dict(),
+    )
+    run_dir = Path(run_dir)
+    load_weights(model, run_dir / BEST_MODEL_FILE)
+    model.eval()
+    return TrainedRun(model, log, run_dir, float(log["epoch_time_s"].sum()))
+
+
+def prediction_filename(participant_id: str, session_id: str) -> str:
+    """BIDS-derivative name of a predicted segmentation, ``sub-X_ses-Y_desc-neonb_dseg.nii.gz``."""
+    return f"sub-{participant_id}_ses-{session_id}_desc-neonb_dseg.nii.gz"
+
+
+def evaluate(
+    model: nn.Module,
+    records: Sequence[Record],
+    config: TrainingConfig,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    segmentation_logits: Callable[[Any], torch.Tensor] | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Segment whole volumes with overlapping sliding windows and score every class.
+
+    Volumes keep their stored grid (normalised, not cropped), so each prediction lies on
+    the input's voxels and is saved with the input's affine and header.
+
+    Args:
+        model: the trained network.
+        records: sessions with ``t1w``, ``t2w``, ``label`` and ids.
+        config: gives the window size (``patch_size``), ``overlap`` and device.
+        out_dir: where to write ``sub-X_ses-Y_desc-neonb_dseg.nii.gz`` files (``None``:
+            don't write them).
+        segmentation_logits: for models with more than one output.
+        progress: show a progress bar.
+
+    Returns:
+        Tidy rows, one per session and class (:func:`neonb.metrics.evaluate_case`), with
+        ``scan_age`` added and ``inference_s``, the sliding-window time of the session.
+    """
+    records = _check_records(records, "evaluation")
+    prepare = eval_transforms(crop=False)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    tables = []
+    for record in tqdm(records, desc="sliding-window inference", disable=not progress):
+        sample = prepare(record)
+        started = time.perf_counter()
+        predicted = segment(
+            model,
+            sample["image"],
+            patch_size=config.patch_size,
+            overlap=config.overlap,
+            device=config.device,
+            segmentation_logits=segmentation_logits,
+        )
+        seconds = time.perf_counter() - started
+        label = np.asarray(sample["label"][0], dtype=np.uint8)
+        spacing = nib.load(record["t2w"]).header.get_zooms()[:3]
+        ids = {"participant_id": record["participant_id"], "session_id": record["session_id"]}
+        table = evaluate_case(predicted, label, spacing, ids)
+        table["scan_age"] = record.get("scan_age", np.nan)
+        table["inference_s"] = seconds
+        tables.append(table)
+        if out_dir is not None:
+            name = prediction_filename(record["participant_id"], record["session_id"])
+            save_segmentation(predicted, record["t2w"], out_dir / name)
+    return pd.concat(tables, ignore_index=True)

@@ -1,0 +1,360 @@
+"""Interactive figures for the study notebooks and the book.
+
+Every function returns a :class:`plotly.graph_objects.Figure` and never shows it; the
+notebook displays it by leaving it as the cell's last expression. Call
+:func:`use_book_renderer` once per notebook so figures render offline: the executed
+notebook then holds each figure as an HTML ``<div>`` that draws with the plotly.js the
+book ships in ``_static/`` (no CDN), beside the plotly JSON that JupyterLab renders.
+
+Brain views follow the neurological convention of RAS images: the subject's left on the
+left of axial and coronal views, anterior at the top of axial views and to the right of
+sagittal views.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.io._base_renderers import MimetypeRenderer
+from plotly.subplots import make_subplots
+
+from neonb.labels import DRAWEM9, NUM_CLASSES
+
+PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
+PRETERM_COLORS = {"preterm-born": "#d95f02", "term-born": "#1b9e77"}
+VIEWS = ("axial", "coronal", "sagittal")
+
+
+class _BookRenderer(MimetypeRenderer):
+    """HTML that relies on a page-level plotly.js, plus the JSON JupyterLab renders."""
+
+    def to_mimebundle(self, fig_dict):
+        html = pio.to_html(
+            fig_dict,
+            include_plotlyjs=False,
+            include_mathjax=False,
+            full_html=False,
+            config=PLOTLY_CONFIG,
+        )
+        return {"application/vnd.plotly.v1+json": fig_dict, "text/html": html}
+
+
+def use_book_renderer() -> str:
+    """Make figures render offline in the book, in JupyterLab and on Colab.
+
+    Returns:
+        The name of the renderer now in use (``"neonb"``, or ``"colab"`` on Colab).
+    """
+    try:
+        import google.colab  # noqa: F401
+    except ImportError:
+        pio.renderers["neonb"] = _BookRenderer()
+        pio.renderers.default = "neonb"
+    else:
+        pio.renderers.default = "colab"
+    return pio.renderers.default
+
+
+def age_histogram(manifest: pd.DataFrame, *, bin_width: float = 1.0) -> go.Figure:
+    """Histogram of scan age, stacked by preterm/term birth (the paper's Figure 1).
+
+    Args:
+        manifest: sessions with ``scan_age`` (weeks) and ``preterm`` columns.
+        bin_width: bin width in weeks.
+    """
+    frame = manifest.dropna(subset=["scan_age"]).copy()
+    frame["birth"] = np.where(frame["preterm"].fillna(False).astype(bool), *PRETERM_COLORS)
+    fig = go.Figure()
+    for group, color in PRETERM_COLORS.items():
+        ages = frame.loc[frame["birth"] == group, "scan_age"]
+        fig.add_histogram(
+            x=ages,
+            name=f"{group} (n={len(ages)})",
+            marker_color=color,
+            xbins={"size": bin_width},
+            hovertemplate="%{x} weeks: %{y} scans<extra></extra>",
+        )
+    median, mean = frame["scan_age"].median(), frame["scan_age"].mean()
+    fig.add_vline(x=median, line_dash="dash", annotation_text=f"median {median:.1f}")
+    fig.update_layout(
+        barmode="stack",
+        xaxis_title="scan age (weeks post-menstrual age)",
+        yaxis_title="scans",
+        title=f"Scan age of {len(frame)} sessions (mean {mean:.1f}, median {median:.1f} weeks)",
+        legend={"orientation": "h", "y": -0.2},
+    )
+    return fig
+
+
+def _label_colorscale() -> list[list]:
+    """A discrete plotly colour scale mapping 0..NUM_CLASSES-1 to the drawem9 colours."""
+    scale = []
+    for index, label in DRAWEM9.items():
+        scale += [[index / NUM_CLASSES, label.color], [(index + 1) / NUM_CLASSES, label.color]]
+    return scale
+
+
+def _slices(volume: np.ndarray, index: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    """Axial, coronal and sagittal slices, transposed so rows run up the screen."""
+    i, j, k = index
+    return {"axial": volume[:, :, k].T, "coronal": volume[:, j, :].T, "sagittal": volume[i, :, :].T}
+
+
+def triplanar(
+    image: np.ndarray,
+    labels: np.ndarray | None = None,
+    *,
+    index: tuple[int, int, int] | None = None,
+    voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    opacity: float = 0.45,
+    title: str = "",
+) -> go.Figure:
+    """Axial, coronal and sagittal views of a RAS volume with an optional label overlay.
+
+    Args:
+        image: intensities, shape (X, Y, Z).
+        labels: drawem9 labels 0-9 of the same shape; 0 is left transparent.
+        index: the voxel the three planes cross at (default: centre of the non-zero box).
+        voxel_size: voxel edge lengths in mm, for the axes' aspect ratio.
+        opacity: overlay opacity.
+        title: figure title.
+    """
+    if labels is not None and labels.shape != image.shape:
+        raise ValueError(f"image shape {image.shape} and label shape {labels.shape} differ")
+    if index is None:
+        nonzero = np.argwhere(image != 0)
+        box = (nonzero.min(0) + nonzero.max(0)) // 2 if len(nonzero) else np.array(image.shape) // 2
+        index = tuple(int(v) for v in box)
+    fig = make_subplots(rows=1, cols=3, subplot_titles=VIEWS, horizontal_spacing=0.03)
+    spacing = {"axial": voxel_size[:2], "coronal": voxel_size[::2], "sagittal": voxel_size[1:]}
+    image_slices = _slices(image, index)
+    label_slices = _slices(labels, index) if labels is not None else None
+    low, high = np.percentile(image[image != 0], [0.5, 99.5]) if image.any() else (0.0, 1.0)
+    names = np.array([label.name for label in DRAWEM9.values()])
+    for col, view in enumerate(VIEWS, start=1):
+        dx, dy = spacing[view]
+        fig.add_heatmap(
+            z=image_slices[view],
+            dx=dx,
+            dy=dy,
+            colorscale="gray",
+            zmin=low,
+            zmax=high,
+            showscale=False,
+            hovertemplate="intensity %{z:.3g}<extra></extra>",
+            row=1,
+            col=col,
+        )
+        if label_slices is not None:
+            overlay = label_slices[view].astype(float)
+            overlay[overlay == 0] = np.nan
+            fig.add_heatmap(
+                z=overlay,
+                dx=dx,
+                dy=dy,
+                colorscale=_label_colorscale(),
+                zmin=0,
+                zmax=NUM_CLASSES,
+                opacity=opacity,
+                showscale=False,
+                customdata=names[label_slices[view].astype(int)],
+                hovertemplate="%{customdata}<extra></extra>",
+                row=1,
+                col=col,
+            )
+        axis = "" if col == 1 else str(col)
+        fig.update_layout(
+            {
+                f"yaxis{axis}": {"scaleanchor": f"x{axis}", "visible": False},
+                f"xaxis{axis}": {"visible": False},
+            }
+        )
+    fig.update_layout(
+        title=title, margin={"l": 10, "r": 10, "t": 60, "b": 10}, plot_bgcolor="black", height=380
+    )
+    return fig
+
+
+def volumes_by_age(volumes: pd.DataFrame) -> go.Figure:
+    """Tissue volume (mL) against scan age, one panel per tissue.
+
+    Args:
+        volumes: tidy rows with ``scan_age``, ``tissue`` (short name), ``volume_ml``
+            and ``preterm``.
+    """
+    tissues = list(dict.fromkeys(volumes["tissue"]))
+    cols = 4
+    rows = int(np.ceil(len(tissues) / cols))
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=tissues, vertical_spacing=0.12)
+    for n, tissue in enumerate(tissues):
+        part = volumes[volumes["tissue"] == tissue]
+        for group, color in PRETERM_COLORS.items():
+            preterm = group == "preterm-born"
+            sub = part[part["preterm"].fillna(False).astype(bool) == preterm]
+            fig.add_scatter(
+                x=sub["scan_age"],
+                y=sub["volume_ml"],
+                mode="markers",
+                name=group,
+                marker={"color": color, "size": 5},
+                legendgroup=group,
+                showlegend=n == 0,
+                text=sub.get("participant_id"),
+                hovertemplate="%{text}<br>%{x:.1f} w: %{y:.1f} mL<extra></extra>",
+                row=n // cols + 1,
+                col=n % cols + 1,
+            )
+    fig.update_xaxes(title_text="scan age (weeks)", row=rows)
+    fig.update_yaxes(title_text="mL", col=1)
+    fig.update_layout(
+        height=300 * rows,
+        title="Tissue volume against scan age",
+        legend={"orientation": "h", "y": -0.12},
+    )
+    return fig
+
+
+def dice_curves(log: pd.DataFrame, *, title: str = "Validation Dice per tissue") -> go.Figure:
+    """Validation Dice of each tissue over the epochs (the paper's Figures 6 and 9).
+
+    Args:
+        log: an epoch log (``log.tsv``) with ``epoch`` and ``dice_<short name>`` columns;
+            a ``run`` column, if present, gives one line per run (thin) and their mean.
+    """
+    from neonb.metrics import class_column
+
+    fig = go.Figure()
+    runs = log.groupby("run") if "run" in log else [(None, log)]
+    mean = log.groupby("epoch").mean(numeric_only=True).reset_index()
+    for index in (i for i, label in DRAWEM9.items() if not label.is_background):
+        column, label = class_column(index), DRAWEM9[index]
+        for run, part in runs:
+            if run is not None:
+                fig.add_scatter(
+                    x=part["epoch"],
+                    y=part[column],
+                    mode="lines",
+                    legendgroup=label.short_name,
+                    line={"color": label.color, "width": 1},
+                    opacity=0.35,
+                    showlegend=False,
+                    hovertemplate=f"{label.short_name}, run {run}: %{{y:.3f}}<extra></extra>",
+                )
+        fig.add_scatter(
+            x=mean["epoch"],
+            y=mean[column],
+            mode="lines+markers",
+            name=label.short_name,
+            legendgroup=label.short_name,
+            line={"color": label.color, "width": 2.5},
+            hovertemplate=f"{label.short_name}, epoch %{{x}}: %{{y:.3f}}<extra></extra>",
+        )
+    fig.update_layout(
+        title=title,
+        xaxis_title="epoch",
+        yaxis_title="Dice (validation patches)",
+        yaxis_range=[0, 1],
+        hovermode="x unified",
+    )
+    return fig
+
+
+def compare_segmentations(
+    image: np.ndarray,
+    reference: np.ndarray,
+    predicted: np.ndarray,
+    *,
+    voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    title: str = "",
+) -> go.Figure:
+    """Prediction above reference labels in three views (the paper's Figures 7 and 8).
+
+    Args:
+        image: T2w intensities, shape (X, Y, Z).
+        reference: reference labels 0-9, same shape.
+        predicted: predicted labels 0-9, same shape.
+        voxel_size: voxel edge lengths in mm.
+        title: figure title.
+    """
+    top = triplanar(image, predicted, voxel_size=voxel_size)
+    bottom = triplanar(image, reference, voxel_size=voxel_size)
+    fig = make_subplots(
+        rows=2,
+        cols=3,
+        vertical_spacing=0.06,
+        horizontal_spacing=0.03,
+        subplot_titles=[f"{view}: neonb" for view in VIEWS]
+        + [f"{view}: reference" for view in VIEWS],
+    )
+    for row, source in ((1, top), (2, bottom)):
+        for trace in source.data:
+            col = int((trace.xaxis or "x")[1:] or 1)
+            fig.add_trace(trace, row=row, col=col)
+    for n in range(1, 7):
+        axis = "" if n == 1 else str(n)
+        fig.update_layout(
+            {
+                f"yaxis{axis}": {"scaleanchor": f"x{axis}", "visible": False},
+                f"xaxis{axis}": {"visible": False},
+            }
+        )
+    fig.update_layout(
+        title=title, height=700, plot_bgcolor="black", margin={"l": 10, "r": 10, "t": 70, "b": 10}
+    )
+    return fig
+
+
+def augmentation_pair(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> go.Figure:
+    """A training patch before and after augmentation (the paper's Figure 2).
+
+    Args:
+        before: ``image`` (2, X, Y, Z) and ``label`` (1, X, Y, Z) of the patch, as
+            returned by :func:`neonb.transforms.augmented_example`.
+        after: the same patch after the random augmentations.
+    """
+    k = before["image"].shape[-1] // 2
+    panels = {
+        "T2w, original": before["image"][1, :, :, k],
+        "T2w, augmented": after["image"][1, :, :, k],
+        "labels, original": before["label"][0, :, :, k],
+        "labels, augmented": after["label"][0, :, :, k],
+    }
+    fig = make_subplots(rows=1, cols=4, subplot_titles=list(panels), horizontal_spacing=0.02)
+    names = np.array([label.name for label in DRAWEM9.values()])
+    for col, (name, panel) in enumerate(panels.items(), start=1):
+        if name.startswith("labels"):
+            fig.add_heatmap(
+                z=panel.T,
+                colorscale=_label_colorscale(),
+                zmin=0,
+                zmax=NUM_CLASSES,
+                showscale=False,
+                customdata=names[panel.T.astype(int)],
+                hovertemplate="%{customdata}<extra></extra>",
+                row=1,
+                col=col,
+            )
+        else:
+            fig.add_heatmap(
+                z=panel.T,
+                colorscale="gray",
+                showscale=False,
+                hovertemplate="%{z:.2f}<extra></extra>",
+                row=1,
+                col=col,
+            )
+        axis = "" if col == 1 else str(col)
+        fig.update_layout(
+            {
+                f"yaxis{axis}": {"scaleanchor": f"x{axis}", "visible": False},
+                f"xaxis{axis}": {"visible": False},
+            }
+        )
+    fig.update_layout(
+        title=f"Axial slice {k} of a training patch",
+        height=330,
+        margin={"l": 10, "r": 10, "t": 70, "b": 10},
+    )
+    return fig

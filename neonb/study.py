@@ -1,0 +1,229 @@
+"""Run the study: the notebooks in order with papermill, then the Jupyter Book.
+
+The study is a set of parameterised notebooks (``notebooks/NN_name.ipynb``) and one
+folder of parameters per scale (``params/smoke``, ``params/demo``, ``params/paper``).
+A parameters folder holds ``study.yaml`` (values shared by every notebook: data root,
+synthetic cohort size, seed, results folder) and one ``NN_name.yaml`` per notebook to
+run; a notebook without a YAML file in the folder is not run at that scale.
+
+Executed notebooks are written to ``book/notebooks/``, where the book's table of
+contents expects them; the book build does not execute them again.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from neonb.errors import ConfigError, DataError, NeonbError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ("00_data", "01_pipeline", "02_ageunet", "03_budgeting", "04_transfer")
+"""The study's notebooks, in the order they run (later ones reuse earlier results)."""
+
+
+class NotebookError(NeonbError):
+    """A notebook of the study failed; the message names the notebook, the cell and the error."""
+
+
+def synthetic_cohort_dir(base: str | os.PathLike, *, n: int, seed: int, voxel_size: float) -> Path:
+    """Folder of the synthetic cohort with these parameters (``data/synthetic-n60-1.5mm-seed0``).
+
+    Each parameter set gets its own folder, so the smoke, demo and paper cohorts coexist.
+    """
+    return Path(base) / f"synthetic-n{n}-{voxel_size:g}mm-seed{seed}"
+
+
+def resolve_data_root(
+    data_root: str | os.PathLike | None,
+    *,
+    synthetic_base: str | os.PathLike = "data",
+    n: int = 60,
+    seed: int = 0,
+    voxel_size: float = 1.5,
+    progress: bool = True,
+) -> Path:
+    """The release folder to read: ``data_root`` if given, else the synthetic cohort.
+
+    The synthetic cohort is generated on first use (:func:`neonb.phantom.write_cohort`)
+    and reused afterwards.
+
+    Raises:
+        DataError: if ``data_root`` is given but is not a folder.
+    """
+    if data_root:
+        root = Path(data_root).expanduser()
+        if not root.is_dir():
+            raise DataError(
+                root,
+                "no such folder",
+                "give the dHCP release folder, or leave the "
+                "data root empty to use the synthetic cohort",
+            )
+        return root
+    from neonb.phantom import write_cohort
+
+    folder = synthetic_cohort_dir(synthetic_base, n=n, seed=seed, voxel_size=voxel_size)
+    return write_cohort(folder, n=n, seed=seed, voxel_size=voxel_size, progress=progress)
+
+
+def load_params(params_dir: str | os.PathLike, notebook: str) -> dict[str, Any] | None:
+    """Parameters of ``notebook`` at one scale: ``study.yaml`` updated by ``<notebook>.yaml``.
+
+    Returns:
+        The merged parameters, or ``None`` when the folder has no YAML for this notebook.
+
+    Raises:
+        DataError: if the folder is missing or a YAML file is not a mapping.
+    """
+    params_dir = Path(params_dir)
+    if not params_dir.is_dir():
+        raise DataError(
+            params_dir,
+            "no such parameters folder",
+            "expected e.g. params/demo with study.yaml and NN_name.yaml files",
+        )
+    own = params_dir / f"{notebook}.yaml"
+    if not own.is_file():
+        return None
+    merged: dict[str, Any] = {}
+    for path in (params_dir / "study.yaml", own):
+        if path.is_file():
+            values = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(values, dict):
+                raise DataError(path, "must hold a mapping of parameter names to values")
+            merged.update(values)
+    return merged
+
+
+def run_notebook(
+    notebook: str,
+    parameters: dict[str, Any],
+    *,
+    notebooks_dir: str | os.PathLike = REPO_ROOT / "notebooks",
+    output_dir: str | os.PathLike = REPO_ROOT / "book" / "notebooks",
+    cwd: str | os.PathLike = REPO_ROOT,
+) -> Path:
+    """Execute one notebook with papermill and write the executed copy to ``output_dir``.
+
+    Relative paths in the parameters are relative to ``cwd`` (the repository root).
+
+    Raises:
+        NotebookError: naming the notebook, the failing cell and the error.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    source = Path(notebooks_dir) / f"{notebook}.ipynb"
+    if not source.is_file():
+        raise DataError(source, "no such notebook")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    executed = output_dir / source.name
+    try:
+        papermill.execute_notebook(
+            str(source),
+            str(executed),
+            parameters=parameters,
+            kernel_name="python3",
+            progress_bar=False,
+            cwd=str(cwd),
+        )
+    except PapermillExecutionError as error:
+        first_line = error.source.strip().splitlines()[0] if error.source.strip() else ""
+        raise NotebookError(
+            f"notebook {source.name} failed in cell {error.exec_count} "
+            f"(`{first_line}`): {error.ename}: {error.evalue}. "
+            f"The executed notebook with the traceback is {executed}"
+        ) from None
+    return executed
+
+
+def _ship_plotly_js(static_dir: Path) -> Path:
+    """Copy plotly.js from the installed plotly package into the book's static files."""
+    import shutil
+
+    import plotly
+
+    source = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    static_dir.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copyfile(source, static_dir / "plotly.min.js"))
+
+
+def build_book(book_dir: str | os.PathLike = REPO_ROOT / "book") -> Path:
+    """Build the Jupyter Book to static HTML; returns the path of ``index.html``.
+
+    Raises:
+        NotebookError: if the build fails (its output is shown).
+    """
+    book_dir = Path(book_dir)
+    _ship_plotly_js(book_dir / "_static")
+    command = [
+        str(Path(sys.executable).with_name("jupyter-book")),
+        "build",
+        str(book_dir),
+        "--all",
+        "--warningiserror",
+        "--keep-going",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise NotebookError(
+            f"the book build failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
+    return book_dir / "_build" / "html" / "index.html"
+
+
+def run_study(
+    params_dir: str | os.PathLike,
+    *,
+    data_root: str | None = None,
+    notebooks: tuple[str, ...] = NOTEBOOKS,
+    book: bool = True,
+    book_dir: str | os.PathLike = REPO_ROOT / "book",
+    workdir: str | os.PathLike = REPO_ROOT,
+    echo=print,
+) -> Path | None:
+    """Run every notebook that has parameters in ``params_dir``, then build the book.
+
+    Args:
+        params_dir: e.g. ``params/demo``.
+        data_root: a dHCP release folder; overrides ``data_root`` in the YAML files.
+            Empty or ``None`` keeps the YAML value (empty there: the synthetic cohort).
+        notebooks: which notebooks to consider, in order.
+        book: whether to build the book afterwards.
+        book_dir: the book; executed notebooks go to its ``notebooks/`` folder.
+        workdir: folder the notebooks run in; relative paths in the parameters
+            (cohort, results) are relative to it.
+        echo: where progress lines go.
+
+    Returns:
+        The path of the built book's ``index.html``, or ``None`` if ``book`` is False.
+    """
+    plan = [(name, load_params(params_dir, name)) for name in notebooks]
+    plan = [(name, params) for name, params in plan if params is not None]
+    if not plan:
+        raise ConfigError(f"{params_dir} holds no parameters for any of {list(notebooks)}")
+    started = time.perf_counter()
+    for step, (name, params) in enumerate(plan, start=1):
+        if data_root:
+            params["data_root"] = str(Path(data_root).expanduser().resolve())
+        echo(f"[{step}/{len(plan)}] {name} ...", end=" ", flush=True)
+        tick = time.perf_counter()
+        run_notebook(name, params, output_dir=Path(book_dir) / "notebooks", cwd=workdir)
+        echo(f"done in {time.perf_counter() - tick:.0f} s")
+    index = None
+    if book:
+        echo("building the book ...", end=" ", flush=True)
+        tick = time.perf_counter()
+        index = build_book(book_dir)
+        echo(f"done in {time.perf_counter() - tick:.0f} s")
+        echo(f"open {index}")
+    echo(f"study finished in {(time.perf_counter() - started) / 60:.1f} min")
+    return index

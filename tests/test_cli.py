@@ -1,0 +1,71 @@
+"""The ``neonb`` command line and the study runner, as a user runs them."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from neonb.cli import main
+from neonb.study import NotebookError, load_params, run_study
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_phantom_then_manifest(tmp_path, capsys):
+    assert main(["phantom", str(tmp_path / "cohort"), "--n", "3", "--voxel-size", "8"]) == 0
+    assert (
+        main(["manifest", str(tmp_path / "cohort"), "--out", str(tmp_path / "m.tsv"), "--check"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "found 3 sessions" in out
+    manifest = pd.read_csv(tmp_path / "m.tsv", sep="\t")
+    assert manifest["complete"].all() and len(manifest) == 3
+
+
+def test_errors_are_one_line_with_exit_status_1(tmp_path, capsys):
+    assert main(["manifest", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("neonb manifest: error: ") and "nowhere" in err
+    assert "\n" not in err
+    assert main(["phantom", str(tmp_path / "c"), "--n", "0"]) == 1
+    assert "neonb phantom: error:" in capsys.readouterr().err
+
+
+def test_load_params_merges_study_and_notebook_files(tmp_path):
+    (tmp_path / "study.yaml").write_text("seed: 1\nn_subjects: 5\n")
+    (tmp_path / "00_data.yaml").write_text("n_subjects: 7\n")
+    assert load_params(tmp_path, "00_data") == {"seed": 1, "n_subjects": 7}
+    assert load_params(tmp_path, "01_pipeline") is None
+
+
+def test_smoke_study_runs_the_notebooks_and_builds_the_book(tmp_path):
+    book = shutil.copytree(
+        ROOT / "book", tmp_path / "book", ignore=shutil.ignore_patterns("_build", "notebooks")
+    )
+    index = run_study(
+        ROOT / "params" / "smoke", book_dir=book, workdir=tmp_path, echo=lambda *a, **k: None
+    )
+    assert index.is_file()
+    page = (book / "_build" / "html" / "notebooks" / "00_data.html").read_text()
+    assert page.count('class="plotly-graph-div"') >= 5
+    assert (book / "_build" / "html" / "_static" / "plotly.min.js").is_file()
+    assert "cdn.plot.ly" not in page
+    assert (tmp_path / "results" / "smoke" / "splits_pipeline.tsv").is_file()
+
+
+def test_a_failing_notebook_is_named_with_its_cell(tmp_path):
+    params = tmp_path / "params"
+    params.mkdir()
+    (params / "00_data.yaml").write_text("data_root: /no/such/release\n")
+    with pytest.raises(NotebookError, match=r"00_data.ipynb failed in cell \d+ .*no such folder"):
+        run_study(
+            params,
+            book=False,
+            book_dir=tmp_path / "book",
+            workdir=tmp_path,
+            echo=lambda *a, **k: None,
+        )

@@ -1,0 +1,35 @@
+"""The committed notebooks are generated from tools/nbsrc and follow the chapter layout."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import nbbuild  # noqa: E402
+
+SOURCES = sorted(path.stem for path in (ROOT / "tools" / "nbsrc").glob("*.py"))
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_notebook_matches_its_source(name):
+    committed = (ROOT / "notebooks" / f"{name}.ipynb").read_text()
+    assert committed == nbbuild.render(name), f"run: python tools/nbbuild.py {name}"
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_notebook_has_title_then_parameters_and_no_outputs(name):
+    notebook = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    title, parameters = notebook.cells[0], notebook.cells[1]
+    assert title.cell_type == "markdown" and title.source.startswith("# ")
+    assert parameters.metadata.get("tags") == ["parameters"]
+    headings = [c.source for c in notebook.cells if c.cell_type == "markdown"]
+    assert sum(line.startswith("# ") for h in headings for line in h.splitlines()) == 1
+    for section in ("## Overview", "## Prerequisites", "## Summary", "## What's next?"):
+        assert any(section in h for h in headings), section
+    assert all(not c.get("outputs") for c in notebook.cells if c.cell_type == "code")

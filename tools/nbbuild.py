@@ -1,0 +1,71 @@
+"""Write a study notebook from a plain-text source (``tools/nbsrc/NN_name.py``).
+
+The sources use ``# %%`` cell markers: ``# %% [markdown]`` for prose (each line
+starting ``# ``), ``# %% tags=["parameters"]`` for the papermill parameters cell. Keeping
+the sources as text makes notebook changes reviewable; the ``.ipynb`` files in
+``notebooks/`` are generated from them, committed without outputs, and checked by a test
+to be up to date.
+
+Usage: python tools/nbbuild.py [NAME ...]   (default: every source)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ROOT / "tools" / "nbsrc"
+MARKER = re.compile(r"^# %%(?P<kind> \[markdown\])?(?: tags=(?P<tags>\[.*\]))?\s*$")
+
+
+def parse(text: str) -> nbformat.NotebookNode:
+    """Turn ``# %%``-delimited text into a notebook without outputs."""
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata = {
+        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"},
+    }
+    cells: list[tuple[bool, list[str], list[str]]] = []
+    for line in text.splitlines():
+        match = MARKER.match(line)
+        if match:
+            tags = json.loads(match["tags"]) if match["tags"] else []
+            cells.append((bool(match["kind"]), tags, []))
+        elif cells:
+            cells[-1][2].append(line)
+    for number, (is_markdown, tags, lines) in enumerate(cells):
+        while lines and not lines[-1].strip():
+            lines.pop()
+        if is_markdown:
+            body = "\n".join(re.sub(r"^# ?", "", line) for line in lines)
+            cell = nbformat.v4.new_markdown_cell(body)
+        else:
+            cell = nbformat.v4.new_code_cell("\n".join(lines))
+        cell["id"] = f"cell-{number:02d}"  # stable ids keep regenerated files identical
+        if tags:
+            cell.metadata["tags"] = tags
+        notebook.cells.append(cell)
+    return notebook
+
+
+def render(name: str) -> str:
+    """The ``.ipynb`` text generated from ``tools/nbsrc/<name>.py``."""
+    notebook = parse((SOURCES / f"{name}.py").read_text())
+    return nbformat.writes(notebook, version=4) + "\n"
+
+
+def main(names: list[str]) -> None:
+    names = names or sorted(path.stem for path in SOURCES.glob("*.py"))
+    for name in names:
+        target = ROOT / "notebooks" / f"{name}.ipynb"
+        target.write_text(render(name))
+        print(f"wrote {target.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,225 @@
+# %% [markdown]
+# # The data: a neonatal cohort, its ages and its anatomy
+
+# %% tags=["parameters"]
+data_root = ""  # dHCP release folder; empty: generate the synthetic cohort
+synthetic_base = "data"
+n_subjects = 14
+voxel_size = 4.0
+seed = 0
+results_dir = "results/smoke"
+subset_fraction = 0.5
+n_test = 3
+n_source = 4
+n_source_val = 1
+n_target = 5
+n_target_train = 2
+
+# %% [markdown]
+# ---
+#
+# ## Overview
+#
+# Every experiment of this study starts from one table: which scans there are, how old
+# each infant was at the scan, and whether all three files a session needs — T1-weighted,
+# T2-weighted and the `drawem9` tissue labels — are there and readable. This chapter
+#
+# 1. finds the cohort (a dHCP release folder, or the synthetic cohort neonb generates),
+# 2. draws the scan-age histogram, the paper's Figure 1,
+# 3. shows a preterm and a term brain side by side, with their tissue labels,
+# 4. plots tissue volumes against age, and
+# 5. fixes the training, validation and test splits that the later chapters use.
+#
+# ## Prerequisites
+#
+# | Concepts | Importance | Notes |
+# | --- | --- | --- |
+# | [BIDS naming](https://bids-specification.readthedocs.io) | Helpful | dHCP follows it |
+# | Neonatal MRI contrast | Helpful | myelination inverts T1w white matter contrast |
+# | [pandas](https://pandas.pydata.org) | Necessary | the cohort is a DataFrame |
+#
+# - **Time to learn**: 10 minutes
+# - **System requirements**: a CPU; the synthetic cohort takes seconds to generate
+#
+# ---
+
+# %% [markdown]
+# ## Imports
+
+# %%
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from neonb import data, plots, splits, study
+from neonb.labels import TISSUE_LABELS, short_names
+from neonb.metrics import volumes_ml
+
+plots.use_book_renderer()
+results = Path(results_dir)
+results.mkdir(parents=True, exist_ok=True)
+
+# %% [markdown]
+# ## The cohort
+#
+# With an empty `data_root` neonb writes its synthetic neonatal cohort in the dHCP
+# release layout (`sub-*/ses-*/anat/*_desc-restore_T2w.nii.gz`, `participants.tsv`,
+# `*_sessions.tsv`, ...) and reads it back with the same reader a real release goes
+# through. The reader lists every session, and says for each incomplete one what is
+# missing; the paper kept the 709 complete sessions of 783.
+
+# %%
+root = study.resolve_data_root(
+    data_root,
+    synthetic_base=synthetic_base,
+    n=n_subjects,
+    seed=seed,
+    voxel_size=voxel_size,
+    progress=False,
+)
+source = "dHCP release" if data_root else f"synthetic cohort (seed {seed}, {voxel_size:g} mm)"
+print(f"Reading the {source} at {root}")
+manifest = data.read_manifest(root, progress=False)
+print(data.summarize_manifest(manifest))
+manifest_path = data.write_manifest(manifest, results / "manifest.tsv")
+print(f"Manifest written to {manifest_path}")
+manifest.drop(columns=["t1w", "t2w", "dseg"]).head(10)
+
+# %% [markdown]
+# ## Scan age (the paper's Figure 1)
+#
+# The dHCP cohort is skewed towards term: most infants are scanned soon after a term
+# birth, while preterm-born infants contribute the long tail of younger scan ages. The
+# table compares this cohort with the 709 dHCP sessions the paper used.
+
+# %%
+complete = manifest[manifest["complete"]]
+ages = complete["scan_age"]
+pd.DataFrame(
+    {
+        "paper (dHCP, n=709)": [709, 26.71, 45.14, 40.57, 39.56, 100 * 148 / 709],
+        f"this run ({source})": [
+            len(complete),
+            ages.min(),
+            ages.max(),
+            ages.median(),
+            ages.mean(),
+            100 * complete["preterm"].astype(float).mean(),
+        ],
+    },
+    index=["sessions", "youngest (w)", "oldest (w)", "median (w)", "mean (w)", "preterm-born (%)"],
+).round(2)
+
+# %%
+plots.age_histogram(complete)
+
+# %% [markdown]
+# ## A preterm and a term brain
+#
+# The youngest and the oldest infant of the cohort, T2-weighted with the `drawem9`
+# labels on top. Hover over the images to read the tissue under the cursor. Between the
+# two, the brain grows about threefold, the cortex folds, and the white matter starts to
+# myelinate — which is why the T1-weighted contrast of white against grey matter inverts
+# between preterm and term infants (second figure of each pair).
+
+# %%
+youngest = complete.loc[ages.idxmin()]
+oldest = complete.loc[ages.idxmax()]
+
+
+def show_session(row: pd.Series, modality: str):
+    image = nib.load(row[modality])
+    labels = np.asarray(nib.load(row["dseg"]).dataobj)
+    print(f"{modality}: {row[modality]}")
+    return plots.triplanar(
+        np.asarray(image.dataobj, dtype=np.float32),
+        labels if modality == "t2w" else None,
+        voxel_size=image.header.get_zooms()[:3],
+        title=f"sub-{row['participant_id']} ses-{row['session_id']}, "
+        f"{row['scan_age']:.1f} weeks, {modality.upper()}",
+    )
+
+
+show_session(youngest, "t2w")
+
+# %%
+show_session(youngest, "t1w")
+
+# %%
+show_session(oldest, "t2w")
+
+# %%
+show_session(oldest, "t1w")
+
+# %% [markdown]
+# ## Tissue volumes against age
+#
+# Volumes are counted from the label images (voxels × voxel volume). Every tissue grows
+# with age; the cerebellum grows fastest, while the fluid spaces shrink relative to the
+# brain.
+
+# %%
+rows = []
+for _, row in complete.iterrows():
+    dseg = nib.load(row["dseg"])
+    per_class = volumes_ml(np.asarray(dseg.dataobj), dseg.header.get_zooms()[:3])
+    for tissue, volume in zip(
+        short_names(TISSUE_LABELS), per_class[list(TISSUE_LABELS)], strict=True
+    ):
+        ids = row[["participant_id", "session_id", "scan_age", "preterm"]].to_dict()
+        rows.append({**ids, "tissue": tissue, "volume_ml": volume})
+volumes = pd.DataFrame(rows)
+volumes.to_csv(results / "tissue_volumes.tsv", sep="\t", index=False)
+plots.volumes_by_age(volumes)
+
+# %% [markdown]
+# ## Splits
+#
+# The later chapters train and evaluate on fixed splits, drawn here once and saved as TSV
+# next to the results so every run reuses them:
+#
+# - the segmentation pipeline (paper §4.1.1): an age-representative subset divided into
+#   training and validation sessions, and an independent test set;
+# - transfer learning (paper §3.5): the oldest infants as the source, the youngest as
+#   the target.
+#
+# A participant's sessions always stay in one split.
+
+# %%
+pipeline = splits.pipeline_splits(
+    manifest, subset_fraction=subset_fraction, n_test=n_test, seed=seed
+)
+transfer = splits.transfer_splits(
+    manifest,
+    n_source=n_source,
+    n_source_val=n_source_val,
+    n_target=n_target,
+    n_target_train=n_target_train,
+    seed=seed,
+)
+for name, table in {"pipeline": pipeline, "transfer": transfer}.items():
+    print(f"{name} splits written to {splits.write_splits(table, results / f'splits_{name}.tsv')}")
+summary = pd.concat([pipeline, transfer]).groupby("split", sort=False)["scan_age"]
+summary.agg(["count", "min", "median", "max"]).round(1)
+
+# %% [markdown]
+# ---
+#
+# ## Summary
+#
+# The cohort table, its age distribution, two example brains, tissue volumes and the
+# splits are in place, all read through the same code path a dHCP release takes.
+#
+# ## What's next?
+#
+# The next chapter trains the baseline 3D U-Net on the pipeline splits.
+#
+# ## Resources and references
+#
+# - Richter L, Fetit AE (2022). Accurate segmentation of neonatal brain MRI with deep
+#   learning. *Front. Neuroinform.* 16:1006532.
+# - Makropoulos A *et al.* (2018). The developing human connectome project: a minimal
+#   processing pipeline for neonatal cortical surface reconstruction. *NeuroImage* 173.
+# - The dHCP data release: <https://www.developingconnectome.org>
