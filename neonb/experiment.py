@@ -43,6 +43,7 @@ from neonb.metrics import evaluate_case
 from neonb.models import ModelConfig, build_model, check_patch_size
 from neonb.transforms import AugmentationConfig, eval_transforms, train_transforms
 
+OPTIMIZERS = ("sgd", "adamw")
 Record = Mapping[str, Any]
 """A session as a MONAI data dict: ``t1w``, ``t2w``, ``label`` paths, ``scan_age``, ids."""
 
@@ -57,8 +58,12 @@ class TrainingConfig:
         epochs: training epochs (paper: 60).
         samples_per_volume: random patches drawn from each training volume per epoch;
             the paper draws one (an epoch is one pass over the training volumes).
-        learning_rate: initial SGD learning rate (paper: 1e-2).
-        momentum: Nesterov momentum (paper: 0.99).
+        optimizer: ``"sgd"`` (the paper's SGD with Nesterov momentum) or ``"adamw"``.
+            AdamW converges in far fewer steps, which the CPU demo needs: on the 1.5 mm
+            synthetic cohort (48³ patches, batch 2), after 380 steps the validation Dice
+            (no BG) was 0.59 with SGD (lr 1e-2) and 0.89 with AdamW (lr 3e-3).
+        learning_rate: initial learning rate (paper: 1e-2 with SGD).
+        momentum: Nesterov momentum of SGD (paper: 0.99).
         weight_decay: L2 weight decay (the paper uses one without a value; nnU-Net's 3e-5).
         poly_power: exponent of the poly schedule ``(1 - epoch / epochs) ** power``.
         overlap: overlap of neighbouring sliding windows at test time, in [0, 1).
@@ -73,6 +78,7 @@ class TrainingConfig:
     batch_size: int = 2
     epochs: int = 60
     samples_per_volume: int = 1
+    optimizer: str = "sgd"
     learning_rate: float = 1e-2
     momentum: float = 0.99
     weight_decay: float = 3e-5
@@ -92,6 +98,8 @@ class TrainingConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if not 0 <= self.overlap < 1:
             raise ConfigError(f"overlap must be in [0, 1), got {self.overlap!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate!r}")
 
@@ -186,6 +194,20 @@ def validation_loader(
     return make_loader(dataset, config.batch_size, num_workers=config.num_workers)
 
 
+def build_optimizer(
+    params: Sequence[nn.Parameter], config: TrainingConfig
+) -> torch.optim.Optimizer:
+    """The optimiser ``config.optimizer`` names, over ``params``."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return sgd_nesterov(
+        params,
+        lr=config.learning_rate,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+
+
 def segmentation_loss(config: TrainingConfig) -> SegmentationLoss:
     """Masked Dice + CE over every deep-supervision head, weights halving per level."""
     heads = 1 + config.model.deep_supr_num if config.model.deep_supervision else 1
@@ -218,7 +240,7 @@ def train_segmentation(
         model: a network to train (default: ``build_model(config.model)``, initialised
             from ``config.seed``). Parameters with ``requires_grad=False`` stay frozen.
         loss_fn: ``loss_fn(outputs, batch)`` (default: :func:`segmentation_loss`).
-        optimizer: default SGD with Nesterov momentum over the trainable parameters.
+        optimizer: default :func:`build_optimizer` over the trainable parameters.
         segmentation_logits: picks the segmentation logits out of the model's outputs
             for validation (needed for models with more than one output).
         progress: show progress bars.

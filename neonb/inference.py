@@ -178,19 +178,50 @@ def predict_volume(
     return convert_to_tensor(probs, track_meta=False)[0].float().cpu()
 
 
-def segment(model: nn.Module, image: torch.Tensor | np.ndarray, **kwargs: Any) -> np.ndarray:
+def foreground_box(image: torch.Tensor | np.ndarray) -> tuple[slice, slice, slice]:
+    """Bounding box of the voxels that are non-zero in any channel of ``image`` (C, X, Y, Z).
+
+    Returns:
+        One slice per spatial axis; the whole axis for an all-zero image.
+    """
+    nonzero = np.asarray(convert_to_tensor(image, track_meta=False).abs().sum(0) > 0)
+    if not nonzero.any():
+        return tuple(slice(0, n) for n in nonzero.shape)
+    coords = np.argwhere(nonzero)
+    low, high = coords.min(0), coords.max(0) + 1
+    return tuple(slice(int(a), int(b)) for a, b in zip(low, high, strict=True))
+
+
+def segment(
+    model: nn.Module,
+    image: torch.Tensor | np.ndarray,
+    *,
+    crop_foreground: bool = True,
+    **kwargs: Any,
+) -> np.ndarray:
     """Label map of a whole volume: argmax of :func:`predict_volume`'s probabilities.
+
+    Training crops every scan to the bounding box of its non-zero voxels (paper
+    §3.2.1), so by default inference does the same: it predicts inside that box and
+    labels everything outside it 0 (background outside the head, where the scan is 0).
+    Without the crop, the network would meet far larger empty regions than it was
+    trained on, and since z-normalisation maps those zeros to the mean intensity, it
+    mistakes some of them for tissue.
 
     Args:
         model: segmentation network.
         image: one volume, shape ``(2, X, Y, Z)``.
+        crop_foreground: predict inside the non-zero bounding box only.
         **kwargs: keyword arguments of :func:`predict_volume` (``patch_size`` is required).
 
     Returns:
         Labels, shape ``(X, Y, Z)``, uint8.
     """
-    probs = predict_volume(model, image, **kwargs)
-    return probs.argmax(dim=0).to(torch.uint8).numpy()
+    box = foreground_box(image) if crop_foreground else (slice(None),) * 3
+    probs = predict_volume(model, image[(slice(None), *box)], **kwargs)
+    labels = np.zeros(tuple(image.shape[1:]), dtype=np.uint8)
+    labels[box] = probs.argmax(dim=0).to(torch.uint8).numpy()
+    return labels
 
 
 def _temporary_name(path: Path) -> Path:
