@@ -156,9 +156,11 @@ show_session(oldest, "t1w")
 # %% [markdown]
 # ## Tissue volumes against age
 #
-# Volumes are counted from the label images (voxels × voxel volume). Every tissue grows
-# with age; the cerebellum grows fastest, while the fluid spaces shrink relative to the
-# brain.
+# Volumes are counted from the label images (voxels × voxel volume). Brain tissues grow
+# with age, the cerebellum fastest; the fluid spaces shrink relative to the brain. In the
+# synthetic cohort preterm-born infants are given enlarged fluid spaces, so there the
+# extracerebral CSF even shrinks in absolute volume with age — a property of the phantom
+# to keep in mind, not a finding.
 
 # %%
 rows = []
