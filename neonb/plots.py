@@ -358,3 +358,31 @@ def augmentation_pair(before: dict[str, np.ndarray], after: dict[str, np.ndarray
         margin={"l": 10, "r": 10, "t": 70, "b": 10},
     )
     return fig
+
+
+def dice_by_age(cases: pd.DataFrame, *, value: str = "dice_mean_nobg") -> go.Figure:
+    """Per-session test Dice against scan age.
+
+    Args:
+        cases: one row per session and run (:func:`neonb.metrics.case_summary`) with
+            ``scan_age``, ``participant_id``, ``session_id`` and ``value``.
+        value: the column to plot (default: mean Dice over the eight tissues).
+    """
+    fig = go.Figure()
+    fig.add_scatter(
+        x=cases["scan_age"],
+        y=cases[value],
+        mode="markers",
+        marker={"size": 8, "color": "#1b9e77"},
+        text="sub-"
+        + cases["participant_id"].astype(str)
+        + " ses-"
+        + cases["session_id"].astype(str),
+        hovertemplate="%{text}<br>%{x:.1f} weeks: Dice %{y:.3f}<extra></extra>",
+    )
+    fig.update_layout(
+        title="Test Dice (no background) against scan age",
+        xaxis_title="scan age (weeks post-menstrual age)",
+        yaxis_title="mean Dice, 8 tissues",
+    )
+    return fig
