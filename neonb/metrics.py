@@ -363,6 +363,8 @@ def format_mean_std(mean: float, std: float, decimals: int = 3) -> str:
     text = f"{mean:.{decimals}f}"
     if np.isnan(std):
         return text
+    if std < 0.5 * 10.0 ** -(decimals + 2):  # rounding noise of identical runs
+        return f"{text} ± 0"
     spread = np.format_float_positional(std, precision=1, unique=False, fractional=False, trim="-")
     return f"{text} ± {spread}"
 

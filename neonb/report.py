@@ -48,7 +48,7 @@ def validation_class_dice(logs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_class_dice(per_case: pd.DataFrame, set_name: str = "test") -> pd.DataFrame:
+def case_class_dice(per_case: pd.DataFrame, set_name: str = "test") -> pd.DataFrame:
     """Per-class Dice averaged over cases, per run.
 
     Args:
@@ -82,7 +82,7 @@ def table1(class_dice: pd.DataFrame, label: str = "neonb") -> pd.DataFrame:
     """The paper's Table 1: mean Dice with and without background, validation and test.
 
     Args:
-        class_dice: rows of :func:`validation_class_dice` and :func:`test_class_dice`.
+        class_dice: rows of :func:`validation_class_dice` and :func:`case_class_dice`.
         label: heading of neonb's column (say which data and hardware).
 
     Returns:
@@ -114,6 +114,6 @@ def table2(class_dice: pd.DataFrame, label: str = "neonb") -> pd.DataFrame:
     for set_name in SETS:
         part = tissue[tissue["set"] == set_name]
         ours = part.groupby("short_name", sort=False)["dice"].apply(_formatted)
-        rows[(set_name, label)] = ours.reindex(paper.TISSUES).fillna("").to_dict()
+        rows[(set_name, label)] = {t: ours.get(t, "") for t in paper.TISSUES}
         rows[(set_name, "paper")] = {k: f"{v:.3f}" for k, v in reference.loc[set_name].items()}
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis(["set", "source"])

@@ -12,6 +12,7 @@ from torch import nn
 from neonb.errors import ConfigError, DataError
 from neonb.inference import (
     default_segmentation_logits,
+    foreground_box,
     load_weights,
     predict_volume,
     save_segmentation,
@@ -85,6 +86,18 @@ def test_segment_is_uint8_argmax_and_restores_train_mode():
     assert model.training
     probs = predict_volume(model, image, patch_size=PATCH, overlap=0.25)
     np.testing.assert_array_equal(labels, probs.argmax(0).numpy())
+
+
+def test_segment_predicts_inside_the_foreground_box_only():
+    image = torch.zeros(2, 30, 26, 22)
+    image[1, 5:20, 3:9, 10:21] = 1.0
+    assert foreground_box(image) == (slice(5, 20), slice(3, 9), slice(10, 21))
+    model = _Constant(torch.tensor([0.0, 0.0, 0.0, 5.0, 0, 0, 0, 0, 0, 0]))
+    labels = segment(model, image, patch_size=PATCH, overlap=0.25)
+    assert (labels[5:20, 3:9, 10:21] == 3).all()
+    assert labels.sum() == 3 * 15 * 6 * 11  # 0 everywhere outside the box
+    whole = segment(model, image, patch_size=PATCH, overlap=0.25, crop_foreground=False)
+    assert (whole == 3).all()
 
 
 def test_default_segmentation_logits_picks_head_zero():

@@ -233,7 +233,7 @@ cases.describe()[["dice_mean", "dice_mean_nobg", "hd95_mean_nobg_mm"]].round(3)
 # %%
 label = f"neonb ({dataset}, {hardware}, {n_runs} run{'s' * (n_runs > 1)})"
 class_dice = pd.concat(
-    [report.validation_class_dice(logs), report.test_class_dice(per_case)], ignore_index=True
+    [report.validation_class_dice(logs), report.case_class_dice(per_case)], ignore_index=True
 )
 class_dice.to_csv(out / "class_dice.tsv", sep="\t", index=False)
 table1 = report.table1(class_dice, label=label)
