@@ -254,12 +254,7 @@ def train_segmentation(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ConfigError("the model has no trainable parameter")
-    optimizer = optimizer or sgd_nesterov(
-        trainable,
-        lr=config.learning_rate,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
+    optimizer = optimizer or build_optimizer(trainable, config)
     log = fit(
         model,
         loss_fn or segmentation_loss(config),

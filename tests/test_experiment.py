@@ -68,3 +68,23 @@ def test_train_then_evaluate_writes_run_and_predictions(records, tmp_path):
         again.model.state_dict().values(), run.model.state_dict().values(), strict=True
     ):
         assert np.array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.parametrize(("name", "expected"), [("sgd", "SGD"), ("adamw", "AdamW")])
+def test_train_segmentation_uses_the_configured_optimizer(
+    records, tmp_path, monkeypatch, name, expected
+):
+    seen = {}
+
+    def fake_fit(model, loss_fn, optimizer, *args, **kwargs):
+        seen["optimizer"] = optimizer
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr("neonb.experiment.fit", fake_fit)
+    config = TrainingConfig.from_dict({**TINY, "optimizer": name, "learning_rate": 0.02})
+    with pytest.raises(RuntimeError, match="stop before training"):
+        train_segmentation(records[:3], records[3:], config, tmp_path / "run", progress=False)
+    assert type(seen["optimizer"]).__name__ == expected
+    assert seen["optimizer"].param_groups[0]["lr"] == 0.02
+    if name == "sgd":
+        assert seen["optimizer"].param_groups[0]["nesterov"]
