@@ -462,7 +462,8 @@ def measure_inference(
     instead of running the volume.
 
     Returns:
-        ``(seconds, estimated, estimate_s, peak GB, windows)``.
+        ``(seconds, estimated, estimate_s, peak GB, windows)``; the peak is ``nan`` when the
+        volume was not run.
     """
     seed_everything(bench.training.seed, device, cudnn_benchmark)
     reset_peak_memory(device)
@@ -474,8 +475,7 @@ def measure_inference(
     estimate = seconds_per_window(model, window, amp, device) * windows
     say(f"  inference: {windows} windows, estimated {estimate:.1f} s")
     if quick and estimate > QUICK_INFERENCE_LIMIT_S:
-        peak, _ = peak_memory(device)
-        return estimate, True, estimate, peak, windows
+        return estimate, True, estimate, math.nan, windows
     synchronize(device)
     tick = time.perf_counter()
     predict_volume(
@@ -664,6 +664,8 @@ def _cell(row: Row, column: str) -> str:
     value = getattr(row, column)
     if column == "volume_infer_s" and row.volume_infer_estimated:
         return f"~{value:.4g}"
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 1 else f"{value:.4g}"
     return str(value)
@@ -692,7 +694,10 @@ def notes(rows: Sequence[Row]) -> list[str]:
         label = f"{row.config}/{row.device}/{row.precision}"
         infer = f"{row.windows} windows"
         if row.volume_infer_estimated:
-            infer += f"; ~ = ESTIMATE (time per window x {row.windows}), not run (--quick)"
+            infer += (
+                f"; volume_infer_s ~ = ESTIMATE (forward time per window x {row.windows}), "
+                "the volume was not run (--quick), so infer_peak_GB is not measured"
+            )
         lines.append(f"{label}: {row.timed_steps} timed steps after {row.warmup_steps}; {infer}")
         if row.device == "cuda":
             lines.append(
