@@ -50,10 +50,13 @@ def test_smoke_study_runs_the_notebooks_and_builds_the_book(tmp_path):
         ROOT / "params" / "smoke", book_dir=book, workdir=tmp_path, echo=lambda *a, **k: None
     )
     assert index.is_file()
-    page = (book / "_build" / "html" / "notebooks" / "00_data.html").read_text()
-    assert page.count('class="plotly-graph-div"') >= 5
+    toc = (book / "_toc.yml").read_text()
+    for name, figures in (("00_data", 5), ("01_pipeline", 4)):
+        assert f"notebooks/{name}" in toc
+        page = (book / "_build" / "html" / "notebooks" / f"{name}.html").read_text()
+        assert page.count('class="plotly-graph-div"') >= figures, name
+        assert "cdn.plot.ly" not in page
     assert (book / "_build" / "html" / "_static" / "plotly.min.js").is_file()
-    assert "cdn.plot.ly" not in page
     assert (tmp_path / "results" / "smoke" / "splits_pipeline.tsv").is_file()
 
 
