@@ -210,11 +210,7 @@ per_case = pd.concat(
     ignore_index=True,
 )
 per_case.to_csv(out / "test_per_class.tsv", sep="\t", index=False)
-cases = case_summary(per_case, by=["run", "participant_id", "session_id"])
-cases = cases.merge(
-    per_case.groupby(["participant_id", "session_id"])["scan_age"].first(),
-    on=["participant_id", "session_id"],
-)
+cases = case_summary(per_case, by=["run", "participant_id", "session_id", "scan_age"])
 cases.to_csv(out / "test_per_subject.tsv", sep="\t", index=False)
 seconds = per_case.groupby(["run", "participant_id", "session_id"])["inference_s"].first()
 print(
