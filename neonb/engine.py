@@ -60,6 +60,7 @@ from torch.optim.lr_scheduler import LRScheduler, PolynomialLR
 from tqdm import tqdm
 
 from neonb.errors import ConfigError, DataError
+from neonb.files import atomic_write
 from neonb.inference import (
     SegmentationLogits,
     autocast,
@@ -217,24 +218,14 @@ def environment_record(seed: int, device: torch.device) -> dict[str, Any]:
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Call ``write(tmp)`` on a hidden name beside ``path``, then rename it to ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path`` atomically."""
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _atomic_text(text: str, path: Path) -> None:
     """Write ``text`` to ``path`` atomically."""
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _plain(obj: Any) -> Any:
@@ -375,7 +366,7 @@ def _load_checkpoint(
 def _write_log(rows: list[dict[str, float | int]], columns: list[str], path: Path) -> pd.DataFrame:
     """Write the epoch rows to ``log.tsv`` atomically and return them as a frame."""
     log = pd.DataFrame(rows, columns=columns)
-    _atomic_write(path, lambda tmp: log.to_csv(tmp, sep="\t", index=False, na_rep="nan"))
+    atomic_write(path, lambda tmp: log.to_csv(tmp, sep="\t", index=False, na_rep="nan"))
     return log
 
 

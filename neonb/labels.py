@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from neonb.files import atomic_write
+
 
 @dataclass(frozen=True)
 class Label:
@@ -110,8 +112,4 @@ def write_dseg_tsv(path: str | os.PathLike) -> Path:
     Returns:
         The path written.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    label_table().to_csv(tmp, sep="\t", index=False)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: label_table().to_csv(tmp, sep="\t", index=False))

@@ -96,6 +96,17 @@ def _label_colorscale() -> list[list]:
     return scale
 
 
+def _image_axes(fig: go.Figure, n: int) -> None:
+    """Hide the axes of subplot ``n`` (1-based) and give its pixels a 1:1 aspect ratio."""
+    axis = "" if n == 1 else str(n)
+    fig.update_layout(
+        {
+            f"yaxis{axis}": {"scaleanchor": f"x{axis}", "visible": False},
+            f"xaxis{axis}": {"visible": False},
+        }
+    )
+
+
 def _slices(volume: np.ndarray, index: tuple[int, int, int]) -> dict[str, np.ndarray]:
     """Axial, coronal and sagittal slices, transposed so rows run up the screen."""
     i, j, k = index
@@ -164,13 +175,7 @@ def triplanar(
                 row=1,
                 col=col,
             )
-        axis = "" if col == 1 else str(col)
-        fig.update_layout(
-            {
-                f"yaxis{axis}": {"scaleanchor": f"x{axis}", "visible": False},
-                f"xaxis{axis}": {"visible": False},
-            }
-        )
+        _image_axes(fig, col)
     fig.update_layout(
         title=title, margin={"l": 10, "r": 10, "t": 60, "b": 10}, plot_bgcolor="black", height=380
     )
@@ -293,13 +298,7 @@ def compare_segmentations(
             col = int((trace.xaxis or "x")[1:] or 1)
             fig.add_trace(trace, row=row, col=col)
     for n in range(1, 7):
-        axis = "" if n == 1 else str(n)
-        fig.update_layout(
-            {
-                f"yaxis{axis}": {"scaleanchor": f"x{axis}", "visible": False},
-                f"xaxis{axis}": {"visible": False},
-            }
-        )
+        _image_axes(fig, n)
     fig.update_layout(
         title=title, height=700, plot_bgcolor="black", margin={"l": 10, "r": 10, "t": 70, "b": 10}
     )
@@ -345,13 +344,7 @@ def augmentation_pair(before: dict[str, np.ndarray], after: dict[str, np.ndarray
                 row=1,
                 col=col,
             )
-        axis = "" if col == 1 else str(col)
-        fig.update_layout(
-            {
-                f"yaxis{axis}": {"scaleanchor": f"x{axis}", "visible": False},
-                f"xaxis{axis}": {"visible": False},
-            }
-        )
+        _image_axes(fig, col)
     fig.update_layout(
         title=f"Axial slice {k} of a training patch",
         height=330,

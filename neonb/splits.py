@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from neonb.errors import ConfigError, DataError
+from neonb.files import atomic_write
 
 SPLIT_COLUMNS = ["participant_id", "session_id", "scan_age", "split"]
 """Columns of a splits TSV."""
@@ -190,10 +191,7 @@ def write_splits(splits: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write a splits table as TSV, atomically. Returns the path written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    splits[SPLIT_COLUMNS].to_csv(tmp, sep="\t", index=False)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: splits[SPLIT_COLUMNS].to_csv(tmp, sep="\t", index=False))
 
 
 def read_splits(path: str | os.PathLike) -> pd.DataFrame:

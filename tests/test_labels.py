@@ -43,4 +43,4 @@ def test_dseg_tsv_is_a_bids_lookup_table(tmp_path):
     table = pd.read_csv(path, sep="\t")
     assert list(table.columns[:3]) == ["index", "name", "abbreviation"]
     assert table["index"].tolist() == list(range(10))
-    assert not list(tmp_path.glob(".*tmp"))
+    assert [p.name for p in tmp_path.iterdir()] == ["dseg.tsv"]  # no temporary file left
