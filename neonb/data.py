@@ -56,6 +56,7 @@ from nibabel.spatialimages import HeaderDataError, SpatialImage
 from tqdm import tqdm
 
 from neonb.errors import ConfigError, DataError
+from neonb.files import atomic_write
 from neonb.labels import DRAWEM9
 
 StrPath = str | os.PathLike
@@ -1069,13 +1070,9 @@ def write_manifest(manifest: pd.DataFrame, path: StrPath) -> Path:
     path = Path(path)
     _require_columns(manifest, MANIFEST_COLUMNS, "<manifest table>")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        manifest.to_csv(tmp, sep="\t", index=False, na_rep=TSV_MISSING)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(
+        path, lambda tmp: manifest.to_csv(tmp, sep="\t", index=False, na_rep=TSV_MISSING)
+    )
 
 
 def load_manifest(path: StrPath) -> pd.DataFrame:

@@ -31,6 +31,7 @@ from monai.utils import convert_to_tensor
 from torch import nn
 
 from neonb.errors import ConfigError, DataError
+from neonb.files import atomic_write
 
 SegmentationLogits = Callable[[Any], torch.Tensor]
 """Takes a model's raw output and returns segmentation logits ``(B, C, X, Y, Z)``."""
@@ -224,12 +225,10 @@ def segment(
     return labels
 
 
-def _temporary_name(path: Path) -> Path:
-    """A hidden name beside ``path`` that keeps its ``.nii``/``.nii.gz`` suffix."""
-    for suffix in (".nii.gz", ".nii"):
-        if path.name.endswith(suffix):
-            return path.with_name(f".{path.name[: -len(suffix)]}.tmp{suffix}")
-    raise ConfigError(f"out_path must end in .nii or .nii.gz, got {path}")
+def _check_nifti_name(path: Path) -> None:
+    """Refuse an output name that nibabel would not write as NIfTI."""
+    if not path.name.endswith((".nii.gz", ".nii")):
+        raise ConfigError(f"out_path must end in .nii or .nii.gz, got {path}")
 
 
 def save_segmentation(
@@ -257,7 +256,7 @@ def save_segmentation(
         ConfigError: if ``out_path`` does not end in ``.nii``/``.nii.gz``.
     """
     out_path = Path(out_path)
-    tmp = _temporary_name(out_path)
+    _check_nifti_name(out_path)
     if not Path(reference_path).is_file():
         raise DataError(reference_path, "reference image does not exist")
     reference = nib.load(reference_path)
@@ -276,12 +275,7 @@ def save_segmentation(
     image.set_qform(*reference.get_qform(coded=True))
     image.set_sform(*reference.get_sform(coded=True))
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out_path
+    return atomic_write(out_path, lambda tmp: nib.save(image, tmp))
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
