@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from neonb.errors import ConfigError, DataError, NeonbError
+from neonb.files import atomic_write
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("00_data", "01_pipeline", "02_ageunet", "03_budgeting", "04_transfer")
@@ -142,7 +143,20 @@ def run_notebook(
             f"(`{first_line}`): {error.ename}: {error.evalue}. "
             f"The executed notebook with the traceback is {executed}"
         ) from None
+    _fold_parameter_cells(executed)
     return executed
+
+
+def _fold_parameter_cells(path: Path) -> None:
+    """Tag the parameters cells ``hide-input``, so the book shows them folded."""
+    import nbformat
+
+    notebook = nbformat.read(path, as_version=4)
+    for cell in notebook.cells:
+        tags = cell.metadata.get("tags", [])
+        if {"parameters", "injected-parameters"} & set(tags) and "hide-input" not in tags:
+            cell.metadata["tags"] = [*tags, "hide-input"]
+    atomic_write(path, lambda tmp: nbformat.write(notebook, tmp))
 
 
 def _ship_plotly_js(static_dir: Path) -> Path:

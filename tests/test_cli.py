@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import nbformat
 import pandas as pd
 import pytest
 
@@ -57,6 +58,8 @@ def test_smoke_study_runs_the_notebooks_and_builds_the_book(tmp_path):
         assert page.count('class="plotly-graph-div"') >= figures, name
         assert "cdn.plot.ly" not in page
     assert (book / "_build" / "html" / "_static" / "plotly.min.js").is_file()
+    executed = nbformat.read(book / "notebooks" / "00_data.ipynb", as_version=4)
+    assert "hide-input" in executed.cells[1].metadata["tags"]  # the parameters cell
     assert (tmp_path / "results" / "smoke" / "splits_pipeline.tsv").is_file()
 
 
