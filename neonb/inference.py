@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def describe_hardware(device: str | torch.device = "auto") -> str:
+    """What a run on ``device`` computes on, for the headings of result tables.
+
+    Example:
+        >>> describe_hardware("cpu")  # doctest: +SKIP
+        'CPU (x86_64), 2 threads'
+    """
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"CPU ({platform.machine()}), {torch.get_num_threads()} threads"
 
 
 def use_amp(amp: bool | str, device: torch.device) -> bool:

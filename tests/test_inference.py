@@ -12,6 +12,7 @@ from torch import nn
 from neonb.errors import ConfigError, DataError
 from neonb.inference import (
     default_segmentation_logits,
+    describe_hardware,
     foreground_box,
     load_weights,
     predict_volume,
@@ -196,3 +197,8 @@ def test_load_weights_errors(tmp_path):
     torch.save({"weights": nn.Linear(2, 2)}, tmp_path / "pickled.pt")  # a pickled module
     with pytest.raises(DataError, match="cannot be read"):
         load_weights(_dynunet(), tmp_path / "pickled.pt")
+
+
+def test_describe_hardware_names_the_cpu_and_its_threads():
+    text = describe_hardware("cpu")
+    assert text.startswith("CPU (") and f"{torch.get_num_threads()} threads" in text

@@ -62,25 +62,22 @@ training = {
 # ## Imports
 
 # %%
-import platform
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import torch
 
 from neonb import data, experiment, models, plots, report, splits, study, transforms
+from neonb.inference import describe_hardware
 from neonb.metrics import case_summary
 
 plots.use_book_renderer()
 out = Path(results_dir) / "01_pipeline"
 out.mkdir(parents=True, exist_ok=True)
 config = experiment.TrainingConfig.from_dict({**training, "seed": seed})
-device = "cuda" if torch.cuda.is_available() and config.device != "cpu" else "cpu"
-hardware = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.machine()})"
-hardware += f", {torch.get_num_threads()} threads"
+hardware = describe_hardware(config.device)
 
 # %% [markdown]
 # ## Sessions and splits
