@@ -30,13 +30,22 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from monai.data import CacheDataset
 from torch import nn
 from torch.utils.data import RandomSampler
 from tqdm import tqdm
 
-from neonb.engine import BEST_MODEL_FILE, fit, make_loader, poly_scheduler, sgd_nesterov
-from neonb.errors import ConfigError
+from neonb.engine import (
+    BEST_MODEL_FILE,
+    CONFIG_FILE,
+    LOG_FILE,
+    fit,
+    make_loader,
+    poly_scheduler,
+    sgd_nesterov,
+)
+from neonb.errors import ConfigError, DataError
 from neonb.inference import load_weights, save_segmentation, segment
 from neonb.losses import SegmentationLoss, deep_supervision_weights
 from neonb.metrics import evaluate_case
@@ -274,6 +283,39 @@ def train_segmentation(
     load_weights(model, run_dir / BEST_MODEL_FILE)
     model.eval()
     return TrainedRun(model, log, run_dir, float(log["epoch_time_s"].sum()))
+
+
+def load_trained_run(run_dir: str | os.PathLike) -> tuple[TrainedRun, TrainingConfig]:
+    """Reload a finished run from its folder, without training data or retraining.
+
+    The later chapters use this to take the pipeline chapter's baseline as it was trained:
+    the network is rebuilt from ``config.yaml`` and given the weights of the best epoch.
+
+    Args:
+        run_dir: a run folder written by :func:`train_segmentation`.
+
+    Returns:
+        The run (model in eval mode, log, folder, training time) and its settings.
+
+    Raises:
+        DataError: naming the file when the folder lacks its config, log or weights
+            (typically: the chapter that trains this run has not been executed yet).
+    """
+    run_dir = Path(run_dir)
+    for name in (CONFIG_FILE, LOG_FILE, BEST_MODEL_FILE):
+        if not (run_dir / name).is_file():
+            raise DataError(
+                run_dir / name,
+                "missing: this run has not finished",
+                "run the chapter that trains it first (e.g. notebooks/01_pipeline.ipynb)",
+            )
+    values = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    config = TrainingConfig.from_dict(values)
+    model = build_model(config.model)
+    load_weights(model, run_dir / BEST_MODEL_FILE)
+    model.eval()
+    log = pd.read_csv(run_dir / LOG_FILE, sep="\t")
+    return TrainedRun(model, log, run_dir, float(log["epoch_time_s"].sum())), config
 
 
 def prediction_filename(participant_id: str, session_id: str) -> str:

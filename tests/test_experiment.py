@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 
 from neonb import data
-from neonb.errors import ConfigError
-from neonb.experiment import TrainingConfig, evaluate, prediction_filename, train_segmentation
+from neonb.errors import ConfigError, DataError
+from neonb.experiment import (
+    TrainingConfig,
+    evaluate,
+    load_trained_run,
+    prediction_filename,
+    train_segmentation,
+)
 from neonb.labels import NUM_CLASSES
 from neonb.phantom import write_cohort
 
@@ -61,6 +67,15 @@ def test_train_then_evaluate_writes_run_and_predictions(records, tmp_path):
     np.testing.assert_allclose(written.affine, reference.affine)
     assert written.get_data_dtype() == np.uint8
 
+    # load_trained_run rebuilds the same network from the folder alone
+    loaded, loaded_config = load_trained_run(tmp_path / "run")
+    assert loaded_config == config
+    assert loaded.log.equals(run.log)
+    for a, b in zip(
+        loaded.model.state_dict().values(), run.model.state_dict().values(), strict=True
+    ):
+        assert np.array_equal(a.numpy(), b.numpy())
+
     # a finished run folder is reloaded, not trained again
     again = train_segmentation(records[:3], records[3:], config, tmp_path / "run", progress=False)
     assert again.log.equals(run.log)
@@ -88,3 +103,8 @@ def test_train_segmentation_uses_the_configured_optimizer(
     assert seen["optimizer"].param_groups[0]["lr"] == 0.02
     if name == "sgd":
         assert seen["optimizer"].param_groups[0]["nesterov"]
+
+
+def test_load_trained_run_names_the_missing_file(tmp_path):
+    with pytest.raises(DataError, match=r"config\.yaml.*01_pipeline"):
+        load_trained_run(tmp_path / "run-0")
