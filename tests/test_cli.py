@@ -59,7 +59,7 @@ def test_smoke_study_runs_the_notebooks_and_builds_the_book(tmp_path):
         assert "cdn.plot.ly" not in page
     assert (book / "_build" / "html" / "_static" / "plotly.min.js").is_file()
     executed = nbformat.read(book / "notebooks" / "00_data.ipynb", as_version=4)
-    assert "hide-input" in executed.cells[1].metadata["tags"]  # the parameters cell
+    assert "hide-input" in executed.cells[2].metadata["tags"]  # the parameters cell
     assert (tmp_path / "results" / "smoke" / "splits_pipeline.tsv").is_file()
 
 

@@ -25,8 +25,9 @@ def test_notebook_matches_its_source(name):
 @pytest.mark.parametrize("name", SOURCES)
 def test_notebook_has_title_then_parameters_and_no_outputs(name):
     notebook = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
-    title, parameters = notebook.cells[0], notebook.cells[1]
+    title, colab, parameters = notebook.cells[:3]
     assert title.cell_type == "markdown" and title.source.startswith("# ")
+    assert "google.colab" in colab.source and "remove-cell" in colab.metadata["tags"]
     assert parameters.metadata.get("tags") == ["parameters"]
     headings = [c.source for c in notebook.cells if c.cell_type == "markdown"]
     assert sum(line.startswith("# ") for h in headings for line in h.splitlines()) == 1

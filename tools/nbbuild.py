@@ -1,8 +1,9 @@
 """Write a study notebook from a plain-text source (``tools/nbsrc/NN_name.py``).
 
 The sources use ``# %%`` cell markers: ``# %% [markdown]`` for prose (each line
-starting ``# ``), ``# %% tags=["parameters"]`` for the papermill parameters cell. Keeping
-the sources as text makes notebook changes reviewable; the ``.ipynb`` files in
+starting ``# ``), ``# %% tags=["parameters"]`` for the papermill parameters cell. A cell
+that installs neonb when the notebook runs on Google Colab is added after the title.
+Keeping the sources as text makes notebook changes reviewable; the ``.ipynb`` files in
 ``notebooks/`` are generated from them, committed without outputs, and checked by a test
 to be up to date.
 
@@ -14,12 +15,36 @@ from __future__ import annotations
 import json
 import re
 import sys
+import tomllib
 from pathlib import Path
 
 import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ROOT / "tools" / "nbsrc"
+COLAB_SETUP = """\
+# On Google Colab, install neonb first; elsewhere `make study` has set everything up.
+import sys
+
+if "google.colab" in sys.modules:
+    %pip install --quiet "neonb @ git+{repository}"
+"""
+
+
+def repository_url() -> str:
+    """The project's repository, from ``[project.urls]`` in ``pyproject.toml``."""
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]["urls"]["Repository"]
+
+
+def colab_setup_cell() -> nbformat.NotebookNode:
+    """The code cell that installs neonb on Colab; the book removes it from its pages."""
+    cell = nbformat.v4.new_code_cell(COLAB_SETUP.format(repository=repository_url()).rstrip())
+    cell["id"] = "colab-setup"
+    cell.metadata["tags"] = ["remove-cell"]
+    return cell
+
+
 MARKER = re.compile(r"^# %%(?P<kind> \[markdown\])?(?: tags=(?P<tags>\[.*\]))?\s*$")
 
 
@@ -50,6 +75,7 @@ def parse(text: str) -> nbformat.NotebookNode:
         if tags:
             cell.metadata["tags"] = tags
         notebook.cells.append(cell)
+    notebook.cells.insert(1, colab_setup_cell())  # right after the title
     return notebook
 
 
