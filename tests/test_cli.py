@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import nbformat
 import pandas as pd
 import pytest
 
@@ -41,26 +39,6 @@ def test_load_params_merges_study_and_notebook_files(tmp_path):
     (tmp_path / "00_data.yaml").write_text("n_subjects: 7\n")
     assert load_params(tmp_path, "00_data") == {"seed": 1, "n_subjects": 7}
     assert load_params(tmp_path, "01_pipeline") is None
-
-
-def test_smoke_study_runs_the_notebooks_and_builds_the_book(tmp_path):
-    book = shutil.copytree(
-        ROOT / "book", tmp_path / "book", ignore=shutil.ignore_patterns("_build", "notebooks")
-    )
-    index = run_study(
-        ROOT / "params" / "smoke", book_dir=book, workdir=tmp_path, echo=lambda *a, **k: None
-    )
-    assert index.is_file()
-    toc = (book / "_toc.yml").read_text()
-    for name, figures in (("00_data", 5), ("01_pipeline", 4)):
-        assert f"notebooks/{name}" in toc
-        page = (book / "_build" / "html" / "notebooks" / f"{name}.html").read_text()
-        assert page.count('class="plotly-graph-div"') >= figures, name
-        assert "cdn.plot.ly" not in page
-    assert (book / "_build" / "html" / "_static" / "plotly.min.js").is_file()
-    executed = nbformat.read(book / "notebooks" / "00_data.ipynb", as_version=4)
-    assert "hide-input" in executed.cells[2].metadata["tags"]  # the parameters cell
-    assert (tmp_path / "results" / "smoke" / "splits_pipeline.tsv").is_file()
 
 
 def test_a_failing_notebook_is_named_with_its_cell(tmp_path):
