@@ -12,6 +12,7 @@ contents expects them; the book build does not execute them again.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -31,6 +32,12 @@ NOTEBOOKS = ("00_data", "01_pipeline", "02_ageunet", "03_budgeting", "04_transfe
 
 class NotebookError(NeonbError):
     """A notebook of the study failed; the message names the notebook, the cell and the error."""
+
+
+MAX_IMPLICIT_SYNTHETIC_VOXELS = 2_000_000_000
+"""Largest synthetic cohort (sessions × voxels) generated without being asked for by name."""
+SYNTHETIC_BYTES_PER_VOXEL = 2.2
+"""Disk use of the cohort's three gzipped images, per voxel (measured on the demo cohort)."""
 
 
 def synthetic_cohort_dir(base: str | os.PathLike, *, n: int, seed: int, voxel_size: float) -> Path:
@@ -57,6 +64,8 @@ def resolve_data_root(
 
     Raises:
         DataError: if ``data_root`` is given but is not a folder.
+        ConfigError: if no ``data_root`` is given and the synthetic cohort would exceed
+            :data:`MAX_IMPLICIT_SYNTHETIC_VOXELS` (the paper's scale: about 28 GB).
     """
     if data_root:
         root = Path(data_root).expanduser()
@@ -68,8 +77,17 @@ def resolve_data_root(
                 "data root empty to use the synthetic cohort",
             )
         return root
-    from neonb.phantom import write_cohort
+    from neonb.phantom import grid_shape, write_cohort
 
+    voxels = n * math.prod(grid_shape(voxel_size))
+    if voxels > MAX_IMPLICIT_SYNTHETIC_VOXELS:
+        raise ConfigError(
+            f"no data root given, and the synthetic cohort these parameters ask for "
+            f"({n} sessions at {voxel_size:g} mm) would take about "
+            f"{voxels * SYNTHETIC_BYTES_PER_VOXEL / 1e9:.0f} GB of disk: give the dHCP "
+            "release folder (make study DATA=... / neonb study --data ...), or write the "
+            "cohort explicitly with `neonb phantom` and give that folder"
+        )
     folder = synthetic_cohort_dir(synthetic_base, n=n, seed=seed, voxel_size=voxel_size)
     return write_cohort(folder, n=n, seed=seed, voxel_size=voxel_size, progress=progress)
 

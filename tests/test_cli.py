@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from neonb.cli import main
-from neonb.study import NotebookError, load_params, run_study
+from neonb.errors import ConfigError
+from neonb.study import NotebookError, load_params, resolve_data_root, run_study
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,3 +54,9 @@ def test_a_failing_notebook_is_named_with_its_cell(tmp_path):
             workdir=tmp_path,
             echo=lambda *a, **k: None,
         )
+
+
+def test_paper_scale_without_a_data_root_is_refused_before_writing(tmp_path):
+    with pytest.raises(ConfigError, match=r"709 sessions at 0.5 mm.*GB.*DATA="):
+        resolve_data_root("", synthetic_base=tmp_path, n=709, seed=0, voxel_size=0.5)
+    assert not any(tmp_path.iterdir())
