@@ -1,0 +1,35 @@
+"""Tests of neonb.results: reading the chapters' tables and run environments back."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from neonb.errors import DataError
+from neonb.results import read_table, run_environments
+
+
+def test_read_table_names_the_chapter_to_run(tmp_path):
+    with pytest.raises(DataError, match=r"table3\.tsv.*notebooks/03_budgeting\.ipynb"):
+        read_table(tmp_path, "03_budgeting", "table3.tsv")
+    (tmp_path / "01_pipeline").mkdir()
+    pd.DataFrame({"a": [1, 2]}).to_csv(tmp_path / "01_pipeline" / "t.tsv", sep="\t", index=False)
+    assert read_table(tmp_path, "01_pipeline", "t.tsv")["a"].tolist() == [1, 2]
+
+
+def test_run_environments_lists_every_run_with_its_device(tmp_path):
+    cpu = {"device": "cpu", "torch_threads": 2, "torch": "2.13.0+cpu", "monai": "1.6.1"}
+    gpu = {**cpu, "device": "cuda", "cuda_device": "NVIDIA H100", "cuda_version": "12.8"}
+    for folder, record in (("01_pipeline/run-0", cpu), ("04_transfer/source", gpu)):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "environment.json").write_text(json.dumps(record))
+    table = run_environments(tmp_path)
+    assert table[["chapter", "run"]].values.tolist() == [
+        ["01_pipeline", "run-0"],
+        ["04_transfer", "source"],
+    ]
+    assert table["environment"].iloc[0].startswith("CPU, 2 threads; torch 2.13.0+cpu")
+    assert table["environment"].iloc[1].startswith("NVIDIA H100 (CUDA 12.8)")
+    assert run_environments(tmp_path / "nothing").empty
