@@ -38,6 +38,65 @@ def _study(args: argparse.Namespace) -> None:
     run_study(args.params, data_root=args.data, book=not args.no_book)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from neonb.export import export_run
+
+    out = export_run(
+        args.run_dir,
+        args.out,
+        data_root=args.data_root,
+        voxel_size=args.voxel_size,
+        orientation=args.orientation,
+        description=args.description,
+    )
+    print(f"model exported to {out}")
+
+
+def _segment(args: argparse.Namespace) -> None:
+    from neonb.errors import ConfigError, DataError
+    from neonb.export import load_exported_model
+    from neonb.segmentation import segment_batch, segment_scan
+
+    if args.batch is not None and (args.t1 or args.reference or args.scan_age is not None):
+        raise ConfigError(
+            "--t1, --reference and --scan-age go with --t2; a batch takes them from its manifest"
+        )
+    if args.batch is None and args.evaluate:
+        raise ConfigError("--evaluate goes with --batch; with --t2, give --reference DSEG")
+    model = load_exported_model(args.model)
+    if args.batch is None:
+        result = segment_scan(
+            model,
+            args.t2,
+            args.out,
+            t1w=args.t1,
+            reference=args.reference,
+            scan_age=args.scan_age,
+            device=args.device,
+        )
+        for note in result.notes:
+            print(f"note: {note}")
+        print(f"segmentation written to {result.outputs['dseg']} ({result.seconds:.1f} s)")
+        if result.ages is not None:
+            print(f"predicted scan age: {result.ages['mean']:.1f} weeks PMA")
+        return
+    result = segment_batch(
+        model, args.batch, args.out, evaluate=args.evaluate, device=args.device, progress=True
+    )
+    counts = {status: result.count(status) for status in ("done", "skipped", "failed")}
+    print(
+        f"{len(result.summary)} sessions: {counts['done']} segmented, "
+        f"{counts['skipped']} already done, {counts['failed']} failed; "
+        f"summary in {result.summary_path}"
+    )
+    if counts["failed"]:
+        raise DataError(
+            result.summary_path,
+            f"{counts['failed']} of {len(result.summary)} sessions failed",
+            hint="their errors are listed there; run the same command again to retry them",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``neonb`` command (also used to document it)."""
     parser = argparse.ArgumentParser(
@@ -91,6 +150,85 @@ def build_parser() -> argparse.ArgumentParser:
     )
     study.add_argument("--no-book", action="store_true", help="run the notebooks only")
     study.set_defaults(handler=_study)
+
+    export = commands.add_parser(
+        "export", help="write a trained run as a model folder (safetensors weights + JSON)"
+    )
+    export.add_argument("run_dir", type=Path, help="[REQUIRED] a finished training run folder")
+    export.add_argument(
+        "--out", type=Path, required=True, metavar="MODEL_DIR", help="[REQUIRED] folder to write"
+    )
+    export.add_argument(
+        "--data-root",
+        type=Path,
+        metavar="ROOT",
+        help="[RECOMMENDED] the training data folder: gives the voxel size and orientation "
+        "the model was trained on, and the data description",
+    )
+    export.add_argument(
+        "--voxel-size",
+        type=float,
+        nargs="+",
+        metavar="MM",
+        help="[OPTIONAL] voxel size of the training images in mm (one or three values)",
+    )
+    export.add_argument(
+        "--orientation", help="[OPTIONAL] axis codes of the training images, e.g. RAS"
+    )
+    export.add_argument("--description", help="[OPTIONAL] one sentence on the training data")
+    export.set_defaults(handler=_export)
+
+    segment = commands.add_parser(
+        "segment", help="segment neonatal T2w (+T1w) scans with an exported model"
+    )
+    inputs = segment.add_mutually_exclusive_group(required=True)
+    inputs.add_argument(
+        "--t2", type=Path, metavar="T2W", help="[REQUIRED: --t2 or --batch] the T2w image (NIfTI)"
+    )
+    inputs.add_argument(
+        "--batch",
+        type=Path,
+        metavar="ROOT_OR_TSV",
+        help="[REQUIRED: --t2 or --batch] a dHCP/BIDS folder, or a TSV with participant_id, "
+        "session_id, t2w, scan_age [, t1w, dseg]: segment every session, skipping those done",
+    )
+    segment.add_argument(
+        "--t1",
+        type=Path,
+        metavar="T1W",
+        help="the T1w image, on the T2w's grid (if the model takes T1w)",
+    )
+    segment.add_argument(
+        "--reference",
+        type=Path,
+        metavar="DSEG",
+        help="[OPTIONAL] a drawem9 segmentation (labels 0-9) to compute Dice against",
+    )
+    segment.add_argument(
+        "--scan-age",
+        type=float,
+        metavar="WEEKS",
+        help="[OPTIONAL] the scan age (weeks PMA), written beside a predicted age",
+    )
+    segment.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="[OPTIONAL] with --batch: compute Dice against each session's dseg",
+    )
+    segment.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        metavar="MODEL_DIR",
+        help="[REQUIRED] a folder written by neonb export",
+    )
+    segment.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="[REQUIRED] output folder"
+    )
+    segment.add_argument(
+        "--device", default="auto", help="auto (GPU when there is one), cpu or cuda"
+    )
+    segment.set_defaults(handler=_segment)
     return parser
 
 
@@ -101,7 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         handler(args)
     except NeonbError as error:
-        print(f"neonb {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())  # one line, whatever the library said
+        print(f"neonb {args.command}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"neonb {args.command}: interrupted", file=sys.stderr)

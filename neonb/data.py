@@ -593,7 +593,7 @@ class _ReleaseTables:
     combined_scan_ages: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
-def _read_tsv(path: Path) -> pd.DataFrame:
+def read_tsv(path: Path) -> pd.DataFrame:
     """A TSV as text cells (no type guessing, so ``"0123"`` and ``"NA"`` survive)."""
     try:
         table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
@@ -607,7 +607,8 @@ def _read_tsv(path: Path) -> pd.DataFrame:
     return table
 
 
-def _require_columns(table: pd.DataFrame, required: Iterable[str], path: StrPath) -> None:
+def require_columns(table: pd.DataFrame, required: Iterable[str], path: StrPath) -> None:
+    """Raise a :class:`DataError` naming ``path`` if ``table`` lacks any ``required`` column."""
     missing = [column for column in required if column not in table.columns]
     if missing:
         raise DataError(
@@ -634,13 +635,13 @@ def _participant_values(table: pd.DataFrame) -> dict[str, dict[str, str]]:
 
 def _read_release_tables(root: Path) -> _ReleaseTables:
     participants_path = root / PARTICIPANTS_TSV
-    participants = _read_tsv(participants_path)
-    _require_columns(participants, ["participant_id"], participants_path)
+    participants = read_tsv(participants_path)
+    require_columns(participants, ["participant_id"], participants_path)
     tables = _ReleaseTables(participants_path, _participant_values(participants))
     combined_path = root / COMBINED_TSV
     if combined_path.is_file():
-        combined = _read_tsv(combined_path)
-        _require_columns(combined, ["participant_id", "session_id"], combined_path)
+        combined = read_tsv(combined_path)
+        require_columns(combined, ["participant_id", "session_id"], combined_path)
         tables.combined_path = combined_path
         tables.combined_participants = _participant_values(combined)
         if "scan_age" in combined.columns:
@@ -662,8 +663,8 @@ def _read_sessions_table(subject_dir: Path, participant_id: str) -> _SessionsTab
         result.problem = f"{path} not found"
         return result
     try:
-        table = _read_tsv(path)
-        _require_columns(table, ["session_id"], path)
+        table = read_tsv(path)
+        require_columns(table, ["session_id"], path)
     except DataError as err:
         result.problem = f"cannot use {err}"
         return result
@@ -986,7 +987,7 @@ def summarize_manifest(manifest: pd.DataFrame) -> ManifestSummary:
     Raises:
         DataError: when ``manifest`` lacks manifest columns.
     """
-    _require_columns(manifest, MANIFEST_COLUMNS, "<manifest table>")
+    require_columns(manifest, MANIFEST_COLUMNS, "<manifest table>")
     complete = manifest[manifest["complete"].astype(bool)]
     ages = complete["scan_age"].astype("float64")
     categories = Counter(
@@ -1046,7 +1047,7 @@ def to_data_dicts(manifest: pd.DataFrame) -> list[dict[str, Any]]:
     Raises:
         DataError: when ``manifest`` lacks manifest columns.
     """
-    _require_columns(manifest, MANIFEST_COLUMNS, "<manifest table>")
+    require_columns(manifest, MANIFEST_COLUMNS, "<manifest table>")
     complete = manifest[manifest["complete"].astype(bool)]
     return [session_record(row) for _, row in complete.iterrows()]
 
@@ -1068,7 +1069,7 @@ def write_manifest(manifest: pd.DataFrame, path: StrPath) -> Path:
         DataError: when ``manifest`` lacks manifest columns.
     """
     path = Path(path)
-    _require_columns(manifest, MANIFEST_COLUMNS, "<manifest table>")
+    require_columns(manifest, MANIFEST_COLUMNS, "<manifest table>")
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(
         path, lambda tmp: manifest.to_csv(tmp, sep="\t", index=False, na_rep=TSV_MISSING)
@@ -1090,8 +1091,8 @@ def load_manifest(path: StrPath) -> pd.DataFrame:
             column, or holds a value of the wrong type (naming column and row).
     """
     path = Path(path)
-    table = _read_tsv(path)
-    _require_columns(table, MANIFEST_COLUMNS, path)
+    table = read_tsv(path)
+    require_columns(table, MANIFEST_COLUMNS, path)
     parsed = table.copy()
     for column in ("scan_age", "birth_age"):
         parsed[column] = _parse_float_column(table[column], column, path)

@@ -1,0 +1,501 @@
+"""A trained run as a self-contained model folder: safetensors weights plus JSON metadata.
+
+A run folder (:func:`neonb.experiment.train_segmentation`) holds pickled PyTorch checkpoints
+and training bookkeeping; what a researcher needs to segment their own scans is less, and
+must be safe to download from a stranger. :func:`export_run` writes::
+
+    MODEL_DIR/model.safetensors   the network's weights (safetensors: tensors only, no code)
+    MODEL_DIR/model.json          everything else, as plain JSON (:data:`METADATA_FILE`)
+
+The metadata say how the network was trained and how to feed it: the architecture
+(``DynUNet`` or ``AgeUNet``, with its :class:`~neonb.models.ModelConfig` and age-head
+settings), the label table, the input channels in their order, the patch size and
+sliding-window overlap, the intensity normalisation, the voxel size (mm) and orientation
+(axis codes such as ``"RAS"``) of the training images, a description of the training data,
+the best validation scores from ``log.tsv``, the training environment and the neonb
+version. :func:`load_exported_model` rebuilds the network from them.
+
+Loading never unpickles: the weights are read with :func:`safetensors.torch.load_model`
+and the metadata with :func:`json.loads`, so a file crafted to run code when loaded is
+refused, not run. (Exporting reads the run's ``model_best.pt`` with
+``torch.load(weights_only=True)``, which refuses such files too.)
+
+The run folder does not record the voxel grid it was trained on, so :func:`export_run`
+takes it from the training data (``data_root``: every session's T2w header is read) or
+from explicit ``voxel_size`` and ``orientation`` values, and refuses to guess.
+
+Example:
+    >>> export_run("results/demo/01_pipeline/run-0", "models/demo",
+    ...            data_root="data/synthetic-n60-1.5mm-seed0")  # doctest: +SKIP
+    >>> exported = load_exported_model("models/demo")  # doctest: +SKIP
+    >>> exported.voxel_size_mm, exported.orientation  # doctest: +SKIP
+    ((1.5, 1.5, 1.5), 'RAS')
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from nibabel.filebasedimages import ImageFileError
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from neonb import __version__
+from neonb.errors import ConfigError, DataError
+from neonb.files import atomic_write
+from neonb.labels import label_table
+from neonb.models import ModelConfig, build_model
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "METADATA_FILE",
+    "NORMALISATION",
+    "WEIGHTS_FILE",
+    "ExportedModel",
+    "export_run",
+    "load_exported_model",
+    "training_grid",
+]
+
+WEIGHTS_FILE = "model.safetensors"
+"""Name of the weights file in a model folder."""
+
+METADATA_FILE = "model.json"
+"""Name of the metadata file in a model folder."""
+
+FORMAT = "neonb-model"
+"""The ``format`` field of :data:`METADATA_FILE`."""
+
+FORMAT_VERSION = 1
+"""Version of the model-folder layout; a loader refuses newer versions."""
+
+CHANNELS_BY_COUNT: dict[int, tuple[str, ...]] = {2: ("t1w", "t2w"), 1: ("t2w",)}
+"""Input channels, in order, of a network with this many input channels (neonb's transforms
+concatenate T1w then T2w)."""
+
+NORMALISATION: dict[str, Any] = {
+    "method": "zscore",
+    "nonzero": True,
+    "channel_wise": True,
+    "crop_foreground": True,
+    "description": "each channel z-scored over its non-zero voxels (zeros stay 0), as "
+    "monai.transforms.NormalizeIntensity(nonzero=True, channel_wise=True); prediction is "
+    "restricted to the bounding box of the non-zero voxels",
+}
+"""The intensity pre-processing of :func:`neonb.transforms.preprocessing_transforms`."""
+
+VOXEL_SIZE_ATOL_MM = 1e-3
+"""Voxel sizes closer than this (mm) count as equal."""
+
+
+@dataclass
+class ExportedModel:
+    """A network loaded from a model folder, with its metadata.
+
+    Attributes:
+        model: the network, on the CPU, in eval mode.
+        metadata: the parsed :data:`METADATA_FILE`.
+        model_dir: the folder it was loaded from.
+    """
+
+    model: nn.Module
+    metadata: dict[str, Any]
+    model_dir: Path
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """Input channels in order, e.g. ``("t1w", "t2w")``."""
+        return tuple(self.metadata["input_channels"])
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        """Sliding-window size in voxels."""
+        return tuple(int(n) for n in self.metadata["patch_size"])
+
+    @property
+    def overlap(self) -> float:
+        """Sliding-window overlap in [0, 1)."""
+        return float(self.metadata["overlap"])
+
+    @property
+    def voxel_size_mm(self) -> tuple[float, float, float]:
+        """Voxel size of the training images along the model's axes, in mm."""
+        return tuple(float(v) for v in self.metadata["voxel_size_mm"])
+
+    @property
+    def orientation(self) -> str:
+        """Axis codes of the training images' voxel axes, e.g. ``"RAS"``."""
+        return str(self.metadata["orientation"])
+
+    @property
+    def labels(self) -> list[int]:
+        """The label values the network predicts."""
+        return [int(row["index"]) for row in self.metadata["labels"]]
+
+    @property
+    def age_head(self) -> dict[str, Any] | None:
+        """The age-head settings of an AgeU-Net, ``None`` for a plain segmentation network."""
+        return self.metadata.get("age_head")
+
+
+# --------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------
+
+
+def training_grid(data_root: str | os.PathLike) -> dict[str, Any]:
+    """Voxel size and orientation of the T2w images of a training cohort.
+
+    Reads only the headers of every session's T2w (``neonb.data.read_manifest``).
+
+    Args:
+        data_root: a dHCP release (or synthetic cohort) folder.
+
+    Returns:
+        ``{"voxel_size_mm": [x, y, z] (median over sessions), "orientation": "RAS" (the most
+        common axis codes), "n_sessions": int, "voxel_size_range_mm": [min, max]}``.
+
+    Raises:
+        DataError: when the folder is not a release or holds no readable T2w.
+    """
+    from neonb.data import read_manifest
+
+    root = Path(data_root)
+    manifest = read_manifest(root, progress=False)
+    zooms, codes = [], Counter()
+    for path in manifest["t2w"]:
+        if not path:
+            continue
+        try:
+            header = nib.load(str(path)).header
+        except (OSError, ValueError, ImageFileError):  # a broken file tells no grid: skip it
+            continue
+        zooms.append([float(z) for z in header.get_zooms()[:3]])
+        codes["".join(nib.aff2axcodes(header.get_best_affine()))] += 1
+    if not zooms:
+        raise DataError(root, "holds no readable T2w image to take the voxel size from")
+    zooms_array = np.asarray(zooms)
+    return {
+        "voxel_size_mm": [round(float(v), 6) for v in np.median(zooms_array, axis=0)],
+        "orientation": codes.most_common(1)[0][0],
+        "n_sessions": len(zooms),
+        "voxel_size_range_mm": [float(zooms_array.min()), float(zooms_array.max())],
+    }
+
+
+def _data_description(data_root: Path | None, description: str | None) -> dict[str, Any]:
+    """What the network was trained on: the user's words, and the cohort's own description."""
+    info: dict[str, Any] = {"description": description or "not recorded"}
+    if data_root is None:
+        return info
+    info["data_root"] = str(Path(data_root).resolve())
+    dataset = Path(data_root) / "dataset_description.json"
+    if dataset.is_file():
+        try:
+            described = json.loads(dataset.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise DataError(dataset, f"is not readable JSON: {err}") from err
+        info["dataset"] = {
+            key: described[key]
+            for key in ("Name", "DatasetType", "License", "neonb_phantom")
+            if key in described
+        }
+        if description is None and "Name" in described:
+            info["description"] = str(described["Name"])
+    return info
+
+
+def _best_metrics(log: pd.DataFrame) -> dict[str, Any]:
+    """The log row of the best validation epoch, as plain numbers."""
+    scored = log.dropna(subset=["val_dice_nobg"])
+    if scored.empty:
+        return {"note": "no validation score in log.tsv"}
+    best = scored.loc[scored["val_dice_nobg"].idxmax()]
+    dice = {
+        column.removeprefix("dice_"): float(best[column])
+        for column in log.columns
+        if column.startswith("dice_") and not math.isnan(float(best[column]))
+    }
+    return {
+        "what": "validation Dice on centre patches at the best epoch (log.tsv)",
+        "best_epoch": int(best["epoch"]),
+        "epochs_trained": int(log["epoch"].max()),
+        "val_dice": float(best["val_dice"]),
+        "val_dice_nobg": float(best["val_dice_nobg"]),
+        "val_dice_per_class": dice,
+        "train_time_s": float(log["epoch_time_s"].sum()),
+    }
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(path, f"is not readable JSON: {err}") from err
+
+
+def _load_run(run_dir: Path) -> tuple[nn.Module, pd.DataFrame, Any, dict[str, Any] | None]:
+    """The run's model, log, TrainingConfig and, for an AgeU-Net, its age-head settings."""
+    if not run_dir.is_dir():
+        raise DataError(run_dir, "run folder not found")
+    if _is_age_run(run_dir):
+        from neonb.ageunet import load_ageunet_run
+
+        run, config, head = load_ageunet_run(run_dir)
+        return run.model, run.log, config, head.to_dict()
+    from neonb.experiment import load_trained_run
+
+    run, config = load_trained_run(run_dir)
+    return run.model, run.log, config, None
+
+
+def _age_standardisation(model: nn.Module) -> dict[str, float] | None:
+    """An AgeU-Net's training-age mean and standard deviation in weeks (also in the weights)."""
+    if not hasattr(model, "age_mean"):
+        return None
+    return {"mean_weeks": float(model.age_mean), "std_weeks": float(model.age_std)}
+
+
+def _is_age_run(run_dir: Path) -> bool:
+    return (run_dir / "age_head.yaml").is_file()
+
+
+def _grid(
+    data_root: str | os.PathLike | None,
+    voxel_size: float | Sequence[float] | None,
+    orientation: str | None,
+) -> dict[str, Any]:
+    grid: dict[str, Any] = training_grid(data_root) if data_root is not None else {}
+    if voxel_size is not None:
+        grid["voxel_size_mm"] = _as_voxel_size(voxel_size)
+    if orientation is not None:
+        grid["orientation"] = _as_orientation(orientation)
+    missing = [key for key in ("voxel_size_mm", "orientation") if key not in grid]
+    if missing:
+        raise ConfigError(
+            f"the training images' {' and '.join(missing)} are not recorded in a run folder; "
+            "give the training data folder (--data-root) or --voxel-size and --orientation"
+        )
+    return grid
+
+
+def _as_voxel_size(value: float | Sequence[float]) -> list[float]:
+    values = [value] * 3 if isinstance(value, int | float) else list(value)
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or not all(isinstance(v, int | float) and v > 0 for v in values):
+        raise ConfigError(f"voxel_size must be one or three positive mm values, got {value!r}")
+    return [float(v) for v in values]
+
+
+def _as_orientation(value: str) -> str:
+    codes = str(value).upper()
+    try:
+        nib.orientations.axcodes2ornt(tuple(codes))
+    except ValueError:
+        codes = ""
+    if len(codes) != 3 or len(set(codes)) != 3:
+        raise ConfigError(
+            f"orientation must be three axis codes such as 'RAS' or 'LPI', got {value!r}"
+        )
+    return codes
+
+
+def export_run(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    data_root: str | os.PathLike | None = None,
+    voxel_size: float | Sequence[float] | None = None,
+    orientation: str | None = None,
+    description: str | None = None,
+) -> Path:
+    """Write a finished run as a model folder (:data:`WEIGHTS_FILE` + :data:`METADATA_FILE`).
+
+    A run folder that holds ``age_head.yaml`` is an AgeU-Net run: it is reloaded with
+    :func:`neonb.ageunet.load_ageunet_run` and its head settings go into the metadata.
+
+    Args:
+        run_dir: a finished run folder (``config.yaml``, ``log.tsv``, ``model_best.pt``).
+        out_dir: the model folder to write (created; files of an earlier export replaced).
+        data_root: the training data folder, to read the voxel size and orientation of its
+            T2w images and its ``dataset_description.json``.
+        voxel_size: voxel size of the training images in mm (one value or three); overrides
+            what ``data_root`` gives.
+        orientation: axis codes of the training images, e.g. ``"RAS"``; overrides
+            ``data_root``.
+        description: a sentence on the training data (default: the dataset's name).
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        DataError: when the run folder is missing, unfinished or unreadable.
+        ConfigError: when the voxel size or orientation is neither given nor derivable, or
+            the network's input channels are not T1w+T2w or T2w.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    grid = _grid(data_root, voxel_size, orientation)
+    model, log, config, head = _load_run(run_dir)
+    n_channels = config.model.in_channels
+    if n_channels not in CHANNELS_BY_COUNT:
+        raise ConfigError(f"cannot name the {n_channels} input channels of {run_dir}")
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "neonb_version": __version__,
+        "exported": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source_run": str(run_dir.resolve()),
+        "architecture": "AgeUNet" if head is not None else "DynUNet",
+        "model": config.model.to_dict(),
+        "age_head": head,
+        "age_standardisation": _age_standardisation(model),
+        "input_channels": list(CHANNELS_BY_COUNT[n_channels]),
+        "labels": label_table().to_dict(orient="records")[: config.model.out_channels],
+        "patch_size": list(config.patch_size),
+        "overlap": config.overlap,
+        "normalisation": NORMALISATION,
+        "voxel_size_mm": grid["voxel_size_mm"],
+        "orientation": grid["orientation"],
+        "training_grid": grid,
+        "training_data": _data_description(
+            Path(data_root) if data_root is not None else None, description
+        ),
+        "metrics": _best_metrics(log),
+        "training_config": config.to_dict(),
+        "training_environment": _read_json(run_dir / "environment.json"),
+    }
+    text = json.dumps(metadata, indent=2, default=_json_default) + "\n"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: _save_weights(model, tmp))
+        atomic_write(out_dir / METADATA_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    except OSError as err:
+        raise DataError(out_dir, f"cannot write the model folder: {err}") from err
+    return out_dir
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    """safetensors file of the model's weights, readable like any other file the user writes."""
+    save_model(model.cpu(), str(path), metadata={"format": FORMAT})
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)  # safetensors creates it 0600
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+REQUIRED_METADATA: tuple[str, ...] = (
+    "format",
+    "format_version",
+    "architecture",
+    "model",
+    "input_channels",
+    "labels",
+    "patch_size",
+    "overlap",
+    "voxel_size_mm",
+    "orientation",
+)
+"""Keys :func:`load_exported_model` needs in :data:`METADATA_FILE`."""
+
+
+def _read_metadata(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / METADATA_FILE
+    if not path.is_file():
+        raise DataError(path, "file not found", hint="is this a folder written by neonb export?")
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise DataError(path, f"is not readable JSON: {err}") from err
+    if not isinstance(metadata, Mapping):
+        raise DataError(path, "does not hold a JSON object")
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise DataError(path, f"lacks the key(s) {missing}")
+    if metadata["format"] != FORMAT:
+        raise DataError(path, f"format is {metadata['format']!r}, expected {FORMAT!r}")
+    if (
+        not isinstance(metadata["format_version"], int)
+        or metadata["format_version"] > FORMAT_VERSION
+    ):
+        raise DataError(
+            path,
+            f"format_version {metadata['format_version']!r} is newer than this neonb reads "
+            f"({FORMAT_VERSION})",
+            hint="upgrade neonb",
+        )
+    return dict(metadata)
+
+
+def _build(metadata: Mapping[str, Any], path: Path) -> nn.Module:
+    try:
+        config = ModelConfig.from_dict(metadata["model"])
+        if metadata["architecture"] == "AgeUNet":
+            from neonb.ageunet import AgeHeadConfig, build_ageunet
+
+            return build_ageunet(config, AgeHeadConfig.from_dict(metadata["age_head"]))
+        if metadata["architecture"] == "DynUNet":
+            return build_model(config)
+    except ConfigError as err:
+        raise DataError(path, f"describes an invalid network: {err}") from err
+    raise DataError(path, f"architecture {metadata['architecture']!r} is not DynUNet or AgeUNet")
+
+
+def load_exported_model(model_dir: str | os.PathLike) -> ExportedModel:
+    """Rebuild the network of a model folder written by :func:`export_run`.
+
+    Nothing is unpickled: the metadata are JSON and the weights safetensors.
+
+    Args:
+        model_dir: the model folder.
+
+    Returns:
+        The network (CPU, eval mode) with its metadata.
+
+    Raises:
+        DataError: naming the file when the folder, the metadata or the weights are missing,
+            unreadable, not in the expected format (a pickle is refused here), or do not fit
+            the network the metadata describe.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise DataError(model_dir, "model folder not found", hint="write one with neonb export")
+    metadata = _read_metadata(model_dir)
+    model = _build(metadata, model_dir / METADATA_FILE)
+    weights = model_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise DataError(weights, "file not found")
+    try:
+        load_model(model, weights, strict=True, device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DataError(weights, f"is not a safetensors weights file ({err})") from err
+    except RuntimeError as err:
+        raise DataError(
+            weights, f"does not fit the network described in {METADATA_FILE} ({err})"
+        ) from err
+    model.eval()
+    return ExportedModel(model, metadata, model_dir)

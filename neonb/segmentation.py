@@ -1,0 +1,1034 @@
+"""Segment a researcher's own neonatal scans with an exported model, one or a batch.
+
+This is what ``neonb segment`` does (:mod:`neonb.cli`). For one session,
+:func:`segment_scan`
+
+1. opens and checks every input (:func:`load_inputs`): each image with
+   :func:`neonb.data.load_nifti` (missing file, not NIfTI, corrupt gzip, truncated),
+   :func:`~neonb.data.check_image_3d`, :func:`~neonb.data.check_finite` and
+   :func:`check_not_blank`; T1w against T2w with :func:`~neonb.data.check_same_shape` and
+   :func:`~neonb.data.check_same_affine`; a reference segmentation, when one is given for
+   evaluation, with :func:`~neonb.data.check_labels`. Any problem raises
+   :class:`~neonb.errors.DataError` naming the file, before anything is written;
+2. reorients the images to the voxel-axis orientation the model was trained on (lossless:
+   axes are permuted and flipped with :mod:`nibabel.orientations`) and, when the voxel size
+   differs from the model's, resamples them to it (MONAI ``Spacing``, bilinear) and says so;
+3. z-normalises each channel over its non-zero voxels as in training, and segments by
+   sliding windows inside the head's bounding box (:func:`neonb.inference.segment`; an
+   AgeU-Net also predicts the scan age, :func:`neonb.ageunet.segment_with_age`);
+4. maps the labels back onto the input's own voxel grid (nearest neighbour, then the inverse
+   reorientation) and writes, with BIDS-derivative names derived from the input's
+   (:func:`output_prefix`), e.g. for ``sub-1_ses-2_desc-restore_T2w.nii.gz``::
+
+       sub-1_ses-2_desc-neonb_dseg.nii.gz   uint8 labels, the input's affine and header
+       sub-1_ses-2_desc-neonb_dseg.tsv      the label table (BIDS dseg.tsv)
+       sub-1_ses-2_desc-neonb_dseg.json     sidecar: sources, model, what was resampled
+       sub-1_ses-2_desc-neonb_volumes.tsv   volume of every class in mL
+       sub-1_ses-2_desc-neonb_age.tsv       predicted scan age (AgeU-Net models only)
+       sub-1_ses-2_desc-neonb_dice.tsv      Dice against a reference (when one is given)
+       sub-1_ses-2_desc-neonb_qc.png        tri-planar overlay for a visual check
+
+   Every file goes through :func:`neonb.files.atomic_write`; the segmentation is written
+   last, and if any write fails the files already written are removed, so a session has
+   all its outputs or none.
+
+:func:`segment_batch` runs this over a manifest TSV or a dHCP/BIDS folder with a progress
+bar, skips sessions whose outputs all exist (so an interrupted batch resumes where it
+stopped), and reports a failing session without stopping the others.
+
+Example:
+    >>> from neonb.export import load_exported_model
+    >>> model = load_exported_model("models/demo")  # doctest: +SKIP
+    >>> result = segment_scan(model, "sub-1_ses-2_T2w.nii.gz", "out",
+    ...                       t1w="sub-1_ses-2_T1w.nii.gz")  # doctest: +SKIP
+    >>> result.volumes[["abbreviation", "volume_ml"]]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from monai.data import MetaTensor
+from monai.transforms import NormalizeIntensity, Spacing, SpatialResample
+from nibabel import orientations
+from nibabel.spatialimages import SpatialImage
+from tqdm import tqdm
+
+from neonb import __version__
+from neonb.data import (
+    check_finite,
+    check_image_3d,
+    check_labels,
+    check_same_affine,
+    check_same_shape,
+    load_nifti,
+    normalise_participant_id,
+    normalise_session_id,
+    read_manifest,
+    read_tsv,
+    require_columns,
+)
+from neonb.errors import ConfigError, DataError, NeonbError
+from neonb.export import ExportedModel, load_exported_model
+from neonb.files import atomic_write
+from neonb.inference import save_segmentation, segment
+from neonb.labels import DRAWEM9
+from neonb.metrics import class_column, dice_per_class, volumes_ml
+
+__all__ = [
+    "BATCH_COLUMNS",
+    "BATCH_SUMMARY_FILE",
+    "OUTPUT_DESC",
+    "BatchResult",
+    "GridMapping",
+    "SegmentationResult",
+    "check_not_blank",
+    "from_model_grid",
+    "gather_tables",
+    "load_inputs",
+    "output_paths",
+    "output_prefix",
+    "plan_grid",
+    "save_qc_png",
+    "read_batch",
+    "segment_batch",
+    "segment_scan",
+    "to_model_grid",
+]
+
+OUTPUT_DESC = "neonb"
+"""The ``desc-`` entity of every output."""
+
+DROPPED_ENTITIES: frozenset[str] = frozenset({"desc", "space"})
+"""Entities of the input name that describe the input, not the derivative."""
+
+CHANNEL_NAMES: dict[str, str] = {"t1w": "T1w", "t2w": "T2w"}
+CHANNEL_OPTIONS: dict[str, str] = {"t1w": "--t1", "t2w": "--t2"}
+
+VOXEL_SIZE_ATOL_MM = 1e-3
+"""Voxel sizes closer than this (mm) count as equal: no resampling."""
+
+BATCH_COLUMNS: tuple[str, ...] = ("participant_id", "session_id", "t2w", "scan_age")
+"""Columns every batch manifest TSV needs; ``t1w`` and ``dseg`` are optional."""
+
+BATCH_SUMMARY_FILE = "segment_batch.tsv"
+"""Per-session status of the last batch, written into the output folder."""
+
+BATCH_TABLES: dict[str, tuple[str, str]] = {
+    "volumes": ("volumes.tsv", "volume_ml_"),
+    "dice": ("dice.tsv", "dice_"),
+}
+"""Per-session tables gathered into one row per session at the top of a batch's output:
+output kind -> (file name, column prefix of each class)."""
+
+QC_DPI = 100
+"""Resolution of the QC image (nilearn's tri-planar figure is about 7 × 2.6 inches)."""
+
+QC_ALPHA = 0.45
+"""Opacity of the label colours over the T2w in the QC image."""
+
+_ENTITY = re.compile(r"^[A-Za-z0-9]+-[A-Za-z0-9]+$")
+_MISSING_TEXT = frozenset({"", "n/a", "na", "nan", "none", "null"})
+
+
+# --------------------------------------------------------------------------------------
+# Output names
+# --------------------------------------------------------------------------------------
+
+
+def _strip_nifti_extension(name: str) -> str:
+    for extension in (".nii.gz", ".nii"):
+        if name.endswith(extension):
+            return name[: -len(extension)]
+    return name
+
+
+def output_prefix(path: str | os.PathLike) -> str:
+    """The entities of an input file name that its derivatives keep.
+
+    A BIDS name keeps its ``key-value`` entities but ``desc`` and ``space``, and loses its
+    suffix; any other name keeps its stem (characters other than letters, digits, ``-`` and
+    ``_`` are dropped).
+
+    Example:
+        >>> output_prefix("sub-CC1_ses-7_desc-restore_T2w.nii.gz")
+        'sub-CC1_ses-7'
+        >>> output_prefix("baby T2.nii")
+        'babyT2'
+    """
+    stem = _strip_nifti_extension(Path(path).name)
+    parts = stem.split("_")
+    if parts[0].startswith("sub-") and _ENTITY.match(parts[0]):
+        kept = [
+            part
+            for part in parts
+            if _ENTITY.match(part) and part.split("-", 1)[0] not in DROPPED_ENTITIES
+        ]
+        return "_".join(kept)
+    return re.sub(r"[^A-Za-z0-9_-]", "", stem) or "scan"
+
+
+def output_paths(
+    out_dir: str | os.PathLike, prefix: str, *, age: bool = False, dice: bool = False
+) -> dict[str, Path]:
+    """Paths of every output of one session, the segmentation last.
+
+    Args:
+        out_dir: the session's output folder.
+        prefix: e.g. ``"sub-1_ses-2"`` (:func:`output_prefix`).
+        age: include the predicted-age table (AgeU-Net models).
+        dice: include the Dice table (evaluation against a reference).
+
+    Returns:
+        ``{"dseg_tsv", "sidecar", "volumes", ["age",] ["dice",] "qc", "dseg"}`` -> path.
+    """
+    base = Path(out_dir) / f"{prefix}_desc-{OUTPUT_DESC}"
+    paths = {
+        "dseg_tsv": Path(f"{base}_dseg.tsv"),
+        "sidecar": Path(f"{base}_dseg.json"),
+        "volumes": Path(f"{base}_volumes.tsv"),
+    }
+    if age:
+        paths["age"] = Path(f"{base}_age.tsv")
+    if dice:
+        paths["dice"] = Path(f"{base}_dice.tsv")
+    paths["qc"] = Path(f"{base}_qc.png")
+    paths["dseg"] = Path(f"{base}_dseg.nii.gz")
+    return paths
+
+
+# --------------------------------------------------------------------------------------
+# Reading and checking the inputs
+# --------------------------------------------------------------------------------------
+
+
+def check_not_blank(image: SpatialImage) -> None:
+    """Raise when every voxel of an intensity image is zero.
+
+    Raises:
+        DataError: naming the image's file.
+    """
+    if not np.any(np.asanyarray(image.dataobj)):
+        name = image.get_filename() or "<in-memory image>"
+        raise DataError(name, "all voxels are zero: the image is empty")
+
+
+def _load_intensity_image(path: str | os.PathLike) -> nib.Nifti1Image:
+    image = load_nifti(path)
+    check_image_3d(image)
+    check_finite(image)
+    check_not_blank(image)
+    return image
+
+
+def load_inputs(
+    paths: Mapping[str, str | os.PathLike | None],
+    channels: Sequence[str],
+    *,
+    model_name: str = "the model",
+    reference: str | os.PathLike | None = None,
+    labels: Sequence[int] = tuple(DRAWEM9),
+) -> tuple[dict[str, nib.Nifti1Image], nib.Nifti1Image | None]:
+    """Open and check the images of one session; raise on the first problem.
+
+    Args:
+        paths: ``{"t2w": path, "t1w": path or None}``.
+        channels: the model's input channels in order, e.g. ``("t1w", "t2w")``.
+        model_name: how to name the model in the message for a missing modality.
+        reference: optionally, a segmentation to evaluate against.
+        labels: the label values a reference may hold.
+
+    Returns:
+        The images of ``channels`` (3D, finite, not blank, on the T2w's grid) and the
+        reference (or ``None``).
+
+    Raises:
+        DataError: naming the file: missing, not NIfTI, corrupt gzip, truncated, not 3D,
+            NaN/Inf voxels, all zero, shape or affine different from the T2w's, labels
+            outside ``labels``; or, naming the T2w, a modality the model needs is missing.
+    """
+    given = {key: Path(value) for key, value in paths.items() if value}
+    missing = [key for key in channels if key not in given]
+    if missing:
+        named = given.get("t2w") or next(iter(given.values()), Path(model_name))
+        needed = " and ".join(CHANNEL_NAMES[key] for key in channels)
+        options = " ".join(f"{CHANNEL_OPTIONS[key]} FILE" for key in missing)
+        raise DataError(
+            named,
+            f"{model_name} needs {needed} inputs, but no "
+            f"{' or '.join(CHANNEL_NAMES[key] for key in missing)} was given",
+            hint=f"add {options}",
+        )
+    images = {key: _load_intensity_image(given[key]) for key in channels}
+    anchor = images["t2w"] if "t2w" in images else next(iter(images.values()))
+    for image in images.values():
+        if image is not anchor:
+            check_same_shape(image, anchor)
+            check_same_affine(image, anchor)
+    reference_image = None
+    if reference is not None:
+        reference_image = load_nifti(reference)
+        check_image_3d(reference_image)
+        check_labels(reference_image, labels)
+        check_same_shape(reference_image, anchor)
+        check_same_affine(reference_image, anchor)
+    return images, reference_image
+
+
+# --------------------------------------------------------------------------------------
+# The model's grid
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GridMapping:
+    """How an input's voxel grid maps onto the model's, and back.
+
+    Attributes:
+        shape: the input's shape ``(X, Y, Z)``.
+        affine: the input's voxel-to-world affine (4 x 4).
+        orientation: the input's axis codes, e.g. ``"LPS"``.
+        transform: the :mod:`nibabel.orientations` transform to the model's orientation.
+        reoriented_shape: the shape after reorientation.
+        reoriented_affine: the affine after reorientation (the same world positions).
+        voxel_size_mm: the input's voxel size along the model's axes.
+        target_voxel_size_mm: the model's voxel size; ``None`` when equal (no resampling).
+    """
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    orientation: str
+    transform: np.ndarray
+    reoriented_shape: tuple[int, int, int]
+    reoriented_affine: np.ndarray
+    voxel_size_mm: tuple[float, float, float]
+    target_voxel_size_mm: tuple[float, float, float] | None
+
+    @property
+    def reoriented(self) -> bool:
+        """Whether the axes are permuted or flipped."""
+        identity = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+        return not np.array_equal(self.transform, identity)
+
+    @property
+    def resampled(self) -> bool:
+        """Whether the image is resampled to another voxel size."""
+        return self.target_voxel_size_mm is not None
+
+
+def plan_grid(image: SpatialImage, orientation: str, voxel_size_mm: Sequence[float]) -> GridMapping:
+    """How to bring ``image`` onto the model's orientation and voxel size.
+
+    Args:
+        image: a 3D input image.
+        orientation: the model's axis codes, e.g. ``"RAS"``.
+        voxel_size_mm: the model's voxel size along its axes, mm.
+    """
+    shape = tuple(int(n) for n in image.shape[:3])
+    affine = np.asarray(image.affine, dtype=float)
+    current = orientations.io_orientation(affine)
+    transform = orientations.ornt_transform(current, orientations.axcodes2ornt(tuple(orientation)))
+    reoriented_affine = affine @ orientations.inv_ornt_aff(transform, shape)
+    reoriented_shape = tuple(int(shape[int(axis)]) for axis in np.argsort(transform[:, 0]))
+    zooms = tuple(float(z) for z in np.sqrt((reoriented_affine[:3, :3] ** 2).sum(axis=0)))
+    target = tuple(float(v) for v in voxel_size_mm)
+    same = np.allclose(zooms, target, rtol=0, atol=VOXEL_SIZE_ATOL_MM)
+    return GridMapping(
+        shape=shape,
+        affine=affine,
+        orientation="".join(orientations.aff2axcodes(affine)),
+        transform=transform,
+        reoriented_shape=reoriented_shape,
+        reoriented_affine=reoriented_affine,
+        voxel_size_mm=zooms,
+        target_voxel_size_mm=None if same else target,
+    )
+
+
+def to_model_grid(volumes: Sequence[np.ndarray], mapping: GridMapping) -> MetaTensor:
+    """Stack input volumes as channels on the model's grid.
+
+    Args:
+        volumes: arrays of shape ``mapping.shape``, one per channel, in the model's order.
+        mapping: from :func:`plan_grid`.
+
+    Returns:
+        ``(C, X', Y', Z')`` float32, reoriented and, when needed, resampled (bilinear), with
+        its affine. Voxels outside the head (zero in every channel) stay zero: the non-zero
+        mask is resampled by nearest neighbour and applied after the bilinear resampling,
+        so that interpolation does not blur the head's edge into the background, which the
+        network never saw in training (masked images, z-scored over non-zero voxels).
+    """
+    stacked = np.stack(
+        [
+            orientations.apply_orientation(np.asarray(v, np.float32), mapping.transform)
+            for v in volumes
+        ]
+    )
+    image = MetaTensor(
+        torch.from_numpy(np.ascontiguousarray(stacked)), affine=mapping.reoriented_affine
+    )
+    if mapping.resampled:
+        spacing = mapping.target_voxel_size_mm
+        head = (image != 0).any(dim=0, keepdim=True).to(torch.float32)
+        image = Spacing(pixdim=spacing, mode="bilinear", padding_mode="zeros")(image)
+        head = Spacing(pixdim=spacing, mode="nearest", padding_mode="zeros")(head)
+        image = image * (head > 0)  # keep the head's edge sharp: zeros stay zeros
+    return image
+
+
+def from_model_grid(
+    labels: np.ndarray, model_affine: np.ndarray | torch.Tensor, mapping: GridMapping
+) -> np.ndarray:
+    """Bring labels predicted on the model's grid back onto the input's voxels.
+
+    Args:
+        labels: ``(X', Y', Z')`` labels on the grid :func:`to_model_grid` returned.
+        model_affine: that grid's affine.
+        mapping: from :func:`plan_grid`.
+
+    Returns:
+        ``(X, Y, Z)`` uint8 labels on the input's grid (nearest neighbour when resampled).
+    """
+    data = np.asarray(labels)
+    if mapping.resampled:
+        tensor = MetaTensor(
+            torch.from_numpy(data.astype(np.float32))[None], affine=torch.as_tensor(model_affine)
+        )
+        back = SpatialResample(mode="nearest", padding_mode="zeros")(
+            tensor,
+            dst_affine=torch.from_numpy(mapping.reoriented_affine),
+            spatial_size=mapping.reoriented_shape,
+        )
+        data = np.rint(np.asarray(back.as_tensor()[0])).astype(np.uint8)
+    inverse = orientations.ornt_transform(
+        orientations.axcodes2ornt(_axcodes_after(mapping)),
+        orientations.io_orientation(mapping.affine),
+    )
+    return np.ascontiguousarray(orientations.apply_orientation(data, inverse)).astype(np.uint8)
+
+
+def _axcodes_after(mapping: GridMapping) -> tuple[str, ...]:
+    return orientations.aff2axcodes(mapping.reoriented_affine)
+
+
+# --------------------------------------------------------------------------------------
+# One session
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class SegmentationResult:
+    """What :func:`segment_scan` wrote and found.
+
+    Attributes:
+        outputs: output kind -> path (see :func:`output_paths`).
+        volumes: one row per class: ``index``, ``name``, ``abbreviation``, ``volume_ml``.
+        ages: predicted scan age in weeks (``"mean"``, ``"foreground_weighted"``), or
+            ``None`` for a model without an age head.
+        dice: Dice per class against the reference, or ``None``.
+        notes: what was done to fit the model (reorientation, resampling), as sentences.
+        inference_s: seconds of network inference.
+        seconds: seconds for the whole session.
+    """
+
+    outputs: dict[str, Path]
+    volumes: pd.DataFrame
+    ages: dict[str, float] | None = None
+    dice: pd.DataFrame | None = None
+    notes: list[str] = field(default_factory=list)
+    inference_s: float = math.nan
+    seconds: float = math.nan
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and make sure a file can be written in it."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(out_dir, "output folder is a file, not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir, prefix=".neonb-write-test-"):
+            pass
+    except OSError as err:
+        raise DataError(out_dir, f"output folder is not writable: {err.strerror or err}") from err
+
+
+def _check_device(device: str | torch.device) -> None:
+    """Refuse a CUDA device on a machine without one, before any work is done."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} asked for, but no CUDA GPU is available")
+
+
+def _as_model(model: ExportedModel | str | os.PathLike) -> ExportedModel:
+    return model if isinstance(model, ExportedModel) else load_exported_model(model)
+
+
+def _fmt_mm(values: Sequence[float]) -> str:
+    return " x ".join(f"{v:g}" for v in values) + " mm"
+
+
+def _notes(mapping: GridMapping, model: ExportedModel) -> list[str]:
+    notes = []
+    if mapping.reoriented:
+        notes.append(
+            f"reoriented from {mapping.orientation} to the model's {model.orientation} and back"
+        )
+    if mapping.resampled:
+        notes.append(
+            f"resampled from {_fmt_mm(mapping.voxel_size_mm)} voxels to the model's "
+            f"{_fmt_mm(model.voxel_size_mm)} (bilinear) and the labels back to the input's "
+            "grid (nearest neighbour)"
+        )
+    return notes
+
+
+def _predict(
+    model: ExportedModel, image: torch.Tensor, device: str | torch.device
+) -> tuple[np.ndarray, dict[str, float] | None]:
+    if model.age_head is not None:
+        from neonb.ageunet import segment_with_age
+
+        labels, ages = segment_with_age(
+            model.model, image, patch_size=model.patch_size, overlap=model.overlap, device=device
+        )
+        return np.asarray(labels, np.uint8), {key: float(value) for key, value in ages.items()}
+    labels = segment(
+        model.model, image, patch_size=model.patch_size, overlap=model.overlap, device=device
+    )
+    return labels, None
+
+
+def _volume_table(labels: np.ndarray, zooms: Sequence[float], model: ExportedModel) -> pd.DataFrame:
+    table = pd.DataFrame(model.metadata["labels"])[["index", "name", "abbreviation"]]
+    table["volume_ml"] = volumes_ml(labels, zooms, num_classes=len(table))
+    return table
+
+
+def _write_tsv(table: pd.DataFrame) -> Callable[[Path], Any]:
+    return lambda tmp: table.to_csv(tmp, sep="\t", index=False, na_rep="n/a")
+
+
+def _write_text(text: str) -> Callable[[Path], Any]:
+    return lambda tmp: tmp.write_text(text, encoding="utf-8")
+
+
+def _write_all(paths: Mapping[str, Path], writers: Mapping[str, Callable[[Path], Any]]) -> None:
+    """Write every output atomically, in ``paths`` order; on failure remove what was written."""
+    written: list[Path] = []
+    try:
+        for key, path in paths.items():
+            try:
+                writers[key](path)
+            except OSError as err:
+                raise DataError(path, f"cannot be written: {err.strerror or err}") from err
+            written.append(path)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def segment_scan(
+    model: ExportedModel | str | os.PathLike,
+    t2w: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    t1w: str | os.PathLike | None = None,
+    reference: str | os.PathLike | None = None,
+    prefix: str | None = None,
+    scan_age: float | None = None,
+    device: str | torch.device = "auto",
+) -> SegmentationResult:
+    """Segment one session and write its outputs (see the module docstring).
+
+    Args:
+        model: an :class:`~neonb.export.ExportedModel` or its folder.
+        t2w: the T2w image (any orientation, any voxel size).
+        out_dir: where to write (created).
+        t1w: the T1w image on the T2w's grid; required when the model takes T1w.
+        reference: a segmentation (labels 0-9) to evaluate against: adds a Dice table.
+        prefix: output name prefix; default :func:`output_prefix` of ``t2w``.
+        scan_age: the scan age (weeks PMA), recorded beside the predicted age.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``.
+
+    Returns:
+        The outputs written, the tissue volumes, ages, Dice and notes.
+
+    Raises:
+        DataError: naming the file, for any bad input (:func:`load_inputs`) or an output
+            folder that cannot be written. Nothing is written then.
+        ConfigError: when ``device`` is CUDA and there is no GPU.
+    """
+    started = time.perf_counter()
+    _check_device(device)
+    model = _as_model(model)
+    images, reference_image = load_inputs(
+        {"t2w": t2w, "t1w": t1w},
+        model.channels,
+        model_name=f"the model {model.model_dir}",
+        reference=reference,
+        labels=model.labels,
+    )
+    out_dir = Path(out_dir)
+    _prepare_out_dir(out_dir)
+    anchor = images.get("t2w", next(iter(images.values())))
+    mapping = plan_grid(anchor, model.orientation, model.voxel_size_mm)
+    image = to_model_grid([np.asanyarray(images[key].dataobj) for key in model.channels], mapping)
+    grid_affine = image.affine.clone()
+    normalised = NormalizeIntensity(nonzero=True, channel_wise=True)(image.as_tensor())
+    inference_started = time.perf_counter()
+    labels_model, ages = _predict(model, normalised, device)
+    inference_s = time.perf_counter() - inference_started
+    labels = from_model_grid(labels_model, grid_affine, mapping)
+
+    zooms = tuple(float(z) for z in anchor.header.get_zooms()[:3])
+    volumes = _volume_table(labels, zooms, model)
+    dice = None
+    if reference_image is not None:
+        reference_labels = np.asanyarray(reference_image.dataobj).astype(np.int64)
+        dice = volumes[["index", "name", "abbreviation"]].copy()
+        dice["dice"] = dice_per_class(labels, reference_labels, num_classes=len(dice))
+    notes = _notes(mapping, model)
+    paths = output_paths(
+        out_dir, prefix or output_prefix(t2w), age=ages is not None, dice=dice is not None
+    )
+    sidecar = _sidecar({"t2w": t2w, "t1w": t1w}, model, mapping, notes)
+    writers: dict[str, Callable[[Path], Any]] = {
+        "dseg_tsv": _write_tsv(pd.DataFrame(model.metadata["labels"])),
+        "sidecar": _write_text(json.dumps(sidecar, indent=2) + "\n"),
+        "volumes": _write_tsv(volumes),
+        "qc": lambda tmp: save_qc_png(
+            anchor, labels, model.metadata["labels"], tmp, title=output_prefix(t2w)
+        ),
+        "dseg": lambda _tmp: save_segmentation(labels, anchor.get_filename(), paths["dseg"]),
+    }
+    if ages is not None:
+        age_row = {
+            "predicted_age_weeks": ages.get("mean", math.nan),
+            "predicted_age_foreground_weighted_weeks": ages.get("foreground_weighted", math.nan),
+            "scan_age_weeks": math.nan if scan_age is None else float(scan_age),
+        }
+        writers["age"] = _write_tsv(pd.DataFrame([age_row]))
+    if dice is not None:
+        writers["dice"] = _write_tsv(dice)
+    _write_all(paths, {key: _atomic(paths[key], writers[key], key) for key in paths})
+    return SegmentationResult(
+        outputs=dict(paths),
+        volumes=volumes,
+        ages=ages,
+        dice=dice,
+        notes=notes,
+        inference_s=inference_s,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _sidecar(
+    sources: Mapping[str, str | os.PathLike | None],
+    model: ExportedModel,
+    mapping: GridMapping,
+    notes: list[str],
+) -> dict[str, Any]:
+    """The BIDS JSON sidecar of a segmentation: where it comes from and what was done."""
+    return {
+        "Description": "neonb segmentation (drawem9 labels) predicted by a 3D U-Net",
+        "Sources": [str(Path(path).resolve()) for path in sources.values() if path],
+        "GeneratedBy": [{"Name": "neonb", "Version": __version__}],
+        "Model": str(model.model_dir.resolve()),
+        "ModelTrainingData": model.metadata.get("training_data", {}).get("description"),
+        "InputOrientation": mapping.orientation,
+        "InputVoxelSizeMm": list(mapping.voxel_size_mm),
+        "ModelOrientation": model.orientation,
+        "ModelVoxelSizeMm": list(model.voxel_size_mm),
+        "Reoriented": mapping.reoriented,
+        "Resampled": mapping.resampled,
+        "Notes": notes,
+    }
+
+
+def _atomic(path: Path, write: Callable[[Path], Any], key: str) -> Callable[[Path], Any]:
+    """``write`` through :func:`atomic_write` (the NIfTI writer already is atomic)."""
+    if key == "dseg":
+        return write
+    return lambda _path: atomic_write(path, write)
+
+
+# --------------------------------------------------------------------------------------
+# QC image
+# --------------------------------------------------------------------------------------
+
+
+def save_qc_png(
+    image: SpatialImage,
+    labels: np.ndarray,
+    label_rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+) -> None:
+    """Save a tri-planar view of the labels over the image as a PNG (nilearn ``plot_roi``).
+
+    The cuts go through the centre of mass of the labelled voxels, in world coordinates
+    and the neurological convention (the subject's left on the left).
+
+    Args:
+        image: the input image (the T2w), 3D.
+        labels: labels on ``image``'s grid, ``(X, Y, Z)``.
+        label_rows: label table rows with ``index`` and ``color`` (``#rrggbb``).
+        path: where to write the PNG (write to a temporary name, then rename).
+        title: text drawn on the figure.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from nilearn import plotting
+
+    colours = {int(row["index"]): str(row["color"]) for row in label_rows}
+    top = max(colours)
+    cmap = ListedColormap([colours.get(i, "#000000") for i in range(1, top + 1)])
+    seg = nib.Nifti1Image(np.asarray(labels, dtype=np.uint8), image.affine)
+    foreground = np.argwhere(np.asarray(labels) > 0)
+    centre = foreground.mean(axis=0) if len(foreground) else np.array(labels.shape) / 2
+    cut_coords = nib.affines.apply_affine(image.affine, centre)
+    display = plotting.plot_roi(
+        seg,
+        bg_img=image,
+        cut_coords=cut_coords,
+        display_mode="ortho",
+        cmap=cmap,
+        vmin=0.5,
+        vmax=top + 0.5,
+        alpha=QC_ALPHA,
+        dim=0,
+        black_bg=True,
+        title=title,
+        draw_cross=False,
+        annotate=True,
+        colorbar=False,
+    )
+    display.savefig(str(path), dpi=QC_DPI)
+    display.close()
+    plt.close("all")
+
+
+# --------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------
+
+
+def _is_missing(value: object) -> bool:
+    return value is None or str(value).strip().lower() in _MISSING_TEXT
+
+
+def _resolve(value: object, base: Path) -> str:
+    if _is_missing(value):
+        return ""
+    path = Path(str(value).strip()).expanduser()
+    return str(path if path.is_absolute() else base / path)
+
+
+def _table_from_tsv(path: Path) -> pd.DataFrame:
+    table = read_tsv(path)
+    require_columns(table, BATCH_COLUMNS, path)
+    rows = []
+    for i, row in table.iterrows():
+        line = int(i) + 2
+        ids = f"sub-{row['participant_id']} ses-{row['session_id']} (row {line})"
+        if _is_missing(row["scan_age"]):
+            raise DataError(
+                path,
+                f"missing scan age for {ids}",
+                hint="every session needs its scan_age in weeks PMA",
+            )
+        try:
+            scan_age = float(row["scan_age"])
+        except ValueError:
+            scan_age = math.nan
+        if not math.isfinite(scan_age):
+            raise DataError(path, f"scan_age {row['scan_age']!r} of {ids} is not a number of weeks")
+        rows.append(
+            {
+                "participant_id": normalise_participant_id(row["participant_id"]),
+                "session_id": normalise_session_id(row["session_id"]),
+                "scan_age": scan_age,
+                "t2w": _resolve(row["t2w"], path.parent),
+                "t1w": _resolve(row.get("t1w"), path.parent),
+                "dseg": _resolve(row.get("dseg"), path.parent),
+                "line": line,
+                "problem": "",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _table_from_release(root: Path) -> pd.DataFrame:
+    manifest = read_manifest(root, progress=False)
+    rows = []
+    for i, row in manifest.iterrows():
+        scan_age = float(row["scan_age"])
+        problem = ""
+        if not math.isfinite(scan_age):
+            problem = next(
+                (part for part in str(row["reason"]).split("; ") if "scan age" in part),
+                "missing scan age",
+            )
+        rows.append(
+            {
+                "participant_id": str(row["participant_id"]),
+                "session_id": str(row["session_id"]),
+                "scan_age": scan_age,
+                "t2w": str(row["t2w"]),
+                "t1w": str(row["t1w"]),
+                "dseg": str(row["dseg"]),
+                "line": int(i) + 1,
+                "problem": problem,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def read_batch(source: str | os.PathLike) -> pd.DataFrame:
+    """The sessions of a batch: a manifest TSV or a dHCP/BIDS release folder.
+
+    A TSV needs the columns :data:`BATCH_COLUMNS` (``participant_id``, ``session_id``,
+    ``t2w``, ``scan_age`` in weeks PMA) and may have ``t1w`` and ``dseg``; relative paths are
+    relative to the TSV's folder; a manifest written by ``neonb manifest --out`` works. A
+    folder is read with :func:`neonb.data.read_manifest`.
+
+    Returns:
+        One row per session: ``participant_id``, ``session_id`` (bare), ``scan_age``,
+        ``t2w``, ``t1w``, ``dseg`` (paths or ``""``), ``line`` (row in the source) and
+        ``problem`` (why the session cannot be segmented, or ``""``).
+
+    Raises:
+        DataError: naming the source: not found, unreadable, missing columns, no session,
+            a session listed twice, or (TSV) a session without a scan age.
+    """
+    source = Path(source)
+    if source.is_dir():
+        table = _table_from_release(source)
+    elif source.is_file():
+        table = _table_from_tsv(source)
+    else:
+        raise DataError(source, "not found: expected a manifest TSV or a dHCP/BIDS folder")
+    if table.empty:
+        raise DataError(source, "lists no session")
+    duplicated = table.duplicated(["participant_id", "session_id"], keep=False)
+    if duplicated.any():
+        first = table[duplicated].iloc[0]
+        same = table[
+            (table["participant_id"] == first["participant_id"])
+            & (table["session_id"] == first["session_id"])
+        ]
+        raise DataError(
+            source,
+            f"duplicate subject/session: sub-{first['participant_id']} "
+            f"ses-{first['session_id']} is listed in rows {', '.join(map(str, same['line']))}",
+        )
+    return table.reset_index(drop=True)
+
+
+@dataclass
+class BatchResult:
+    """Outcome of :func:`segment_batch`.
+
+    Attributes:
+        summary: one row per session: ``participant_id``, ``session_id``, ``status``
+            (``"done"``, ``"skipped"`` — outputs already there — or ``"failed"``),
+            ``seconds`` and ``message`` (the error, or the notes).
+        summary_path: where the summary was written.
+        tables: the gathered tables (:func:`gather_tables`): ``"volumes"``, and ``"dice"``
+            when evaluating -> path.
+    """
+
+    summary: pd.DataFrame
+    summary_path: Path
+    tables: dict[str, Path] = field(default_factory=dict)
+
+    def count(self, status: str) -> int:
+        """Sessions with this status."""
+        return int((self.summary["status"] == status).sum())
+
+
+def _write_dataset_description(out_dir: Path) -> None:
+    path = out_dir / "dataset_description.json"
+    if path.exists():
+        return
+    description = {
+        "Name": "neonb segmentations",
+        "BIDSVersion": "1.8.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "neonb", "Version": __version__}],
+    }
+    atomic_write(path, _write_text(json.dumps(description, indent=2) + "\n"))
+
+
+def segment_batch(
+    model: ExportedModel | str | os.PathLike,
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    evaluate: bool = False,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    echo: Callable[[str], Any] | None = None,
+) -> BatchResult:
+    """Segment every session of a manifest TSV or a dHCP/BIDS folder.
+
+    Outputs go to ``out_dir/sub-<id>/ses-<id>/anat/`` as BIDS derivatives. A session whose
+    outputs all exist is skipped, so running the same batch again resumes it. A session that
+    fails (a bad image, a missing T1w) is reported and the batch goes on.
+
+    Args:
+        model: an :class:`~neonb.export.ExportedModel` or its folder.
+        source: a manifest TSV or a release folder (:func:`read_batch`).
+        out_dir: the derivatives folder (created).
+        evaluate: compare with each session's ``dseg`` where there is one (Dice table).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``.
+        progress: show a tqdm progress bar.
+        echo: called with a line per failed session (default: ``tqdm.write``).
+
+    Returns:
+        The per-session summary, also written to ``out_dir/segment_batch.tsv``.
+
+    Raises:
+        DataError: for a bad source (:func:`read_batch`) or an output folder that cannot be
+            written; nothing is written then.
+    """
+    _check_device(device)
+    model = _as_model(model)
+    sessions = read_batch(source)
+    out_dir = Path(out_dir)
+    _prepare_out_dir(out_dir)
+    _write_dataset_description(out_dir)
+    echo = echo or tqdm.write
+    rows = []
+    bar = tqdm(
+        sessions.itertuples(index=False),
+        total=len(sessions),
+        desc="segmenting",
+        unit="session",
+        disable=not progress,
+    )
+    try:
+        for session in bar:
+            rows.append(_batch_session(model, session, out_dir, evaluate, device, echo))
+    finally:
+        summary = pd.DataFrame(
+            rows, columns=["participant_id", "session_id", "status", "seconds", "message"]
+        )
+        summary_path = out_dir / BATCH_SUMMARY_FILE
+        atomic_write(summary_path, _write_tsv(summary))
+    tables = gather_tables(out_dir, sessions, age=model.age_head is not None)
+    return BatchResult(summary, summary_path, tables)
+
+
+def _session_outputs(out_dir: Path, pid: str, sid: str, **kinds: bool) -> dict[str, Path]:
+    folder = out_dir / f"sub-{pid}" / f"ses-{sid}" / "anat"
+    return output_paths(folder, f"sub-{pid}_ses-{sid}", **kinds)
+
+
+def gather_tables(
+    out_dir: str | os.PathLike, sessions: pd.DataFrame, *, age: bool = False
+) -> dict[str, Path]:
+    """One row per segmented session: tissue volumes (and Dice, ages) side by side.
+
+    Reads the per-session tables of a batch's output folder and writes
+    ``out_dir/volumes.tsv`` (``participant_id``, ``session_id``, ``scan_age``, then
+    ``volume_ml_<class>`` per class, e.g. ``volume_ml_WM``, and with an age head the
+    predicted ages) and, where sessions were evaluated, ``out_dir/dice.tsv``
+    (``dice_<class>``). Sessions without outputs are left out.
+
+    Args:
+        out_dir: a batch's output folder.
+        sessions: the batch's sessions (:func:`read_batch`).
+        age: the model has an age head (add its predictions to ``volumes.tsv``).
+
+    Returns:
+        Output kind -> path of each table written.
+    """
+    out_dir = Path(out_dir)
+    written = {}
+    for kind, (name, prefix) in BATCH_TABLES.items():
+        rows = []
+        for session in sessions.itertuples(index=False):
+            pid, sid = session.participant_id, session.session_id
+            paths = _session_outputs(out_dir, pid, sid, age=age, dice=kind == "dice")
+            if not paths[kind].is_file() or not paths["dseg"].is_file():
+                continue
+            table = pd.read_csv(paths[kind], sep="\t")
+            value = table.columns[-1]
+            row = {"participant_id": pid, "session_id": sid, "scan_age": session.scan_age}
+            row |= {
+                class_column(int(i), prefix): v
+                for i, v in zip(table["index"], table[value], strict=True)
+            }
+            if kind == "volumes" and age and paths["age"].is_file():
+                row |= pd.read_csv(paths["age"], sep="\t").iloc[0].drop("scan_age_weeks").to_dict()
+            rows.append(row)
+        if rows:
+            path = out_dir / name
+            atomic_write(path, _write_tsv(pd.DataFrame(rows)))
+            written[kind] = path
+    return written
+
+
+def _batch_session(
+    model: ExportedModel,
+    session: Any,
+    out_dir: Path,
+    evaluate: bool,
+    device: str | torch.device,
+    echo: Callable[[str], Any],
+) -> dict[str, Any]:
+    pid, sid = session.participant_id, session.session_id
+    row = {"participant_id": pid, "session_id": sid, "seconds": 0.0, "message": ""}
+    prefix = f"sub-{pid}_ses-{sid}"
+    session_dir = out_dir / f"sub-{pid}" / f"ses-{sid}" / "anat"
+    reference = session.dseg if evaluate and session.dseg else None
+    expected = _session_outputs(
+        out_dir, pid, sid, age=model.age_head is not None, dice=reference is not None
+    )
+    if all(path.is_file() for path in expected.values()):
+        return {**row, "status": "skipped", "message": "outputs already there"}
+    started = time.perf_counter()
+    try:
+        if session.problem:
+            raise DataError(f"sub-{pid}/ses-{sid}", session.problem)
+        if not session.t2w:
+            raise DataError(f"sub-{pid}/ses-{sid}", "no T2w image")
+        result = segment_scan(
+            model,
+            session.t2w,
+            session_dir,
+            t1w=session.t1w or None,
+            reference=reference,
+            prefix=prefix,
+            scan_age=session.scan_age,
+            device=device,
+        )
+    except NeonbError as err:
+        message = " ".join(str(err).split())
+        echo(f"sub-{pid} ses-{sid}: failed: {message}")
+        return {
+            **row,
+            "status": "failed",
+            "seconds": time.perf_counter() - started,
+            "message": message,
+        }
+    return {**row, "status": "done", "seconds": result.seconds, "message": "; ".join(result.notes)}

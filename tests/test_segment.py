@@ -1,0 +1,332 @@
+"""Tests of neonb.segmentation and ``neonb segment``: one scan, any grid, batches that resume."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from nibabel import orientations
+from nibabel.processing import resample_to_output
+
+from neonb import data, segmentation
+from neonb.cli import main
+from neonb.errors import DataError
+from neonb.experiment import TrainingConfig, prediction_filename, train_segmentation
+from neonb.export import export_run, load_exported_model
+from neonb.labels import NUM_CLASSES
+from neonb.phantom import write_cohort
+from neonb.segmentation import (
+    BATCH_SUMMARY_FILE,
+    output_paths,
+    output_prefix,
+    plan_grid,
+    segment_batch,
+    segment_scan,
+    to_model_grid,
+)
+from neonb.transforms import eval_transforms
+
+TINY = {
+    "patch_size": [16, 16, 16],
+    "epochs": 2,
+    "batch_size": 2,
+    "samples_per_volume": 2,
+    "overlap": 0.25,
+    "optimizer": "adamw",
+    "learning_rate": 3e-3,
+    "model": {"strides": [1, 2, 2], "filters": [4, 8, 16], "deep_supr_num": 1},
+}
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return write_cohort(
+        tmp_path_factory.mktemp("cohort"), n=4, seed=3, voxel_size=6.0, progress=False
+    )
+
+
+@pytest.fixture(scope="module")
+def manifest(cohort):
+    return data.read_manifest(cohort, progress=False)
+
+
+@pytest.fixture(scope="module")
+def model_dir(cohort, manifest, tmp_path_factory):
+    records = data.to_data_dicts(manifest)
+    run = tmp_path_factory.mktemp("run")
+    train_segmentation(
+        records[:3], records[3:], TrainingConfig.from_dict(TINY), run, progress=False
+    )
+    return export_run(run, tmp_path_factory.mktemp("model") / "tiny", data_root=cohort)
+
+
+def _session(manifest, i=0):
+    row = manifest.iloc[i]
+    return {key: Path(row[key]) for key in ("t1w", "t2w", "dseg")}, row
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_output_names_follow_bids_derivatives():
+    assert output_prefix("sub-CC1_ses-7_desc-restore_T2w.nii.gz") == "sub-CC1_ses-7"
+    assert output_prefix("/a/sub-1_ses-2_run-3_space-T2w_T1w.nii") == "sub-1_ses-2_run-3"
+    assert output_prefix("my scan.nii.gz") == "myscan"
+    paths = output_paths("out", output_prefix("sub-CC1_ses-7_desc-restore_T2w.nii.gz"))
+    assert paths["dseg"].name == prediction_filename("CC1", "7")
+    assert list(paths)[-1] == "dseg"  # written last: its presence means the session is done
+
+
+def test_segment_one_scan_writes_every_output(model_dir, manifest, tmp_path, capsys):
+    paths, _ = _session(manifest)
+    out = tmp_path / "out"
+    args = ["segment", "--t2", str(paths["t2w"]), "--t1", str(paths["t1w"])]
+    args += ["--reference", str(paths["dseg"]), "--model", str(model_dir), "--out", str(out)]
+    assert main(args) == 0
+    assert "segmentation written to" in capsys.readouterr().out
+    prefix = output_prefix(paths["t2w"]) + "_desc-neonb"
+    assert _files(out) == sorted(
+        f"{prefix}_{suffix}"
+        for suffix in ("dseg.nii.gz", "dseg.tsv", "dseg.json", "volumes.tsv", "qc.png", "dice.tsv")
+    )
+    t2w = nib.load(paths["t2w"])
+    seg = nib.load(out / f"{prefix}_dseg.nii.gz")
+    assert seg.shape == t2w.shape and np.allclose(seg.affine, t2w.affine)
+    assert seg.get_data_dtype() == np.uint8
+    assert seg.header.get_intent()[0] == "label"
+    labels = np.asarray(seg.dataobj)
+    assert labels.max() < NUM_CLASSES and len(np.unique(labels)) > 2
+
+    volumes = pd.read_csv(out / f"{prefix}_volumes.tsv", sep="\t")
+    assert list(volumes["index"]) == list(range(NUM_CLASSES))
+    voxel_ml = float(np.prod(t2w.header.get_zooms())) / 1000
+    assert volumes["volume_ml"].sum() == pytest.approx(labels.size * voxel_ml)
+    assert volumes.loc[3, "volume_ml"] == pytest.approx((labels == 3).sum() * voxel_ml)
+    lut = pd.read_csv(out / f"{prefix}_dseg.tsv", sep="\t")
+    assert list(lut.columns[:3]) == ["index", "name", "abbreviation"] and len(lut) == NUM_CLASSES
+    dice = pd.read_csv(out / f"{prefix}_dice.tsv", sep="\t")["dice"]
+    assert dice.dropna().between(0, 1).all() and dice[0] > 0.5  # outer background is easy
+
+    png = (out / f"{prefix}_qc.png").read_bytes()
+    assert png.startswith(PNG_MAGIC)
+    width, height = struct.unpack(">II", png[16:24])
+    assert width > 3 * height / 2 and height >= 200  # three panels side by side
+    sidecar = json.loads((out / f"{prefix}_dseg.json").read_text())
+    assert sidecar["Resampled"] is False and sidecar["Reoriented"] is False
+    assert Path(sidecar["Sources"][0]) == paths["t2w"].resolve()
+
+
+def test_normalisation_is_the_training_one(model_dir, manifest):
+    paths, _ = _session(manifest)
+    model = load_exported_model(model_dir)
+    t2w, t1w = nib.load(paths["t2w"]), nib.load(paths["t1w"])
+    mapping = plan_grid(t2w, model.orientation, model.voxel_size_mm)
+    ours = to_model_grid([t1w.get_fdata(), t2w.get_fdata()], mapping)
+    from monai.transforms import NormalizeIntensity
+
+    ours = NormalizeIntensity(nonzero=True, channel_wise=True)(ours.as_tensor())
+    sample = {"t1w": str(paths["t1w"]), "t2w": str(paths["t2w"]), "label": str(paths["dseg"])}
+    theirs = eval_transforms(crop=False)(sample)["image"]
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs.as_tensor()), atol=1e-5)
+
+
+def _reorient(image: nib.Nifti1Image, codes: str, path: Path) -> Path:
+    transform = orientations.ornt_transform(
+        orientations.io_orientation(image.affine), orientations.axcodes2ornt(tuple(codes))
+    )
+    nib.save(image.as_reoriented(transform), path)
+    return path
+
+
+def test_any_orientation_gives_the_same_labels(model_dir, manifest, tmp_path):
+    paths, _ = _session(manifest)
+    model = load_exported_model(model_dir)
+    plain = segment_scan(model, paths["t2w"], tmp_path / "ras", t1w=paths["t1w"], device="cpu")
+    t2w = _reorient(nib.load(paths["t2w"]), "PSL", tmp_path / "sub-x_ses-1_T2w.nii.gz")
+    t1w = _reorient(nib.load(paths["t1w"]), "PSL", tmp_path / "sub-x_ses-1_T1w.nii.gz")
+    turned = segment_scan(model, t2w, tmp_path / "psl", t1w=t1w, device="cpu")
+    assert turned.notes == ["reoriented from PSL to the model's RAS and back"]
+    seg = nib.load(turned.outputs["dseg"])
+    assert "".join(nib.aff2axcodes(seg.affine)) == "PSL"
+    np.testing.assert_allclose(seg.affine, nib.load(t2w).affine)
+    back = _reorient(seg, "RAS", tmp_path / "back.nii.gz")
+    expected = np.asarray(nib.load(plain.outputs["dseg"]).dataobj)
+    assert np.array_equal(np.asarray(nib.load(back).dataobj), expected)
+    pd.testing.assert_frame_equal(turned.volumes, plain.volumes)
+
+
+def test_other_voxel_size_is_resampled_and_said(model_dir, manifest, tmp_path, capsys):
+    paths, _ = _session(manifest)
+    for key in ("t2w", "t1w"):
+        fine = resample_to_output(nib.load(paths[key]), voxel_sizes=(4.0, 4.0, 4.0), order=1)
+        nib.save(fine, tmp_path / f"sub-x_ses-1_{key}.nii.gz")
+    t2w = tmp_path / "sub-x_ses-1_t2w.nii.gz"
+    args = ["segment", "--t2", str(t2w), "--t1", str(tmp_path / "sub-x_ses-1_t1w.nii.gz")]
+    assert main([*args, "--model", str(model_dir), "--out", str(tmp_path / "out")]) == 0
+    said = capsys.readouterr().out
+    assert "resampled from 4 x 4 x 4 mm voxels to the model's 6 x 6 x 6 mm" in said
+    seg = nib.load(tmp_path / "out" / "sub-x_ses-1_desc-neonb_dseg.nii.gz")
+    reference = nib.load(t2w)
+    assert seg.shape == reference.shape and np.allclose(seg.affine, reference.affine)
+    labels = np.asarray(seg.dataobj)
+    assert set(np.unique(labels)) > {0}
+    sidecar = json.loads((tmp_path / "out" / "sub-x_ses-1_desc-neonb_dseg.json").read_text())
+    assert sidecar["Resampled"] is True and sidecar["InputVoxelSizeMm"] == [4.0, 4.0, 4.0]
+
+
+def test_a_failed_write_leaves_no_partial_outputs(model_dir, manifest, tmp_path, monkeypatch):
+    paths, _ = _session(manifest)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(segmentation, "save_segmentation", disk_full)
+    with pytest.raises(DataError, match="cannot be written: No space left on device"):
+        segment_scan(model_dir, paths["t2w"], tmp_path / "out", t1w=paths["t1w"], device="cpu")
+    assert _files(tmp_path / "out") == []
+
+
+def _manifest_tsv(manifest, path: Path, rows=None) -> Path:
+    table = manifest[["participant_id", "session_id", "scan_age", "t1w", "t2w", "dseg"]]
+    table = table if rows is None else table.iloc[rows]
+    table.to_csv(path, sep="\t", index=False)
+    return path
+
+
+def test_batch_reports_failures_and_resumes(model_dir, manifest, tmp_path, capsys):
+    broken = tmp_path / "broken_T2w.nii.gz"
+    broken.write_bytes(b"not a gzip file")
+    table = manifest[["participant_id", "session_id", "scan_age", "t1w", "t2w"]].copy()
+    table["t2w"] = table["t2w"].astype(object)
+    table.loc[1, "t2w"] = broken.name  # relative to the manifest's folder
+    tsv = tmp_path / "batch.tsv"
+    table.iloc[:3].to_csv(tsv, sep="\t", index=False)
+    out = tmp_path / "derivatives"
+    args = ["segment", "--batch", str(tsv), "--model", str(model_dir), "--out", str(out)]
+
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert "3 sessions: 2 segmented, 0 already done, 1 failed" in captured.out
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith("neonb segment: error:") and "1 of 3 sessions failed" in last
+    summary = pd.read_csv(out / BATCH_SUMMARY_FILE, sep="\t", dtype={"session_id": str})
+    assert list(summary["status"]) == ["done", "failed", "done"]
+    assert "corrupt gzip" in summary.loc[1, "message"] and str(broken) in summary.loc[1, "message"]
+    first = manifest.iloc[0]
+    session_dir = out / f"sub-{first.participant_id}" / f"ses-{first.session_id}" / "anat"
+    done = session_dir / prediction_filename(first.participant_id, first.session_id)
+    stamp = done.stat().st_mtime_ns
+    failed = manifest.iloc[1]
+    assert not (out / f"sub-{failed.participant_id}").exists()
+    assert (out / "dataset_description.json").is_file()
+
+    table.loc[1, "t2w"] = manifest.loc[1, "t2w"]  # fixed: run the same batch again
+    table.iloc[:3].to_csv(tsv, sep="\t", index=False)
+    assert main(args) == 0
+    assert "3 sessions: 1 segmented, 2 already done, 0 failed" in capsys.readouterr().out
+    assert done.stat().st_mtime_ns == stamp  # a finished session is not redone
+
+
+def test_interrupted_batch_resumes(model_dir, manifest, tmp_path, monkeypatch):
+    tsv = _manifest_tsv(manifest, tmp_path / "batch.tsv", rows=[0, 1, 2])
+    real = segmentation.segment_scan
+    calls = []
+
+    def interrupt_second(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(segmentation, "segment_scan", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        segment_batch(model_dir, tsv, tmp_path / "out", device="cpu", progress=False)
+    summary = pd.read_csv(tmp_path / "out" / BATCH_SUMMARY_FILE, sep="\t")
+    assert list(summary["status"]) == ["done"]
+    monkeypatch.setattr(segmentation, "segment_scan", real)
+    result = segment_batch(model_dir, tsv, tmp_path / "out", device="cpu", progress=False)
+    assert list(result.summary["status"]) == ["skipped", "done", "done"]
+    assert not [p for p in (tmp_path / "out").rglob(".*") if p.is_file()]  # no temporary files
+
+
+def test_batch_over_a_release_folder_evaluates(model_dir, cohort, manifest, tmp_path):
+    result = segment_batch(
+        model_dir, cohort, tmp_path / "out", evaluate=True, device="cpu", progress=False
+    )
+    assert result.count("done") == len(manifest)
+    for row in manifest.itertuples():
+        anat = tmp_path / "out" / f"sub-{row.participant_id}" / f"ses-{row.session_id}" / "anat"
+        dice = pd.read_csv(
+            anat / f"sub-{row.participant_id}_ses-{row.session_id}_desc-neonb_dice.tsv", sep="\t"
+        )
+        assert dice["dice"].dropna().between(0, 1).all()
+    volumes = pd.read_csv(result.tables["volumes"], sep="\t", dtype={"session_id": str})
+    assert list(volumes["participant_id"]) == list(manifest["participant_id"])
+    assert volumes["scan_age"].tolist() == pytest.approx(manifest["scan_age"].tolist())
+    assert (volumes["volume_ml_WM"] > 0).all() and "volume_ml_Hippoc" in volumes
+    first = manifest.iloc[0]
+    per_session = pd.read_csv(
+        tmp_path / "out" / f"sub-{first.participant_id}" / f"ses-{first.session_id}" / "anat"
+        / f"sub-{first.participant_id}_ses-{first.session_id}_desc-neonb_volumes.tsv",
+        sep="\t",
+    )  # fmt: skip
+    assert volumes.loc[0, "volume_ml_CSF"] == pytest.approx(per_session.loc[1, "volume_ml"])
+    gathered_dice = pd.read_csv(result.tables["dice"], sep="\t")
+    assert len(gathered_dice) == len(manifest) and "dice_cGM" in gathered_dice
+
+
+def test_age_model_writes_the_predicted_age(manifest, cohort, tmp_path, capsys):
+    ageunet = pytest.importorskip("neonb.ageunet")
+    records = data.to_data_dicts(manifest)
+    config = TrainingConfig.from_dict({**TINY, "epochs": 1})
+    ageunet.train_ageunet(
+        records[:3], records[3:], config, ageunet.AgeHeadConfig(), tmp_path / "run", progress=False
+    )
+    model_dir = export_run(tmp_path / "run", tmp_path / "model", data_root=cohort)
+    meta = json.loads((model_dir / "model.json").read_text())
+    assert meta["architecture"] == "AgeUNet" and meta["age_head"]["reduction"] == "conv"
+    assert meta["age_standardisation"]["std_weeks"] > 0
+    assert load_exported_model(model_dir).age_head == meta["age_head"]
+
+    tsv = _manifest_tsv(manifest, tmp_path / "batch.tsv", rows=[0])
+    result = segment_batch(model_dir, tsv, tmp_path / "out", device="cpu", progress=False)
+    assert list(result.summary["status"]) == ["done"]
+    row = manifest.iloc[0]
+    anat = tmp_path / "out" / f"sub-{row.participant_id}" / f"ses-{row.session_id}" / "anat"
+    age = pd.read_csv(
+        anat / f"sub-{row.participant_id}_ses-{row.session_id}_desc-neonb_age.tsv", sep="\t"
+    )
+    assert np.isfinite(age.loc[0, "predicted_age_weeks"])
+    assert age.loc[0, "scan_age_weeks"] == pytest.approx(row.scan_age)
+    gathered = pd.read_csv(result.tables["volumes"], sep="\t")
+    assert gathered.loc[0, "predicted_age_weeks"] == pytest.approx(
+        age.loc[0, "predicted_age_weeks"]
+    )
+
+    paths, _ = _session(manifest)
+    args = ["segment", "--t2", str(paths["t2w"]), "--t1", str(paths["t1w"])]
+    args += ["--scan-age", "40.5", "--model", str(model_dir), "--out", str(tmp_path / "one")]
+    assert main(args) == 0
+    assert "predicted scan age:" in capsys.readouterr().out
+    prefix = output_prefix(paths["t2w"])
+    one = pd.read_csv(tmp_path / "one" / f"{prefix}_desc-neonb_age.tsv", sep="\t")
+    assert one.loc[0, "scan_age_weeks"] == 40.5 and np.isfinite(one.loc[0, "predicted_age_weeks"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_asking_for_a_missing_gpu_is_one_line(model_dir, manifest, tmp_path, capsys):
+    paths, _ = _session(manifest)
+    args = ["segment", "--t2", str(paths["t2w"]), "--t1", str(paths["t1w"]), "--device", "cuda"]
+    assert main([*args, "--model", str(model_dir), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "neonb segment: error: device 'cuda' asked for, but no CUDA GPU is available"
+    assert not (tmp_path / "out").exists()
