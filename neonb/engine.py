@@ -579,7 +579,8 @@ def fit(
             with deep supervision, a stacked ``(B, H, C, X, Y, Z)`` tensor) or any
             structure ``loss_fn`` and ``segmentation_logits`` understand.
         loss_fn: ``loss_fn(outputs, batch)`` → scalar tensor; the outputs are cast
-            to float32 first.
+            to float32 first. If it has a ``set_epoch`` method, that is called with
+            the 0-based epoch before each epoch (also after a resume).
         optimizer: e.g. :func:`sgd_nesterov`.
         train_loader: yields batches with ``image_key`` (B, 2, X, Y, Z) and whatever
             ``loss_fn`` reads.
@@ -664,6 +665,9 @@ def _run_epoch(run: _Run, state: _RunState, e: int) -> pd.DataFrame:
     """Epoch ``e`` (0-based) of :func:`fit`: train, validate, log and checkpoint."""
     start = time.perf_counter()
     _seed_epoch(run, run.seed + e)
+    set_epoch = getattr(run.loss_fn, "set_epoch", None)
+    if callable(set_epoch):  # e.g. an epoch-dependent loss weight (neonb.ageunet)
+        set_epoch(e)
     lr = run.optimizer.param_groups[0]["lr"]
     loss, data_time = _train_epoch(run, e + 1)
     if run.scheduler is not None:

@@ -86,7 +86,8 @@ def describe_hardware(device: str | torch.device = "auto") -> str:
     dev = resolve_device(device)
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    return f"CPU ({platform.machine()}), {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"CPU ({platform.machine()}), {threads} thread{'s' * (threads != 1)}"
 
 
 def use_amp(amp: bool | str, device: torch.device) -> bool:

@@ -379,3 +379,286 @@ def dice_by_age(cases: pd.DataFrame, *, value: str = "dice_mean_nobg") -> go.Fig
         yaxis_title="mean Dice, 8 tissues",
     )
     return fig
+
+
+def age_scatter(
+    ages: pd.DataFrame,
+    *,
+    predicted: str = "age_mean",
+    facet: str = "variant",
+    title: str = "Predicted against true age at scan (test set)",
+) -> go.Figure:
+    """Predicted against true scan age, one panel per model, coloured by preterm/term birth.
+
+    Args:
+        ages: one row per session (and model) with ``scan_age``, ``predicted``, ``preterm``
+            (bool or NA), ``participant_id``, ``session_id`` and, if present, ``facet``.
+        predicted: the column of predicted ages in weeks.
+        facet: the column naming the model of each row (one panel each).
+        title: the figure title.
+    """
+    names = list(dict.fromkeys(ages[facet])) if facet in ages else [None]
+    fig = make_subplots(
+        rows=1, cols=len(names), shared_yaxes=True, subplot_titles=[str(n) for n in names]
+    )
+    low = float(min(ages["scan_age"].min(), ages[predicted].min())) - 1
+    high = float(max(ages["scan_age"].max(), ages[predicted].max())) + 1
+    group = np.where(ages["preterm"].fillna(False).astype(bool), "preterm-born", "term-born")
+    for col, name in enumerate(names, start=1):
+        part = ages if name is None else ages[ages[facet] == name]
+        part_group = group if name is None else group[(ages[facet] == name).to_numpy()]
+        for label, color in PRETERM_COLORS.items():
+            rows = part[part_group == label]
+            fig.add_scatter(
+                x=rows["scan_age"],
+                y=rows[predicted],
+                mode="markers",
+                name=label,
+                legendgroup=label,
+                showlegend=col == 1,
+                marker={"size": 8, "color": color},
+                text="sub-" + rows["participant_id"].astype(str),
+                hovertemplate="%{text}: true %{x:.1f}, predicted %{y:.1f} weeks<extra></extra>",
+                row=1,
+                col=col,
+            )
+        fig.add_scatter(
+            x=[low, high],
+            y=[low, high],
+            mode="lines",
+            line={"color": "grey", "dash": "dot"},
+            showlegend=False,
+            hoverinfo="skip",
+            row=1,
+            col=col,
+        )
+        fig.update_xaxes(title_text="true age (weeks PMA)", range=[low, high], row=1, col=col)
+    fig.update_yaxes(title_text="predicted age (weeks PMA)", range=[low, high], row=1, col=1)
+    fig.update_layout(title=title)
+    return fig
+
+
+def age_distributions(
+    table: pd.DataFrame,
+    *,
+    by: str = "dataset",
+    bin_width: float = 0.5,
+    title: str = "Scan age of the source and target sets",
+) -> go.Figure:
+    """Overlaid histograms of scan age, one per group (the paper's Figure 10).
+
+    Args:
+        table: one row per session with ``scan_age`` (weeks) and ``by``.
+        by: the column naming each row's group (e.g. source, target train, target test).
+        bin_width: bin width in weeks.
+        title: the figure title.
+    """
+    fig = go.Figure()
+    for group, part in table.groupby(by, sort=False):
+        ages = part["scan_age"]
+        fig.add_histogram(
+            x=ages,
+            name=f"{group} (n={len(ages)}, {ages.mean():.1f} ± {ages.std():.1f} w)",
+            xbins={"size": bin_width},
+            opacity=0.75,
+            hovertemplate=f"{group}<br>%{{x}} weeks: %{{y}} scans<extra></extra>",
+        )
+    fig.update_layout(
+        barmode="overlay",
+        title=title,
+        xaxis_title="scan age (weeks post-menstrual age)",
+        yaxis_title="scans",
+        legend={"orientation": "h", "y": -0.2},
+    )
+    return fig
+
+
+def strategy_boxplots(
+    cases: pd.DataFrame,
+    *,
+    by: str = "strategy",
+    values: dict[str, str] | None = None,
+    title: str = "Test Dice per subject and strategy",
+) -> go.Figure:
+    """Box plots of per-subject Dice, one box per strategy, every subject shown (Figure 11).
+
+    Args:
+        cases: one row per subject and strategy (:func:`neonb.metrics.case_summary`)
+            with ``by``, the ``values`` columns, ``participant_id`` and ``scan_age``.
+        by: the column naming the strategy; boxes follow its order of appearance.
+        values: columns to plot, one panel each, mapped to panel titles (default:
+            mean Dice without and with the background classes).
+        title: the figure title.
+    """
+    values = values or {"dice_mean_nobg": "8 tissues (no BG)", "dice_mean": "all 10 classes"}
+    fig = make_subplots(rows=1, cols=len(values), subplot_titles=list(values.values()))
+    text = (
+        "sub-"
+        + cases["participant_id"].astype(str)
+        + ", "
+        + cases["scan_age"].map("{:.1f} w".format)
+    )
+    for col, column in enumerate(values, start=1):
+        fig.add_box(
+            x=cases[by],
+            y=cases[column],
+            boxpoints="all",
+            jitter=0.4,
+            pointpos=0,
+            marker={"size": 5, "color": "#1b9e77"},
+            line={"color": "#555555"},
+            text=text,
+            hovertemplate="%{x}, %{text}: %{y:.3f}<extra></extra>",
+            showlegend=False,
+            row=1,
+            col=col,
+        )
+    fig.update_yaxes(title_text="mean Dice per subject", col=1)
+    fig.update_layout(title=title, height=450)
+    return fig
+
+
+def paper_vs_neonb(pairs: pd.DataFrame, *, title: str = "neonb against the paper") -> go.Figure:
+    """Each value neonb computed against the paper's value for the same cell of a table.
+
+    Points on the diagonal agree with the paper; above it neonb scored higher. One trace
+    per table, so the legend hides or shows a table.
+
+    Args:
+        pairs: columns ``table``, ``group``, ``quantity``, ``paper``, ``neonb``
+            (:func:`neonb.results.pair_with_paper`).
+        title: the figure title (say which data neonb's values come from).
+    """
+    fig = go.Figure()
+    for name, rows in pairs.groupby("table", sort=False):
+        fig.add_scatter(
+            x=rows["paper"],
+            y=rows["neonb"],
+            mode="markers",
+            name=str(name),
+            marker={"size": 8, "opacity": 0.8},
+            text=rows["group"].astype(str) + ", " + rows["quantity"].astype(str),
+            hovertemplate=f"{name}: %{{text}}<br>paper %{{x:.3f}}, neonb %{{y:.3f}}<extra></extra>",
+        )
+    fig.add_scatter(
+        x=[0, 1],
+        y=[0, 1],
+        mode="lines",
+        line={"color": "#999999", "dash": "dot"},
+        name="equal",
+        hoverinfo="skip",
+    )
+    fig.update_layout(
+        title=title,
+        xaxis={"title": "paper (dHCP)", "range": [-0.02, 1.02]},
+        yaxis={"title": "neonb", "range": [-0.02, 1.02], "scaleanchor": "x"},
+        height=520,
+    )
+    return fig
+
+
+def annotation_masks(
+    image: np.ndarray,
+    labels: np.ndarray,
+    masks: dict[str, np.ndarray],
+    *,
+    voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    title: str = "",
+) -> go.Figure:
+    """The labels a budgeting condition keeps: one row per mask, three views each.
+
+    Labels are drawn only on annotated voxels, over the image, so slices chosen along one
+    plane show as stripes in the two other views (the paper's Figure 4).
+
+    Args:
+        image: T2w intensities, shape (X, Y, Z), RAS.
+        labels: drawem9 labels 0-9, same shape.
+        masks: annotation masks (1 = annotated) of the same shape, by condition name.
+        voxel_size: voxel edge lengths in mm.
+        title: figure title.
+    """
+    names = list(masks)
+    fig = make_subplots(
+        rows=len(names),
+        cols=3,
+        vertical_spacing=0.04,
+        horizontal_spacing=0.03,
+        subplot_titles=[f"{name}: {view}" for name in names for view in VIEWS],
+    )
+    for row, name in enumerate(names, start=1):
+        kept = np.where(masks[name] > 0, labels, 0)
+        for trace in triplanar(image, kept, voxel_size=voxel_size).data:
+            fig.add_trace(trace, row=row, col=int((trace.xaxis or "x")[1:] or 1))
+    for n in range(1, 3 * len(names) + 1):
+        _image_axes(fig, n)
+    fig.update_layout(
+        title=title,
+        height=260 * len(names) + 80,
+        plot_bgcolor="black",
+        margin={"l": 10, "r": 10, "t": 80, "b": 10},
+    )
+    return fig
+
+
+def budget_curves(logs: pd.DataFrame, *, value: str = "val_dice_nobg") -> go.Figure:
+    """Validation Dice over the epochs, one line per label-budgeting condition.
+
+    Args:
+        logs: epoch logs (``log.tsv``) with a ``condition`` column.
+        value: the log column to plot.
+    """
+    fig = go.Figure()
+    for condition, log in logs.groupby("condition", sort=False):
+        fig.add_scatter(
+            x=log["epoch"],
+            y=log[value],
+            mode="lines+markers",
+            name=str(condition),
+            hovertemplate=f"{condition}, epoch %{{x}}: %{{y:.3f}}<extra></extra>",
+        )
+    fig.update_layout(
+        title="Validation Dice (no background) per condition",
+        xaxis_title="epoch",
+        yaxis_title="mean Dice, 8 tissues (validation patches)",
+        hovermode="x unified",
+    )
+    return fig
+
+
+def dispersion_sweep(results: pd.DataFrame, *, title: str = "") -> go.Figure:
+    """Dice of the dispersion sweep: one tick per condition, least dispersed first.
+
+    Args:
+        results: one row per condition with ``condition``, ``n_sessions``,
+            ``annotated_slices``, ``slices_per_session``, ``val_dice_nobg`` and
+            ``test_dice_nobg``, in sweep order.
+        title: figure title.
+    """
+    ticks = [
+        f"{r.condition}<br>{r.n_sessions} scans x {r.slices_per_session:.3g}<br>"
+        f"= {r.annotated_slices} slices"
+        for r in results.itertuples()
+    ]
+    custom = results[["n_sessions", "annotated_slices", "slices_per_session"]].to_numpy()
+    fig = go.Figure()
+    for column, name, color in (
+        ("val_dice_nobg", "validation (patches)", "#7570b3"),
+        ("test_dice_nobg", "test (whole volumes)", "#d95f02"),
+    ):
+        fig.add_scatter(
+            x=ticks,
+            y=results[column],
+            mode="lines+markers",
+            name=name,
+            marker={"size": 10, "color": color},
+            customdata=custom,
+            hovertemplate="%{customdata[0]} scans, %{customdata[1]} slices "
+            "(%{customdata[2]:.3g} per scan): Dice %{y:.3f}<extra>" + name + "</extra>",
+        )
+    fig.update_layout(
+        title=title or "Dice against label dispersion, at an equal budget of annotated slices",
+        xaxis_title="condition: scans x slices per scan = annotated slices",
+        yaxis_title="mean Dice, 8 tissues",
+        legend={"orientation": "h", "y": -0.35},
+    )
+    return fig

@@ -117,3 +117,111 @@ def table2(class_dice: pd.DataFrame, label: str = "neonb") -> pd.DataFrame:
         rows[(set_name, label)] = {t: ours.get(t, "") for t in paper.TISSUES}
         rows[(set_name, "paper")] = {k: f"{v:.3f}" for k, v in reference.loc[set_name].items()}
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis(["set", "source"])
+
+
+def table4(per_case: pd.DataFrame, label: str = "neonb", by: str = "strategy") -> pd.DataFrame:
+    """The paper's Table 4: Dice per tissue of each transfer strategy, beside the paper's.
+
+    Args:
+        per_case: :func:`neonb.metrics.evaluate_case` rows of every test case, with a
+            column ``by`` naming the strategy (``none``, ``shallow``, ... as in
+            :func:`neonb.paper.table4`).
+        label: the name of neonb's rows (say which data and hardware).
+        by: the column naming the strategy.
+
+    Returns:
+        Rows ``(strategy, source)`` with source ``label`` or ``paper``, in the order the
+        strategies appear in ``per_case``; one column per tissue: the class Dice averaged
+        over the test cases (``NaN`` skipped), rounded to 3 decimals.
+    """
+    reference = paper.table4()
+    tissue = per_case[~per_case["is_background"]]
+    ours = tissue.groupby([by, "short_name"], sort=False)["dice"].mean().unstack()
+    rows = {}
+    for strategy in dict.fromkeys(per_case[by]):
+        rows[(strategy, label)] = ours.loc[strategy, paper.TISSUES].round(3).to_dict()
+        if strategy in reference.index:
+            rows[(strategy, "paper")] = reference.loc[strategy].to_dict()
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis([by, "source"])
+
+
+def pairwise_beside_paper(tests: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+    """Pairwise tests (:func:`neonb.statistics.pairwise_ttests`) with the paper's corrected p.
+
+    Args:
+        tests: rows of :func:`neonb.statistics.pairwise_ttests`.
+        reference: the paper's upper triangle (:func:`neonb.paper.table5` or ``table6``).
+
+    Returns:
+        ``tests`` with a column ``p_corrected_paper`` (``NaN`` for a pair the paper did
+        not test).
+    """
+
+    def lookup(a: str, b: str) -> float:
+        for row, col in ((a, b), (b, a)):
+            if row in reference.index and col in reference.columns:
+                value = reference.loc[row, col]
+                if pd.notna(value):
+                    return float(value)
+        return float("nan")
+
+    out = tests.copy()
+    pairs = zip(tests["group_a"], tests["group_b"], strict=True)
+    out["p_corrected_paper"] = [lookup(a, b) for a, b in pairs]
+    return out
+
+
+def pvalue_triangle(tests: pd.DataFrame, reference: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Corrected p of each pair as the paper prints them, with the paper's in brackets.
+
+    Args:
+        tests: rows of :func:`pairwise_beside_paper` (or of
+            :func:`neonb.statistics.pairwise_ttests` and a ``reference``).
+        reference: the paper's upper triangle, if ``tests`` lacks ``p_corrected_paper``.
+
+    Returns:
+        Strategies as rows and columns; above the diagonal ``"3.1e-02 (paper 1.7e-07)"``,
+        marked ``*`` when neonb's corrected p is below 0.05; empty elsewhere.
+    """
+    if reference is not None:
+        tests = pairwise_beside_paper(tests, reference)
+    names = list(dict.fromkeys([*tests["group_a"], *tests["group_b"]]))
+    square = pd.DataFrame("", index=names, columns=names)
+    for row in tests.itertuples(index=False):
+        text = f"{row.p_corrected:.1e}{' *' if row.p_corrected < 0.05 else ''}"
+        if pd.notna(row.p_corrected_paper):
+            text += f" (paper {row.p_corrected_paper:.1e})"
+        square.loc[row.group_a, row.group_b] = text
+    return square
+
+
+def table3(class_dice: pd.DataFrame, label: str = "neonb") -> pd.DataFrame:
+    """The paper's Table 3: mean Dice of the label-budgeting conditions, beside the paper's.
+
+    Args:
+        class_dice: rows of :func:`validation_class_dice` and :func:`case_class_dice` with a
+            ``condition`` column holding the paper's condition names (``random``,
+            ``sagittal``, ``coronal``, ``axial``, ``full``); other conditions are ignored.
+        label: the ``source`` of neonb's rows (say which data and hardware).
+
+    Returns:
+        Rows ``(condition, source)`` with source ``label`` or ``paper``, in the paper's
+        order; columns ``(set, metric)``. A condition neonb did not run has empty cells.
+    """
+    reference = paper.table3()
+    rows = {}
+    for condition in reference.index:
+        part = class_dice[class_dice["condition"] == condition]
+        means = _mean_dice(part) if len(part) else pd.DataFrame(columns=["set", *MEAN_METRICS])
+        ours = {}
+        for set_name in SETS:
+            values = means[means["set"] == set_name]
+            for metric in MEAN_METRICS:
+                ours[(set_name, metric)] = _formatted(values[metric]) if len(values) else ""
+        rows[(condition, label)] = ours
+        paper_row = reference.loc[condition]
+        rows[(condition, "paper")] = {key: f"{v:.3f}" for key, v in paper_row.items()}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index = pd.MultiIndex.from_tuples(table.index, names=["condition", "source"])
+    table.columns = pd.MultiIndex.from_tuples(table.columns, names=["set", "metric"])
+    return table

@@ -53,7 +53,8 @@ def describe_environment(record: dict[str, Any]) -> str:
     if record.get("cuda_device"):
         device = f"{record['cuda_device']} (CUDA {record.get('cuda_version')})"
     else:
-        device = f"CPU, {record.get('torch_threads', '?')} threads"
+        threads = record.get("torch_threads", "?")
+        device = f"CPU, {threads} thread{'' if threads == 1 else 's'}"
     return f"{device}; torch {record.get('torch')}, MONAI {record.get('monai')}"
 
 
@@ -81,3 +82,32 @@ def run_environments(results_dir: str | os.PathLike) -> pd.DataFrame:
         )
     columns = ["chapter", "run", "environment", "started", "platform"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def pair_with_paper(table: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Long pairs of neonb's and the paper's value of each cell of a side-by-side table.
+
+    Args:
+        table: rows indexed ``(group, source)`` where ``source`` is ``"paper"`` for the
+            paper's row and anything else for neonb's (as Tables 2 and 4 are written);
+            one numeric column per quantity (e.g. tissue; two column levels are joined
+            as ``"test, Mean DSC"``).
+        name: the table's name, e.g. ``"Table 2"``.
+
+    Returns:
+        Columns ``table``, ``group``, ``quantity``, ``paper``, ``neonb``: one row per
+        group and quantity where both values exist.
+    """
+    if isinstance(table.columns, pd.MultiIndex):  # e.g. Table 3: (set, metric)
+        table = table.set_axis([", ".join(map(str, c)) for c in table.columns], axis=1)
+    long = table.stack().rename("value").reset_index()
+    long.columns = ["group", "source", "quantity", "value"]
+    long["source"] = long["source"].where(long["source"] == "paper", "neonb")
+    long["value"] = pd.to_numeric(long["value"], errors="coerce")
+    pairs = long.pivot_table(
+        index=["group", "quantity"], columns="source", values="value", sort=False
+    )
+    pairs = pairs.dropna(subset=[c for c in ("paper", "neonb") if c in pairs]).reset_index()
+    pairs.columns.name = None
+    pairs.insert(0, "table", name)
+    return pairs[["table", "group", "quantity", "paper", "neonb"]]

@@ -26,7 +26,14 @@ from neonb.errors import ConfigError, DataError, NeonbError
 from neonb.files import atomic_write
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ("00_data", "01_pipeline", "02_ageunet", "03_budgeting", "04_transfer")
+NOTEBOOKS = (
+    "00_data",
+    "01_pipeline",
+    "02_ageunet",
+    "03_budgeting",
+    "04_transfer",
+    "05_paper_vs_neonb",
+)
 """The study's notebooks, in the order they run (later ones reuse earlier results)."""
 
 

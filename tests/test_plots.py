@@ -60,3 +60,18 @@ def test_book_renderer_emits_html_without_plotly_js():
     assert "application/vnd.plotly.v1+json" in bundle
     assert "plotly-graph-div" in bundle["text/html"]
     assert "cdn.plot.ly" not in bundle["text/html"] and len(bundle["text/html"]) < 100_000
+
+
+def test_paper_vs_neonb_has_one_trace_per_table_and_the_diagonal():
+    pairs = pd.DataFrame(
+        {
+            "table": ["Table 2", "Table 2", "Table 4"],
+            "group": ["test", "test", "full"],
+            "quantity": ["CSF", "WM", "CSF"],
+            "paper": [0.9, 0.8, 0.7],
+            "neonb": [0.85, 0.82, 0.6],
+        }
+    )
+    fig = plots.paper_vs_neonb(pairs)
+    assert [trace.name for trace in fig.data] == ["Table 2", "Table 4", "equal"]
+    assert list(fig.data[0].y) == [0.85, 0.82]

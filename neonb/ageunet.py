@@ -1,0 +1,859 @@
+"""AgeU-Net: the segmentation network with an age-regression head on its bottleneck.
+
+Richter & Fetit (2022, §3.3) extend the U-Net with an *age pathway*: the bottleneck features
+(``filters[-1]`` channels on a ``patch / 32`` grid, 4³ for 128³ patches) are reduced to
+``channels × 1 × 1 × 1`` by strided convolutions and fed to a fully connected layer that
+regresses the post-menstrual age at scan. The total loss is (Eq. 4)
+
+.. math:: L = L_{DiceCE} + \\alpha \\, L_{MSE}(age)
+
+with the masked Dice + cross-entropy over the deep-supervision heads
+(:class:`neonb.losses.SegmentationLoss`) and α = 1e-2 (written "10e-3" in the paper),
+learning rate 1e-3. At test time every sliding window predicts an age; the volume's age
+aggregates them. The paper found that the head learned the mean age (§4.1.2) and named three
+remedies as future work, all settings of :class:`AgeHeadConfig` here: a separate learning
+rate for the head (``head_learning_rate``), an increasing α (``alpha_schedule="linear"``)
+and staged training, segmentation first and then the head alone (``staged=True``).
+
+=========================  ============================================================
+piece                      what it is
+=========================  ============================================================
+:class:`AgeHeadConfig`     head architecture and the age part of the training recipe
+:class:`AgeUNet`           MONAI ``DynUNet`` subclass; the head reads ``bottleneck`` via a
+                           forward hook; output ``{"segmentation": ..., "age": (B,)}``
+:class:`AgeUNetLoss`       ``SegmentationLoss + α(epoch) · MSE`` (standardised ages)
+:func:`segment_with_age`   labels and aggregated ages of one volume (MONAI sliding windows)
+:func:`train_ageunet`      one run folder, :data:`AGE_HEAD_FILE` included
+:func:`load_ageunet_run`   rebuild a trained AgeU-Net from its folder alone
+=========================  ============================================================
+
+**Target standardisation.** With ``standardize=True`` (default) the head predicts
+``z = (age - mean) / std``, with the mean and standard deviation of the *training* ages;
+the network un-standardises its output, so ``outputs["age"]`` is always in weeks, and the
+loss is the MSE of ``z`` (the MSE in weeks² divided by ``std²``). Without it the MSE is in
+weeks² from a head that starts near 0 weeks: the first losses are ~1500 and, times α, swamp
+the segmentation loss — the instability the paper met with larger learning rates.
+
+Example:
+    >>> from neonb.models import ModelConfig
+    >>> cfg = ModelConfig(strides=(1, 2, 2), filters=(4, 8, 16), deep_supr_num=1)
+    >>> net = build_ageunet(cfg, AgeHeadConfig(), age_mean=38.0, age_std=3.5).eval()
+    >>> out = net(torch.zeros(2, 2, 16, 16, 16))
+    >>> tuple(out["segmentation"].shape), tuple(out["age"].shape)
+    ((2, 10, 16, 16, 16), (2,))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from monai.networks.blocks import Convolution
+from monai.networks.nets import DynUNet
+from torch import Tensor, nn
+
+from neonb.engine import BEST_MODEL_FILE, CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE
+from neonb.errors import ConfigError, DataError
+from neonb.experiment import (
+    Record,
+    TrainedRun,
+    TrainingConfig,
+    build_optimizer,
+    prediction_filename,
+    segmentation_loss,
+    train_segmentation,
+)
+from neonb.files import atomic_write
+from neonb.inference import (
+    default_segmentation_logits,
+    load_weights,
+    save_segmentation,
+    segment,
+)
+from neonb.labels import BACKGROUND_LABELS, DRAWEM9, NUM_CLASSES
+from neonb.losses import SegmentationLoss
+from neonb.metrics import case_summary, dice_per_class, evaluate_case
+from neonb.models import ModelConfig, dynunet_kwargs
+from neonb.transforms import eval_transforms
+
+__all__ = [
+    "AGE_HEAD_FILE",
+    "AGE_LOG_FILE",
+    "AgeHead",
+    "AgeHeadConfig",
+    "AgeUNet",
+    "AgeUNetLoss",
+    "WindowAges",
+    "aggregate_ages",
+    "age_errors",
+    "alpha_at",
+    "build_ageunet",
+    "evaluate_with_age",
+    "load_ageunet_run",
+    "load_volumes",
+    "segment_with_age",
+    "segmentation_logits",
+    "summary_table",
+    "train_ageunet",
+]
+
+AGE_HEAD_FILE = "age_head.yaml"
+"""Written into every AgeU-Net run folder: head config, age standardisation, weights file."""
+
+AGE_LOG_FILE = "age_log.tsv"
+"""Per-epoch training age error (MSE in weeks², MAE in weeks) and α of an AgeU-Net run."""
+
+REDUCTIONS = ("conv", "avgpool", "maxpool")
+ALPHA_SCHEDULES = ("constant", "linear")
+AGGREGATIONS = ("mean", "foreground_weighted")
+"""Keys of the ages :func:`segment_with_age` returns."""
+
+
+@dataclass(frozen=True)
+class AgeHeadConfig:
+    """The age pathway: head architecture and the age part of the training recipe.
+
+    Attributes:
+        reduction: how the bottleneck ``(B, F, x, y, z)`` becomes ``(B, F, 1, 1, 1)``:
+            ``"conv"`` (the paper's: ``conv_layers`` 3×3×3 convolutions of stride 2 with
+            leaky ReLU, then an average over whatever grid is left, a no-op when the
+            convolutions reach 1×1×1, as they do for 4³ and 3³ bottlenecks with 2 layers),
+            ``"avgpool"`` or ``"maxpool"`` (global pooling).
+        conv_layers: number of strided convolutions for ``"conv"``.
+        hidden: width of the hidden fully connected layer; 0 for a single linear layer.
+        dropout: dropout before the last linear layer, in [0, 1).
+        alpha: weight α of the age MSE (paper: 1e-2); with ``"linear"`` the final weight.
+        alpha_schedule: ``"constant"`` or ``"linear"`` (α grows from ``alpha_start`` in the
+            first epoch to ``alpha`` in the last).
+        alpha_start: first-epoch α of the linear schedule.
+        head_learning_rate: learning rate of the head's parameters; ``None``: the run's.
+        staged: train the head alone on a frozen, already trained segmentation network;
+            the run then keeps its last epoch (validation Dice cannot change).
+        standardize: regress standardised ages (module docstring).
+    """
+
+    reduction: str = "conv"
+    conv_layers: int = 2
+    hidden: int = 64
+    dropout: float = 0.0
+    alpha: float = 1e-2
+    alpha_schedule: str = "constant"
+    alpha_start: float = 0.0
+    head_learning_rate: float | None = None
+    staged: bool = False
+    standardize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.reduction not in REDUCTIONS:
+            raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.alpha_schedule not in ALPHA_SCHEDULES:
+            raise ConfigError(
+                f"alpha_schedule must be one of {ALPHA_SCHEDULES}, got {self.alpha_schedule!r}"
+            )
+        for name in ("conv_layers", "hidden"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.reduction == "conv" and self.conv_layers < 1:
+            raise ConfigError("reduction 'conv' needs conv_layers >= 1, got 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("alpha", "alpha_start"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)!r}")
+        if self.head_learning_rate is not None and self.head_learning_rate <= 0:
+            raise ConfigError(
+                f"head_learning_rate must be positive or None, got {self.head_learning_rate!r}"
+            )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> AgeHeadConfig:
+        """Build from plain values (YAML, papermill).
+
+        Raises:
+            ConfigError: naming any key that is not a setting, or a bad value.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown age-head setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values that :meth:`from_dict` reads back."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> AgeHeadConfig:
+        """A copy with some settings changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+class AgeHead(nn.Module):
+    """Bottleneck features ``(B, F, x, y, z)`` → one standardised age per sample ``(B,)``.
+
+    Args:
+        in_channels: channels ``F`` of the bottleneck (``filters[-1]``).
+        config: the head settings.
+    """
+
+    def __init__(self, in_channels: int, config: AgeHeadConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        if config.reduction == "conv":
+            layers += [
+                Convolution(
+                    3,
+                    in_channels,
+                    in_channels,
+                    strides=2,
+                    kernel_size=3,
+                    act=("leakyrelu", {"negative_slope": 0.01}),
+                    norm=None,
+                )
+                for _ in range(config.conv_layers)
+            ]
+            layers.append(nn.AdaptiveAvgPool3d(1))
+        elif config.reduction == "avgpool":
+            layers.append(nn.AdaptiveAvgPool3d(1))
+        else:
+            layers.append(nn.AdaptiveMaxPool3d(1))
+        layers.append(nn.Flatten())
+        if config.hidden:
+            layers += [nn.Linear(in_channels, config.hidden), nn.LeakyReLU(0.01)]
+        layers += [nn.Dropout(config.dropout), nn.Linear(config.hidden or in_channels, 1)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Standardised age per sample, shape ``(B,)``."""
+        return self.layers(features)[:, 0]
+
+
+class AgeUNet(DynUNet):
+    """MONAI's ``DynUNet`` with an :class:`AgeHead` on its bottleneck.
+
+    The segmentation path is DynUNet's own (same modules, same state-dict keys, so a
+    baseline's weights load into it); the head reads the output of ``self.bottleneck``
+    through a forward hook registered for each call. The output is a dict:
+
+    ================  ======================================  ======================
+    key               ``train()``, deep supervision           ``eval()``
+    ================  ======================================  ======================
+    ``segmentation``  ``(B, 1 + deep_supr_num, C, X, Y, Z)``  ``(B, C, X, Y, Z)``
+    ``age``           ``(B,)``, weeks                         ``(B,)``, weeks
+    ================  ======================================  ======================
+
+    Pass :func:`segmentation_logits` wherever neonb picks the segmentation logits
+    (``fit``, ``train_segmentation``, ``evaluate``, ``segment``).
+
+    Args:
+        head: the head settings.
+        age_mean: mean training age in weeks (0 without standardisation).
+        age_std: standard deviation of the training ages in weeks (1 without).
+        **kwargs: :class:`monai.networks.nets.DynUNet` arguments
+            (:func:`neonb.models.dynunet_kwargs`).
+    """
+
+    def __init__(
+        self, head: AgeHeadConfig, *, age_mean: float = 0.0, age_std: float = 1.0, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        if not age_std > 0:
+            raise ConfigError(f"age_std must be positive, got {age_std!r}")
+        self.head_config = head
+        self.age_head = AgeHead(self.filters[-1], head)
+        self.register_buffer("age_mean", torch.tensor(float(age_mean)))
+        self.register_buffer("age_std", torch.tensor(float(age_std)))
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:  # type: ignore[override]
+        """Segmentation (as ``DynUNet``) and age in weeks; see the class docstring."""
+        features: list[Tensor] = []
+        handle = self.bottleneck.register_forward_hook(lambda _m, _i, out: features.append(out))
+        try:
+            segmentation = super().forward(x)
+        finally:
+            handle.remove()
+        age = self.age_head(features[-1]) * self.age_std + self.age_mean
+        return {"segmentation": segmentation, "age": age}
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the age head."""
+        return self.age_head.parameters()
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the segmentation network (everything but the head)."""
+        head = {id(p) for p in self.age_head.parameters()}
+        return (p for p in self.parameters() if id(p) not in head)
+
+    def freeze_backbone(self) -> AgeUNet:
+        """Stop gradients to the segmentation network (staged training); returns ``self``."""
+        for parameter in self.backbone_parameters():
+            parameter.requires_grad_(False)
+        return self
+
+
+def build_ageunet(
+    model_config: ModelConfig,
+    head: AgeHeadConfig,
+    *,
+    age_mean: float = 0.0,
+    age_std: float = 1.0,
+) -> AgeUNet:
+    """An AgeU-Net whose segmentation path is ``neonb.models.build_model(model_config)``.
+
+    Args:
+        model_config: the segmentation network.
+        head: the age head.
+        age_mean: mean of the training ages, weeks (standardisation; 0 for none).
+        age_std: their standard deviation, weeks (1 for none).
+    """
+    return AgeUNet(head, age_mean=age_mean, age_std=age_std, **dynunet_kwargs(model_config))
+
+
+def segmentation_logits(outputs: Any) -> Tensor:
+    """The segmentation logits of an AgeU-Net output (``segmentation_logits=`` hook).
+
+    Returns ``(B, C, X, Y, Z)``: the eval-mode logits, or head 0 of the stacked
+    deep-supervision output. A plain tensor (a DynUNet's) is passed through.
+    """
+    if isinstance(outputs, Mapping):
+        outputs = outputs["segmentation"]
+    return default_segmentation_logits(outputs)
+
+
+def load_backbone(model: AgeUNet, path: str | os.PathLike) -> AgeUNet:
+    """Load a trained DynUNet's weights (``model_best.pt``) into an AgeU-Net; head untouched.
+
+    Raises:
+        DataError: if the file has keys the AgeU-Net lacks, or lacks segmentation keys.
+    """
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    state = saved.get("model", saved)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    own = ("age_head.", "age_mean", "age_std")
+    foreign = [k for k in missing if not k.startswith(own)]
+    if unexpected or foreign:
+        raise DataError(
+            path,
+            f"does not fit the AgeU-Net's segmentation path (missing {foreign[:3]}, "
+            f"unexpected {unexpected[:3]})",
+            "use the weights of a baseline trained with the same model config",
+        )
+    return model
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def alpha_at(epoch: int, epochs: int, head: AgeHeadConfig) -> float:
+    """α of the age loss in epoch ``epoch`` (0-based) of ``epochs``.
+
+    Example:
+        >>> head = AgeHeadConfig(alpha=0.1, alpha_schedule="linear", alpha_start=0.0)
+        >>> [round(alpha_at(e, 3, head), 3) for e in range(3)]
+        [0.0, 0.05, 0.1]
+    """
+    if head.alpha_schedule == "constant" or epochs <= 1:
+        return head.alpha
+    fraction = min(max(epoch, 0), epochs - 1) / (epochs - 1)
+    return head.alpha_start + (head.alpha - head.alpha_start) * fraction
+
+
+class AgeUNetLoss(nn.Module):
+    """``segmentation(outputs["segmentation"], batch) + α · MSE`` of the standardised age.
+
+    The MSE compares ``(outputs["age"] - batch["scan_age"]) / age_std`` with 0, i.e. the
+    MSE in weeks² divided by ``age_std²`` (1 without standardisation). α follows
+    :func:`alpha_at`; :func:`neonb.engine.fit` calls :meth:`set_epoch` before each epoch.
+    With α = 0 the loss is exactly the segmentation loss. Training batches add their age
+    errors to :attr:`history` (epoch → ``[sum of squared errors (weeks²), sum of absolute
+    errors (weeks), count]``).
+
+    Args:
+        segmentation: the segmentation loss (``neonb.experiment.segmentation_loss``).
+        head: gives α and its schedule.
+        epochs: length of the run (for a linear schedule).
+        age_std: standard deviation used for standardisation, weeks.
+        age_key: batch key of the target ages.
+    """
+
+    def __init__(
+        self,
+        segmentation: SegmentationLoss,
+        head: AgeHeadConfig,
+        *,
+        epochs: int = 1,
+        age_std: float = 1.0,
+        age_key: str = "scan_age",
+    ) -> None:
+        super().__init__()
+        self.segmentation = segmentation
+        self.head = head
+        self.epochs = int(epochs)
+        self.age_std = float(age_std)
+        self.age_key = age_key
+        self.epoch = 0
+        self.history: dict[int, list[float]] = {}
+
+    @property
+    def alpha(self) -> float:
+        """α of the current epoch."""
+        return alpha_at(self.epoch, self.epochs, self.head)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the current epoch (0-based)."""
+        self.epoch = int(epoch)
+
+    def forward(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
+        """Scalar loss of one batch; ``batch[age_key]`` holds ages in weeks, ``(B,)``."""
+        loss = self.segmentation(outputs["segmentation"], batch)
+        if self.alpha == 0:
+            return loss
+        predicted = outputs["age"]
+        target = torch.as_tensor(batch[self.age_key], dtype=predicted.dtype)
+        error = predicted - target.to(predicted.device).reshape(predicted.shape)
+        if self.training:
+            stats = self.history.setdefault(self.epoch, [0.0, 0.0, 0])
+            stats[0] += float((error.detach() ** 2).sum())
+            stats[1] += float(error.detach().abs().sum())
+            stats[2] += error.numel()
+        return loss + self.alpha * torch.mean((error / self.age_std) ** 2)
+
+
+# --------------------------------------------------------------------------- test-time ages
+
+
+def aggregate_ages(ages: Sequence[float], weights: Sequence[float]) -> dict[str, float]:
+    """One age per volume from its windows' ages.
+
+    Args:
+        ages: the age each sliding window predicted, weeks.
+        weights: each window's foreground weight (its mean tissue probability, in [0, 1]).
+
+    Returns:
+        ``{"mean": plain mean, "foreground_weighted": Σ w·a / Σ w}``; the weighted value
+        falls back to the mean when every weight is 0.
+
+    Example:
+        >>> aggregate_ages([30.0, 40.0], [1.0, 3.0])
+        {'mean': 35.0, 'foreground_weighted': 37.5}
+    """
+    a = np.asarray(ages, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    if a.size == 0 or a.shape != w.shape:
+        raise ConfigError(f"need one weight per window age, got {a.size} ages and {w.size} weights")
+    if (w < 0).any():
+        raise ConfigError(f"weights must be non-negative, got {w.min()}")
+    mean = float(a.mean())
+    weighted = float((a * w).sum() / w.sum()) if w.sum() > 0 else mean
+    return {"mean": mean, "foreground_weighted": weighted}
+
+
+class WindowAges:
+    """A ``segmentation_logits`` hook that also records each window's age and weight.
+
+    Given to :func:`neonb.inference.segment`, it is called on the model output of every
+    batch of sliding windows: it stores the predicted ages (weeks) and the windows' mean
+    tissue probability (softmax mass outside the background labels 0 and 4), and returns
+    the segmentation logits for MONAI to stitch.
+    """
+
+    def __init__(self) -> None:
+        self.ages: list[float] = []
+        self.weights: list[float] = []
+
+    def __call__(self, outputs: Mapping[str, Tensor]) -> Tensor:
+        logits = segmentation_logits(outputs)
+        probs = torch.softmax(logits.float(), dim=1)
+        tissue = 1.0 - probs[:, list(BACKGROUND_LABELS)].sum(dim=1)
+        self.weights += tissue.flatten(1).mean(dim=1).tolist()
+        self.ages += outputs["age"].float().flatten().tolist()
+        return logits
+
+    def aggregate(self) -> dict[str, float]:
+        """:func:`aggregate_ages` of the windows recorded so far."""
+        return aggregate_ages(self.ages, self.weights)
+
+
+def segment_with_age(
+    model: nn.Module,
+    image: Tensor | np.ndarray,
+    *,
+    patch_size: Sequence[int],
+    overlap: float,
+    device: str | torch.device = "auto",
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Label map and age of one volume, from the same sliding windows.
+
+    Segmentation is :func:`neonb.inference.segment` (MONAI's sliding-window inference inside
+    the foreground box, windows averaged); every window's age is recorded on the way
+    (:class:`WindowAges`) and aggregated (:func:`aggregate_ages`).
+
+    Args:
+        model: an :class:`AgeUNet`.
+        image: one normalised volume, ``(C, X, Y, Z)``.
+        patch_size: window size in voxels (the training patch size).
+        overlap: overlap of neighbouring windows, in [0, 1).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+
+    Returns:
+        Labels ``(X, Y, Z)`` uint8, and ``{"mean": ..., "foreground_weighted": ...}`` in
+        weeks.
+    """
+    labels, windows = _segment_windows(model, image, patch_size, overlap, device)
+    return labels, windows.aggregate()
+
+
+def _segment_windows(
+    model: nn.Module,
+    image: Tensor | np.ndarray,
+    patch_size: Sequence[int],
+    overlap: float,
+    device: str | torch.device,
+) -> tuple[np.ndarray, WindowAges]:
+    windows = WindowAges()
+    labels = segment(
+        model,
+        image,
+        patch_size=patch_size,
+        overlap=overlap,
+        device=device,
+        segmentation_logits=windows,
+    )
+    return labels, windows
+
+
+def load_volumes(records: Sequence[Record]) -> list[dict[str, Any]]:
+    """Whole test volumes ready for :func:`evaluate_with_age`, loaded once for many models.
+
+    Each is the record after ``eval_transforms(crop=False)``: ``image`` ``(2, X, Y, Z)``
+    normalised and ``label`` ``(1, X, Y, Z)`` on the grid of the input files.
+    """
+    prepare = eval_transforms(crop=False)
+    return [prepare(dict(record)) for record in records]
+
+
+def _dice_rows(predicted: np.ndarray, label: np.ndarray, ids: Mapping[str, Any]) -> pd.DataFrame:
+    """The Dice columns of :func:`neonb.metrics.evaluate_case`; ``hd95_mm`` left NaN."""
+    return pd.DataFrame(
+        {
+            **{key: [value] * NUM_CLASSES for key, value in ids.items()},
+            "label": list(range(NUM_CLASSES)),
+            "short_name": [DRAWEM9[c].short_name for c in range(NUM_CLASSES)],
+            "is_background": [c in BACKGROUND_LABELS for c in range(NUM_CLASSES)],
+            "dice": dice_per_class(predicted, label, NUM_CLASSES),
+            "hd95_mm": np.nan,
+        }
+    )
+
+
+def evaluate_with_age(
+    model: AgeUNet,
+    records: Sequence[Record],
+    config: TrainingConfig,
+    *,
+    volumes: Sequence[Mapping[str, Any]] | None = None,
+    hd95: bool = False,
+    out_dir: str | os.PathLike | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Score the segmentations and ages of whole test volumes (:func:`segment_with_age`).
+
+    The windows are the baseline's (``config.patch_size``, ``config.overlap``), so the Dice
+    compares with :func:`neonb.experiment.evaluate`'s.
+
+    Args:
+        model: the trained AgeU-Net.
+        records: the test sessions, with ``scan_age`` and ids.
+        config: window size, overlap and device.
+        volumes: :func:`load_volumes` of ``records``, to load them once for many models.
+        hd95: also compute HD95 and volumes (:func:`neonb.metrics.evaluate_case`); off by
+            default, as it costs about as much as the segmentation on a CPU.
+        out_dir: where to save the predicted segmentations (``None``: don't).
+
+    Returns:
+        Per-class rows (``participant_id``, ``session_id``, ``label``, ``short_name``,
+        ``is_background``, ``dice``, ``hd95_mm``, ...; :func:`neonb.metrics.case_summary`
+        reads them), and one row per session: ids, ``scan_age``, ``age_mean``,
+        ``age_foreground_weighted`` (weeks), ``n_windows`` and ``inference_s``.
+    """
+    volumes = load_volumes(records) if volumes is None else volumes
+    if len(volumes) != len(records):
+        raise ConfigError(f"got {len(volumes)} volumes for {len(records)} records")
+    tables, rows = [], []
+    for record, volume in zip(records, volumes, strict=True):
+        started = time.perf_counter()
+        predicted, windows = _segment_windows(
+            model, volume["image"], config.patch_size, config.overlap, config.device
+        )
+        seconds = time.perf_counter() - started
+        label = np.asarray(volume["label"][0], dtype=np.uint8)
+        ids = {"participant_id": record["participant_id"], "session_id": record["session_id"]}
+        if hd95:
+            spacing = nib.load(record["t2w"]).header.get_zooms()[:3]
+            tables.append(evaluate_case(predicted, label, spacing, ids))
+        else:
+            tables.append(_dice_rows(predicted, label, ids))
+        if out_dir is not None:
+            name = prediction_filename(record["participant_id"], record["session_id"])
+            save_segmentation(predicted, record["t2w"], Path(out_dir) / name)
+        rows.append(
+            {
+                **ids,
+                "scan_age": float(record["scan_age"]),
+                **{f"age_{k}": v for k, v in windows.aggregate().items()},
+                "n_windows": len(windows.ages),
+                "inference_s": seconds,
+            }
+        )
+    return pd.concat(tables, ignore_index=True), pd.DataFrame(rows)
+
+
+def age_errors(ages: pd.DataFrame, baseline_age: float) -> pd.DataFrame:
+    """MAE (weeks) and MSE (weeks²) of each aggregation and of a constant predictor.
+
+    Args:
+        ages: rows of :func:`evaluate_with_age` (``scan_age``, ``age_<aggregation>``).
+        baseline_age: the constant prediction, e.g. the mean training age.
+
+    Returns:
+        One row per predictor (``mean``, ``foreground_weighted``, ``mean predictor``) with
+        ``MAE (weeks)`` and ``MSE (weeks²)``.
+    """
+    truth = ages["scan_age"].to_numpy(float)
+    predictions = {k: ages[f"age_{k}"].to_numpy(float) for k in AGGREGATIONS}
+    predictions["mean predictor"] = np.full_like(truth, baseline_age)
+    return pd.DataFrame(
+        {
+            "MAE (weeks)": {k: float(np.abs(p - truth).mean()) for k, p in predictions.items()},
+            "MSE (weeks²)": {k: float(((p - truth) ** 2).mean()) for k, p in predictions.items()},
+        }
+    )
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def age_standardization(ages: Sequence[float], standardize: bool) -> tuple[float, float]:
+    """``(mean, std)`` of the training ages in weeks, or ``(0, 1)`` without standardisation."""
+    values = np.asarray(ages, dtype=np.float64)
+    if not standardize:
+        return 0.0, 1.0
+    if values.size < 2 or not values.std() > 0:
+        raise ConfigError(f"need at least two different training ages to standardise, got {values}")
+    return float(values.mean()), float(values.std())
+
+
+def _head_optimizer(model: AgeUNet, config: TrainingConfig, head: AgeHeadConfig):
+    head_lr = head.head_learning_rate or config.learning_rate
+    groups = [{"params": list(model.head_parameters()), "lr": head_lr}]
+    if not head.staged:
+        groups.insert(0, {"params": list(model.backbone_parameters())})
+    return build_optimizer(groups, config)
+
+
+def _write_age_head(run_dir: Path, record: dict[str, Any]) -> None:
+    path = run_dir / AGE_HEAD_FILE
+    text = yaml.safe_dump(record, sort_keys=False)
+    if path.exists():
+        if path.read_text(encoding="utf-8") != text:
+            warnings.warn(
+                f"{path} differs from this run's head settings; keeping the file written when "
+                "the run started",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _write_age_log(run_dir: Path, loss: AgeUNetLoss) -> None:
+    rows = [
+        {
+            "epoch": epoch + 1,
+            "alpha": alpha_at(epoch, loss.epochs, loss.head),
+            "train_age_mse_w2": sse / n,
+            "train_age_mae_w": sae / n,
+        }
+        for epoch, (sse, sae, n) in sorted(loss.history.items())
+        if n
+    ]
+    if not rows:
+        return
+    path = run_dir / AGE_LOG_FILE
+    table = pd.DataFrame(rows)
+    if path.exists():
+        old = pd.read_csv(path, sep="\t")
+        table = pd.concat([old[~old["epoch"].isin(table["epoch"])], table]).sort_values("epoch")
+    atomic_write(path, lambda tmp: table.to_csv(tmp, sep="\t", index=False))
+
+
+def train_ageunet(
+    train_records: Sequence[Record],
+    val_records: Sequence[Record],
+    config: TrainingConfig,
+    head: AgeHeadConfig,
+    run_dir: str | os.PathLike,
+    *,
+    init_weights: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> TrainedRun:
+    """Train an AgeU-Net (joint or staged) in ``run_dir``; a finished run is reloaded.
+
+    The run folder is that of :func:`neonb.experiment.train_segmentation` plus
+    :data:`AGE_HEAD_FILE` (head settings, age standardisation, weights file) and
+    :data:`AGE_LOG_FILE` (training age error per epoch).
+
+    Args:
+        train_records: training sessions, with ``scan_age``.
+        val_records: validation sessions (validated on segmentation Dice, as the baseline).
+        config: the run's settings (patch, epochs, optimiser, learning rate...).
+        head: the age head and its recipe.
+        run_dir: the run folder.
+        init_weights: a trained baseline's ``model_best.pt`` to start the segmentation path
+            from (required when ``head.staged``); ``None``: random initialisation.
+        progress: show progress bars.
+
+    Returns:
+        The run, its model holding the weights of the best validation epoch (joint) or
+        of the last epoch (staged).
+    """
+    if head.staged and init_weights is None:
+        raise ConfigError("staged training trains the head on a trained network: give init_weights")
+    run_dir = Path(run_dir)
+    age_mean, age_std = age_standardization(
+        [r["scan_age"] for r in train_records], head.standardize
+    )
+    weights_file = CHECKPOINT_FILE if head.staged else BEST_MODEL_FILE
+    _write_age_head(
+        run_dir,
+        {
+            "head": head.to_dict(),
+            "age_mean": age_mean,
+            "age_std": age_std,
+            "weights": weights_file,
+            "init_weights": None if init_weights is None else str(init_weights),
+        },
+    )
+    torch.manual_seed(config.seed)
+    model = build_ageunet(config.model, head, age_mean=age_mean, age_std=age_std)
+    if init_weights is not None:
+        load_backbone(model, init_weights)
+    if head.staged:
+        model.freeze_backbone()
+    loss = AgeUNetLoss(segmentation_loss(config), head, epochs=config.epochs, age_std=age_std)
+    trained = train_segmentation(
+        train_records,
+        val_records,
+        config,
+        run_dir,
+        model=model,
+        loss_fn=loss,
+        optimizer=_head_optimizer(model, config, head),
+        segmentation_logits=segmentation_logits,
+        progress=progress,
+    )
+    _write_age_log(run_dir, loss)
+    if head.staged:
+        load_weights(trained.model, run_dir / CHECKPOINT_FILE)
+    return trained
+
+
+def load_ageunet_run(
+    run_dir: str | os.PathLike,
+) -> tuple[TrainedRun, TrainingConfig, AgeHeadConfig]:
+    """Rebuild a trained AgeU-Net from its run folder alone (weights loaded ``weights_only``).
+
+    Raises:
+        DataError: naming the missing file when the run has not finished.
+    """
+    run_dir = Path(run_dir)
+    for name in (CONFIG_FILE, LOG_FILE, AGE_HEAD_FILE, BEST_MODEL_FILE):
+        if not (run_dir / name).is_file():
+            raise DataError(
+                run_dir / name,
+                "missing: this AgeU-Net run has not finished",
+                "run the chapter that trains it first (notebooks/02_ageunet.ipynb)",
+            )
+    config = TrainingConfig.from_dict(
+        yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    )
+    record = yaml.safe_load((run_dir / AGE_HEAD_FILE).read_text(encoding="utf-8"))
+    head = AgeHeadConfig.from_dict(record["head"])
+    model = build_ageunet(
+        config.model, head, age_mean=record["age_mean"], age_std=record["age_std"]
+    )
+    load_weights(model, run_dir / record.get("weights", BEST_MODEL_FILE))
+    model.eval()
+    log = pd.read_csv(run_dir / LOG_FILE, sep="\t")
+    return TrainedRun(model, log, run_dir, float(log["epoch_time_s"].sum())), config, head
+
+
+def summary_table(
+    per_class: pd.DataFrame,
+    ages: pd.DataFrame,
+    baseline_per_class: pd.DataFrame,
+    mean_age: float,
+    *,
+    by: str = "variant",
+) -> pd.DataFrame:
+    """The chapter's table: test Dice of the baseline and every AgeU-Net, age errors.
+
+    Args:
+        per_class: :func:`evaluate_with_age` rows of every model, with a ``by`` column.
+        ages: :func:`evaluate_with_age` ages of every model, with a ``by`` column.
+        baseline_per_class: the baseline's per-class test rows (one run).
+        mean_age: the mean predictor's constant age (mean training age), weeks.
+        by: the column naming the model.
+
+    Returns:
+        One row per model (``baseline``, ``AgeU-Net: <name>``, ``mean predictor``) with
+        ``test Dice (no BG)`` (mean over sessions of the tissue mean), ``age MAE (weeks)``,
+        ``age MSE (weeks²)`` (window mean), their foreground-weighted counterparts, and
+        the SD of the predicted ages and their correlation with the true ages: a head that
+        learned the mean age has an SD near 0, whatever its MAE.
+    """
+
+    def dice(rows: pd.DataFrame) -> float:
+        return float(case_summary(rows)["dice_mean_nobg"].mean())
+
+    table: dict[str, dict[str, float]] = {
+        "baseline": {"test Dice (no BG)": dice(baseline_per_class)}
+    }
+    errors = None
+    for name in dict.fromkeys(ages[by]):
+        errors = age_errors(ages[ages[by] == name], baseline_age=mean_age)
+        table[f"AgeU-Net: {name}"] = {
+            "test Dice (no BG)": dice(per_class[per_class[by] == name]),
+            "age MAE (weeks)": errors.loc["mean", "MAE (weeks)"],
+            "age MSE (weeks²)": errors.loc["mean", "MSE (weeks²)"],
+            "age MAE, fg-weighted": errors.loc["foreground_weighted", "MAE (weeks)"],
+            "age MSE, fg-weighted": errors.loc["foreground_weighted", "MSE (weeks²)"],
+            **_spread(ages[ages[by] == name]),
+        }
+    if errors is not None:
+        table["mean predictor"] = {
+            "age MAE (weeks)": errors.loc["mean predictor", "MAE (weeks)"],
+            "age MSE (weeks²)": errors.loc["mean predictor", "MSE (weeks²)"],
+        }
+    return pd.DataFrame.from_dict(table, orient="index").rename_axis("model")
+
+
+def _spread(ages: pd.DataFrame) -> dict[str, float]:
+    """SD of the predicted ages and their correlation with the true ages (NaN if constant)."""
+    predicted, truth = ages["age_mean"].to_numpy(float), ages["scan_age"].to_numpy(float)
+    varies = predicted.std() > 0 and truth.std() > 0
+    return {
+        "predicted SD (weeks)": float(predicted.std()),
+        "r (predicted, true)": float(np.corrcoef(predicted, truth)[0, 1]) if varies else np.nan,
+    }

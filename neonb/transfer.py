@@ -1,0 +1,583 @@
+"""Transfer learning by DynUNet block: what each fine-tuning strategy trains (paper §3.5).
+
+Richter & Fetit (2022, §3.5.2, §4.3) pre-train the segmentation network on the oldest
+infants (the *source*) and adapt it to the youngest (the *target*) in six ways:
+
+=========== ====================================================================
+strategy    what trains on the target training set
+=========== ====================================================================
+``none``    nothing: the pre-trained network is evaluated as it is
+``shallow`` the bottleneck and the directly adjacent encoder and decoder blocks
+``medium``  one more level on each side
+``deep``    two more levels on each side
+``full``    every parameter (ordinary fine-tuning)
+``scratch`` a new network, trained on the target alone
+=========== ====================================================================
+
+Freezing goes by DynUNet block, from the bottleneck outwards. A DynUNet with ``L`` strides
+(``L = 6`` in the paper: ``(1, 2, 2, 2, 2, 2)``) has an input block, ``L - 2`` downsampling
+blocks, a bottleneck, ``L - 1`` upsampling blocks, an output block and, with deep
+supervision, ``deep_supr_num`` extra heads. :func:`dynunet_blocks` gives each block its
+*level*, the number of resolution steps between it and the bottleneck:
+
+================================ ================= =====================
+block                            level             paper network (L = 6)
+================================ ================= =====================
+``bottleneck``                   0                 0
+``downsamples[i]``               ``L - 2 - i``     4, 3, 2, 1
+``upsamples[j]``                 ``j + 1``         1, 2, 3, 4, 5
+``input_block``                  ``L - 1``         5
+``output_block``                 ``L - 1``         5
+``deep_supervision_heads[k]``    ``L - 2 - k``     4, 3
+================================ ================= =====================
+
+A deep-supervision head sits at the level of the upsampling block whose output it reads
+(head ``k`` reads ``upsamples[L - 3 - k]``, at ``1 / 2**(k + 1)`` of the input resolution).
+
+A strategy of *depth* ``d`` trains every block of level ``<= d`` and freezes the rest.
+The paper's depths (:data:`PAPER_DEPTHS`) are 1 (shallow: bottleneck, last downsampling
+block, first upsampling block), 2 (medium) and 4 (deep: "two more downsampling and
+upsampling blocks"), which on the paper's network leaves only the outermost level frozen:
+input block, last upsampling block and output block. On a network with fewer levels
+(the CPU demo's ``(1, 2, 2, 2, 2)`` has levels 0-4) depth 4 would train every block, as
+``full`` does; there, depth 3 keeps the paper's "all but the outermost level"
+(:func:`check_depths` warns about a depth that reaches the outermost level).
+
+The output block and the deep-supervision heads are 1×1×1 convolutions that read one
+decoder level; they train together with that level. The paper's shallow condition keeps
+"all parameters of the outer layers in the expanding and contracting pathways" fixed, so
+the output block, at the outermost level, trains only under ``full`` and ``scratch``. A
+frozen head still contributes its loss term, whose gradient reaches the trainable blocks
+below it. Instance normalisation keeps no running statistics, so a frozen block is
+exactly unchanged by training.
+
+Example:
+    >>> from neonb.models import ModelConfig, build_model
+    >>> model = build_model(ModelConfig())          # the paper's network
+    >>> apply_strategy(model, "shallow")
+    ['downsamples.3', 'bottleneck', 'upsamples.0']
+    >>> strategy_table(model)                        # blocks and parameters per strategy
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from monai.networks.nets import DynUNet
+from torch import nn
+from tqdm import tqdm
+
+from neonb import paper
+from neonb.errors import ConfigError
+from neonb.experiment import Record, TrainedRun, TrainingConfig, train_segmentation
+from neonb.inference import segment
+from neonb.labels import BACKGROUND_LABELS, DRAWEM9, NUM_CLASSES
+from neonb.metrics import dice_per_class
+from neonb.transforms import eval_transforms
+
+__all__ = [
+    "FINE_TUNED",
+    "PAPER_DEPTHS",
+    "STRATEGIES",
+    "DynUNetBlock",
+    "apply_strategy",
+    "block_table",
+    "check_depths",
+    "dynunet_blocks",
+    "evaluate_dice",
+    "fine_tune",
+    "freeze_blocks",
+    "outermost_level",
+    "paper_findings",
+    "prepare_volumes",
+    "strategy_table",
+    "subject_dice",
+    "trained_blocks",
+]
+
+STRATEGIES: tuple[str, ...] = ("none", "shallow", "medium", "deep", "full", "scratch")
+"""The six strategies of the paper's Table 4, in its order."""
+
+FINE_TUNED: tuple[str, ...] = ("shallow", "medium", "deep", "full")
+"""The strategies that start from the pre-trained network and train part or all of it."""
+
+PAPER_DEPTHS: dict[str, int] = {"shallow": 1, "medium": 2, "deep": 4}
+"""Levels from the bottleneck that each partial strategy trains (§4.3)."""
+
+
+@dataclass(frozen=True)
+class DynUNetBlock:
+    """One named block of a DynUNet.
+
+    Attributes:
+        name: its attribute path in the model, e.g. ``"downsamples.3"``.
+        path: ``"encoder"``, ``"bottleneck"``, ``"decoder"``, ``"output"`` or
+            ``"deep supervision"``.
+        level: resolution steps between the block and the bottleneck (0: the bottleneck).
+        module: the block itself.
+    """
+
+    name: str
+    path: str
+    level: int
+    module: nn.Module
+
+    @property
+    def parameters(self) -> int:
+        """Number of parameters (scalars) of the block."""
+        return sum(p.numel() for p in self.module.parameters())
+
+
+def _check_dynunet(model: nn.Module) -> DynUNet:
+    if not isinstance(model, DynUNet):
+        raise ConfigError(
+            f"freezing by block needs a MONAI DynUNet, but found {type(model).__name__}"
+        )
+    return model
+
+
+def outermost_level(model: nn.Module) -> int:
+    """Level of the input and output blocks: ``len(strides) - 1`` (5 in the paper)."""
+    return len(_check_dynunet(model).strides) - 1
+
+
+def dynunet_blocks(model: nn.Module) -> list[DynUNetBlock]:
+    """Every block of a DynUNet with its level, encoder first, then decoder and heads.
+
+    Every parameter of the model belongs to exactly one of these blocks.
+
+    Args:
+        model: a MONAI ``DynUNet`` (:func:`neonb.models.build_model`).
+
+    Returns:
+        Input block, downsampling blocks, bottleneck, upsampling blocks, output block
+        and deep-supervision heads, with the levels of the module docstring's table.
+
+    Raises:
+        ConfigError: if ``model`` is not a DynUNet.
+    """
+    net = _check_dynunet(model)
+    outer = outermost_level(net)
+    blocks = [DynUNetBlock("input_block", "encoder", outer, net.input_block)]
+    for i, block in enumerate(net.downsamples):
+        blocks.append(DynUNetBlock(f"downsamples.{i}", "encoder", outer - 1 - i, block))
+    blocks.append(DynUNetBlock("bottleneck", "bottleneck", 0, net.bottleneck))
+    for j, block in enumerate(net.upsamples):
+        blocks.append(DynUNetBlock(f"upsamples.{j}", "decoder", j + 1, block))
+    blocks.append(DynUNetBlock("output_block", "output", outer, net.output_block))
+    if net.deep_supervision:
+        for k, head in enumerate(net.deep_supervision_heads):
+            name = f"deep_supervision_heads.{k}"
+            blocks.append(DynUNetBlock(name, "deep supervision", outer - 1 - k, head))
+    return blocks
+
+
+def check_depths(depths: Mapping[str, int], model: nn.Module | None = None) -> dict[str, int]:
+    """Validate the depths of the partial strategies.
+
+    Args:
+        depths: levels trained by ``shallow``, ``medium`` and ``deep`` (any subset).
+        model: if given, a depth that reaches its outermost level (and so trains every
+            block, like ``full``) gives a :class:`RuntimeWarning`.
+
+    Returns:
+        The depths as a plain dict of ints.
+
+    Raises:
+        ConfigError: for an unknown strategy, a depth below 1, or depths that do not grow
+            from shallow to deep.
+    """
+    unknown = set(depths) - set(PAPER_DEPTHS)
+    if unknown:
+        raise ConfigError(
+            f"depths are given for the partial strategies {sorted(PAPER_DEPTHS)}, "
+            f"but found {sorted(unknown)}"
+        )
+    values = {name: depths[name] for name in PAPER_DEPTHS if name in depths}
+    for name, depth in values.items():
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ConfigError(f"the depth of {name!r} must be an integer >= 1, got {depth!r}")
+    ordered = list(values.values())
+    if ordered != sorted(set(ordered)):
+        raise ConfigError(f"depths must grow from shallow to deep, got {values}")
+    if model is not None:
+        outer = outermost_level(model)
+        for name, depth in values.items():
+            if depth >= outer:
+                warnings.warn(
+                    f"{name!r} trains levels 0-{depth} of a network whose outermost level is "
+                    f"{outer}: every block trains, as under 'full'; use a depth below {outer}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+    return values
+
+
+def trained_blocks(
+    model: nn.Module, strategy: str, depths: Mapping[str, int] = PAPER_DEPTHS
+) -> list[str]:
+    """Names of the blocks that ``strategy`` trains, in :func:`dynunet_blocks` order.
+
+    Args:
+        model: a DynUNet.
+        strategy: one of :data:`STRATEGIES`.
+        depths: levels trained by the partial strategies (default: the paper's).
+
+    Returns:
+        Block names; empty for ``none``, all blocks for ``full`` and ``scratch``.
+
+    Raises:
+        ConfigError: for an unknown strategy or a partial strategy without a depth.
+    """
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy must be one of {STRATEGIES}, but found {strategy!r}")
+    blocks = dynunet_blocks(model)
+    if strategy == "none":
+        return []
+    if strategy in ("full", "scratch"):
+        return [block.name for block in blocks]
+    depth = check_depths(depths).get(strategy)
+    if depth is None:
+        raise ConfigError(f"no depth given for {strategy!r}; depths: {dict(depths)}")
+    return [block.name for block in blocks if block.level <= depth]
+
+
+def freeze_blocks(model: nn.Module, trainable: Iterable[str]) -> nn.Module:
+    """Let the parameters of the named blocks train and freeze all others.
+
+    Args:
+        model: a DynUNet; changed in place (``requires_grad`` of every parameter).
+        trainable: names of :func:`dynunet_blocks` to train.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ConfigError: naming any block the model does not have.
+    """
+    blocks = {block.name: block for block in dynunet_blocks(model)}
+    trainable = list(trainable)
+    unknown = [name for name in trainable if name not in blocks]
+    if unknown:
+        raise ConfigError(f"the model has no block(s) {unknown}; its blocks are {list(blocks)}")
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for name in trainable:
+        for parameter in blocks[name].module.parameters():
+            parameter.requires_grad_(True)
+    return model
+
+
+def apply_strategy(
+    model: nn.Module, strategy: str, depths: Mapping[str, int] = PAPER_DEPTHS
+) -> list[str]:
+    """Freeze ``model`` as ``strategy`` prescribes; return the names of the trained blocks.
+
+    Example:
+        >>> apply_strategy(build_model(ModelConfig()), "medium")
+        ['downsamples.2', 'downsamples.3', 'bottleneck', 'upsamples.0', 'upsamples.1']
+    """
+    names = trained_blocks(model, strategy, depths)
+    freeze_blocks(model, names)
+    return names
+
+
+def _levels(depth: int | None, outer: int) -> str:
+    if depth is None:
+        return "—"
+    return f"0–{min(depth, outer)}"
+
+
+def block_table(model: nn.Module, depths: Mapping[str, int] | None = None) -> pd.DataFrame:
+    """One row per block: path, level, parameters and, optionally, which strategies train it.
+
+    Args:
+        model: a DynUNet.
+        depths: if given, one column per strategy of :data:`STRATEGIES`, ``"train"`` or
+            ``""`` (frozen, or not trained at all for ``none``).
+
+    Returns:
+        Columns ``block, path, level, parameters`` (and the strategy columns).
+    """
+    blocks = dynunet_blocks(model)
+    table = pd.DataFrame(
+        {
+            "block": [b.name for b in blocks],
+            "path": [b.path for b in blocks],
+            "level": [b.level for b in blocks],
+            "parameters": [b.parameters for b in blocks],
+        }
+    )
+    if depths is not None:
+        for strategy in STRATEGIES:
+            names = set(trained_blocks(model, strategy, depths))
+            table[strategy] = ["train" if b.name in names else "" for b in blocks]
+    return table
+
+
+def strategy_table(model: nn.Module, depths: Mapping[str, int] = PAPER_DEPTHS) -> pd.DataFrame:
+    """Per strategy: the levels and blocks it trains and how many parameters that is.
+
+    Args:
+        model: a DynUNet.
+        depths: levels trained by the partial strategies.
+
+    Returns:
+        Indexed by strategy (:data:`STRATEGIES` order); columns ``start`` (pre-trained or
+        new), ``levels`` trained, ``blocks`` trained, ``trained parameters`` and
+        ``trained %`` of all parameters.
+    """
+    outer = outermost_level(model)
+    total = sum(p.numel() for p in model.parameters())
+    sizes = {block.name: block.parameters for block in dynunet_blocks(model)}
+    rows = {}
+    for strategy in STRATEGIES:
+        names = trained_blocks(model, strategy, depths)
+        depth = None if strategy == "none" else depths.get(strategy, outer)
+        trained = sum(sizes[name] for name in names)
+        rows[strategy] = {
+            "start": "new" if strategy == "scratch" else "pre-trained",
+            "levels": _levels(depth, outer),
+            "blocks": ", ".join(names) if len(names) < len(sizes) else "all",
+            "trained parameters": trained,
+            "trained %": round(100 * trained / total, 1),
+        }
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("strategy")
+
+
+def fine_tune(
+    source: nn.Module,
+    strategy: str,
+    train_records: Sequence[Record],
+    val_records: Sequence[Record],
+    config: TrainingConfig,
+    run_dir: str | os.PathLike,
+    *,
+    depths: Mapping[str, int] = PAPER_DEPTHS,
+    progress: bool = False,
+) -> TrainedRun:
+    """Fine-tune a copy of the pre-trained network with one strategy.
+
+    The source network is deep-copied (it stays as it is), frozen by
+    :func:`apply_strategy` and trained by :func:`neonb.experiment.train_segmentation`,
+    whose optimiser sees only the trainable parameters. A finished ``run_dir`` is
+    reloaded rather than trained again.
+
+    Args:
+        source: the pre-trained DynUNet.
+        strategy: one of :data:`FINE_TUNED`.
+        train_records: target training sessions.
+        val_records: sessions validated on after every epoch (the best epoch is kept).
+        config: the fine-tuning settings (epochs, learning rate, ...); its network must
+            be the source's.
+        run_dir: the run folder.
+        depths: levels trained by the partial strategies.
+        progress: show progress bars.
+
+    Returns:
+        The trained run; its model has the weights of the best validation epoch.
+
+    Raises:
+        ConfigError: for a strategy that does not fine-tune (``none``, ``scratch``).
+    """
+    if strategy not in FINE_TUNED:
+        raise ConfigError(f"fine_tune() runs one of {FINE_TUNED}, but found {strategy!r}")
+    model = copy.deepcopy(_check_dynunet(source)).train()
+    apply_strategy(model, strategy, depths)
+    return train_segmentation(
+        train_records, val_records, config, run_dir, model=model, progress=progress
+    )
+
+
+def prepare_volumes(records: Sequence[Record]) -> list[dict[str, Any]]:
+    """Load and normalise test volumes once, for scoring several networks on them.
+
+    Args:
+        records: sessions with ``t1w``, ``t2w``, ``label``, ids and ``scan_age``.
+
+    Returns:
+        One dict per session: ``image`` (2, X, Y, Z) on the stored grid (not cropped,
+        z-normalised as in :func:`neonb.transforms.eval_transforms`), ``label``
+        (X, Y, Z) uint8, and the ids and scan age of the record.
+    """
+    prepare = eval_transforms(crop=False)
+    volumes = []
+    for record in records:
+        sample = prepare(dict(record))
+        volumes.append(
+            {
+                "image": sample["image"],
+                "label": np.asarray(sample["label"][0], dtype=np.uint8),
+                "participant_id": record["participant_id"],
+                "session_id": record["session_id"],
+                "scan_age": record.get("scan_age", np.nan),
+            }
+        )
+    return volumes
+
+
+def evaluate_dice(
+    model: nn.Module,
+    volumes: Sequence[Mapping[str, Any]],
+    config: TrainingConfig,
+    *,
+    sw_batch_size: int = 8,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Per-class Dice of whole-volume sliding-window segmentations of prepared volumes.
+
+    The same segmentation as :func:`neonb.experiment.evaluate` (windows of
+    ``config.patch_size`` with ``config.overlap`` inside the foreground box), scored
+    with Dice only: the paper's Tables 4-6 need nothing more, and six networks on the
+    same test set are scored without loading the volumes six times or computing
+    Hausdorff distances. ``sw_batch_size`` windows go through the network at once,
+    which on a CPU is several times faster than one at a time and gives the same labels.
+
+    Args:
+        model: the trained network.
+        volumes: rows of :func:`prepare_volumes`.
+        config: gives the window size, overlap and device.
+        sw_batch_size: windows per forward pass.
+        progress: show a progress bar.
+
+    Returns:
+        One row per session and class: ``participant_id, session_id, scan_age, label,
+        short_name, is_background, dice`` and ``inference_s`` (the segmentation time).
+    """
+    tables = []
+    for volume in tqdm(volumes, desc="sliding-window inference", disable=not progress):
+        started = time.perf_counter()
+        predicted = segment(
+            model,
+            volume["image"],
+            patch_size=config.patch_size,
+            overlap=config.overlap,
+            device=config.device,
+            sw_batch_size=sw_batch_size,
+        )
+        seconds = time.perf_counter() - started
+        tables.append(
+            pd.DataFrame(
+                {
+                    "participant_id": volume["participant_id"],
+                    "session_id": volume["session_id"],
+                    "scan_age": volume["scan_age"],
+                    "label": range(NUM_CLASSES),
+                    "short_name": [DRAWEM9[c].short_name for c in range(NUM_CLASSES)],
+                    "is_background": [c in BACKGROUND_LABELS for c in range(NUM_CLASSES)],
+                    "dice": dice_per_class(predicted, volume["label"]),
+                    "inference_s": seconds,
+                }
+            )
+        )
+    return pd.concat(tables, ignore_index=True)
+
+
+def subject_dice(
+    per_class: pd.DataFrame,
+    by: Sequence[str] = ("strategy", "participant_id", "session_id", "scan_age"),
+) -> pd.DataFrame:
+    """Mean Dice per subject, over all classes and over the tissues alone.
+
+    The Dice part of :func:`neonb.metrics.case_summary`, for rows of
+    :func:`evaluate_dice` (which has no Hausdorff distances).
+
+    Args:
+        per_class: rows of :func:`evaluate_dice` with the ``by`` columns.
+        by: the columns that identify a subject's result.
+
+    Returns:
+        One row per subject (and strategy): the ``by`` columns, ``dice_mean`` (10
+        classes) and ``dice_mean_nobg`` (8 tissues), ``NaN`` class scores skipped.
+    """
+    keys = list(by)
+    tissue = per_class[~per_class["is_background"]]
+    return pd.DataFrame(
+        {
+            "dice_mean": per_class.groupby(keys, sort=False)["dice"].mean(),
+            "dice_mean_nobg": tissue.groupby(keys, sort=False)["dice"].mean(),
+        }
+    ).reset_index()
+
+
+def _p(tests: pd.DataFrame, a: str, b: str) -> float:
+    row = tests[
+        ((tests["group_a"] == a) & (tests["group_b"] == b))
+        | ((tests["group_a"] == b) & (tests["group_b"] == a))
+    ]
+    return float(row["p_corrected"].iloc[0]) if len(row) else float("nan")
+
+
+def paper_findings(
+    cases: pd.DataFrame, tests: pd.DataFrame, value: str = "dice_mean_nobg"
+) -> pd.DataFrame:
+    """The paper's conclusions on transfer learning (§4.3), checked on a set of results.
+
+    Args:
+        cases: one row per test subject and strategy, with ``strategy`` and ``value``.
+        tests: :func:`neonb.statistics.pairwise_ttests` of ``value`` between the trained
+            strategies (Bonferroni-corrected ``p_corrected``).
+        value: the per-subject score compared (default: mean Dice without background).
+
+    Returns:
+        One row per finding: ``paper`` (what it reports, with its corrected p from
+        :func:`neonb.paper.table5`), ``here`` (the same numbers on ``cases``) and
+        ``holds`` (whether the finding holds here: the direction of the means and, for
+        claims of a significant difference, corrected p < 0.05; for claims of no
+        difference, p >= 0.05).
+    """
+    stats = cases.groupby("strategy", sort=False)[value].agg(["mean", "std"])
+    mean, std = stats["mean"], stats["std"]
+    ref = paper.table5()
+    ref_means = paper.table4().mean(axis=1)
+
+    def p_ref(a: str, b: str) -> float:
+        return float(ref.loc[a, b])
+
+    def means(*names: str) -> str:
+        return ", ".join(f"{n} {mean[n]:.3f}" for n in names)
+
+    ladder = ("shallow", "medium", "deep")
+    rows = {
+        "deeper fine-tuning is better (shallow < medium < deep)": (
+            "Table 4 means " + ", ".join(f"{n} {ref_means[n]:.3f}" for n in ladder),
+            means(*ladder),
+            bool(mean["shallow"] < mean["medium"] < mean["deep"]),
+        ),
+        "shallow is significantly worse than medium": (
+            f"p = {p_ref('shallow', 'medium'):.1e}",
+            f"{means('shallow', 'medium')}; p = {_p(tests, 'shallow', 'medium'):.1e}",
+            bool(mean["shallow"] < mean["medium"] and _p(tests, "shallow", "medium") < 0.05),
+        ),
+        "medium is as good as full fine-tuning (no significant difference)": (
+            f"p = {p_ref('medium', 'full'):.2f}",
+            f"{means('medium', 'full')}; p = {_p(tests, 'medium', 'full'):.1e}",
+            bool(_p(tests, "medium", "full") >= 0.05),
+        ),
+        "scratch is significantly worse than full fine-tuning": (
+            f"p = {p_ref('full', 'scratch'):.1e}",
+            f"{means('full', 'scratch')}; p = {_p(tests, 'full', 'scratch'):.1e}",
+            bool(mean["scratch"] < mean["full"] and _p(tests, "full", "scratch") < 0.05),
+        ),
+        "scratch is significantly worse than deep fine-tuning": (
+            f"p = {p_ref('deep', 'scratch'):.1e}",
+            f"{means('deep', 'scratch')}; p = {_p(tests, 'deep', 'scratch'):.1e}",
+            bool(mean["scratch"] < mean["deep"] and _p(tests, "deep", "scratch") < 0.05),
+        ),
+        "training more parameters gives more spread (std shallow < full)": (
+            "Figure 11",
+            f"std shallow {std['shallow']:.3f}, full {std['full']:.3f}",
+            bool(std["shallow"] < std["full"]),
+        ),
+    }
+    return pd.DataFrame.from_dict(
+        rows, orient="index", columns=["paper (dHCP)", "here", "holds"]
+    ).rename_axis("finding")

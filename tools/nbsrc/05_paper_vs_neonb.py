@@ -1,0 +1,219 @@
+# %% [markdown]
+# # The paper beside neonb: Tables 1–6 and the figures
+
+# %% tags=["parameters"]
+data_root = ""  # dHCP release folder; empty: the synthetic cohort
+synthetic_base = "data"
+n_subjects = 14
+voxel_size = 4.0
+seed = 0
+results_dir = "results/smoke"
+subset_fraction = 0.5
+n_test = 3
+n_source = 4
+n_source_val = 1
+n_target = 5
+n_target_train = 2
+
+# %% [markdown]
+# ---
+#
+# ## Overview
+#
+# Each chapter of this book computed its tables beside the paper's. This chapter gathers
+# them in one place, reading the TSV files the chapters wrote, so every number here is the
+# one its chapter computed in this build:
+#
+# 1. where the numbers come from: the data, and the hardware and software of every run,
+# 2. the segmentation pipeline (Tables 1 and 2) and AgeU-Net (§4.1.2),
+# 3. label budgeting (Table 3),
+# 4. transfer learning (Tables 4, 5 and 6, and which of the paper's findings hold),
+# 5. all Dice values at once against the paper's, and
+# 6. where each of the paper's figures is regenerated.
+#
+# ## Prerequisites
+#
+# | Concepts | Importance | Notes |
+# | --- | --- | --- |
+# | [Methods in brief](../methods) | Helpful | what each experiment does |
+# | The chapters 01–04 | Necessary | this chapter only reads what they wrote |
+#
+# - **Time to learn**: 10 minutes
+# - **System requirements**: none; nothing is trained here
+#
+# ---
+
+# %% [markdown]
+# ## Imports
+
+# %%
+from pathlib import Path
+
+import pandas as pd
+
+from neonb import paper, plots
+from neonb.results import pair_with_paper, read_table, run_environments
+
+plots.use_book_renderer()
+results = Path(results_dir)
+dataset = (
+    f"dHCP release at {data_root}"
+    if data_root
+    else f"synthetic cohort of {n_subjects} sessions at {voxel_size:g} mm"
+)
+
+# %% [markdown]
+# ## Where the numbers come from
+#
+# The paper's numbers are from the dHCP third release (709 complete sessions), computed
+# on NVIDIA Tesla T4 GPUs. neonb's are from the data below, and each training run recorded
+# the machine it ran on (`environment.json` in its folder):
+
+# %%
+print(f"neonb's data: {dataset}; results in {results}")
+print(f"the paper's: {paper.DATA}, on {paper.HARDWARE}")
+environments = run_environments(results)
+environments.groupby(["chapter", "environment"]).agg(
+    runs=("run", "count"), first_started=("started", "min")
+)
+
+# %% [markdown]
+# ## Table 1: mean Dice of the segmentation pipeline
+#
+# Validation Dice is measured on one centre patch per validation volume at the best epoch,
+# test Dice on whole volumes with sliding windows; "no BG" leaves out the two background
+# classes.
+
+# %%
+table1 = read_table(results, "01_pipeline", "table1.tsv", index_col=[0, 1])
+table1
+
+# %% [markdown]
+# ## Table 2: Dice per tissue
+
+# %%
+table2 = read_table(results, "01_pipeline", "table2.tsv", index_col=[0, 1])
+table2
+
+# %% [markdown]
+# ## AgeU-Net (§4.1.2)
+#
+# The paper reports a test Dice (no BG) of 0.866 for AgeU-Net and a final training MSE
+# of 2.45 weeks², but found that its age head predicted the mean age on the test set. The
+# age chapter therefore puts every variant's test error beside that of always predicting
+# the training set's mean age.
+
+# %%
+print("paper (dHCP):", ", ".join(f"{k} {v:g}" for k, v in paper.AGEUNET.items()))
+ageunet = read_table(results, "02_ageunet", "table_ageunet.tsv", index_col=0)
+ageunet.round(3)
+
+# %% [markdown]
+# ## Table 3: label budgeting
+#
+# Each condition spends the same number of annotated slices: whole volumes of N subjects
+# ("full"), or a third of the slices of 3N subjects along one axis or a random axis per
+# slice.
+
+# %%
+table3 = read_table(results, "03_budgeting", "table3.tsv", header=[0, 1], index_col=[0, 1])
+table3
+
+# %% [markdown]
+# ## Table 4: transfer strategies on the preterm test set
+
+# %%
+table4 = read_table(results, "04_transfer", "table4.tsv", index_col=[0, 1])
+table4
+
+# %% [markdown]
+# ## Tables 5 and 6: pairwise tests between strategies
+#
+# Two-sided independent t-tests on per-subject mean Dice, without (Table 5) and with
+# (Table 6) the background classes, Bonferroni-corrected over the ten pairs; the paper's
+# corrected p-values beside ours.
+
+# %%
+columns = ["group_a", "group_b", "mean_a", "mean_b", "p_corrected", "p_corrected_paper"]
+p_format = {"mean_a": "{:.3f}", "mean_b": "{:.3f}", "p_corrected": "{:.2g}"}
+p_format["p_corrected_paper"] = "{:.2g}"
+table5 = read_table(results, "04_transfer", "table5.tsv")[columns]
+table5.style.format(p_format, na_rep="").hide(axis="index")
+
+# %%
+table6 = read_table(results, "04_transfer", "table6.tsv")[columns]
+table6.style.format(p_format, na_rep="").hide(axis="index")
+
+# %% [markdown]
+# ### Do the paper's transfer findings hold here?
+
+# %%
+findings = read_table(results, "04_transfer", "findings.tsv")
+findings
+
+# %% [markdown]
+# ## Every Dice value against the paper's
+#
+# Each point is one cell of Table 2 (a tissue on the validation or test set), Table 3 (a
+# budgeting condition's mean Dice) or Table 4 (a tissue under a transfer strategy): the
+# paper's value across, neonb's up.
+# Hover for the cell; click a table in the legend to hide it.
+
+# %%
+pairs = pd.concat(
+    [
+        pair_with_paper(table2, "Table 2"),
+        pair_with_paper(table3, "Table 3"),
+        pair_with_paper(table4, "Table 4"),
+    ],
+    ignore_index=True,
+)
+plots.paper_vs_neonb(pairs, title=f"Dice: neonb ({dataset}) against the paper (dHCP)")
+
+# %% [markdown]
+# ## The paper's figures, regenerated
+#
+# | Paper | What it shows | Regenerated in |
+# | --- | --- | --- |
+# | Figure 1 | scan ages of the cohort | [The data](00_data) |
+# | Figure 2 | a training patch before and after augmentation | [The pipeline](01_pipeline) |
+# | Figure 6 | validation Dice per tissue over epochs | [The pipeline](01_pipeline) |
+# | Figures 7, 8 | a test segmentation beside its reference | [The pipeline](01_pipeline) |
+# | Figure 9 | AgeU-Net's validation Dice over epochs | [AgeU-Net](02_ageunet) |
+# | Figure 10 | ages of the source, target-train and target-test sets | [Transfer](04_transfer) |
+# | Figure 11 | per-subject Dice of each transfer strategy | [Transfer](04_transfer) |
+#
+# Figures 3–5 of the paper are diagrams (the AgeU-Net architecture, slice selection for
+# label budgeting, the transfer strategies); the budgeting chapter draws its slice
+# selection from the masks it trained on.
+
+# %% [markdown]
+# ---
+#
+# ## Summary
+
+# %%
+test_nobg = table1.loc[("test", "Mean DSC (no BG)")]
+print(
+    f"On the {dataset}, the pipeline's test Dice without background was "
+    f"{test_nobg.drop('paper').iloc[0]} (paper, dHCP: {test_nobg['paper']}); "
+    f"{int(findings['holds'].sum())} of {len(findings)} of the paper's transfer findings "
+    f"hold here. Runs: {len(environments)}, on "
+    f"{'; '.join(sorted(environments['environment'].unique()))}."
+)
+
+# %% [markdown]
+# The tables above are the paper's experiments run again by neonb. Where neonb ran on the
+# synthetic cohort, agreement or disagreement with the paper says how the methods behave on
+# a phantom whose anatomy and contrast change with age, not how they do on real infants;
+# run the study on the dHCP release (`make study PARAMS=params/paper DATA=...`) for that.
+#
+# ## What's next?
+#
+# Segment your own scans with a model the study trained: `neonb export` and
+# `neonb segment`, described in the repository's README.
+#
+# ## Resources and references
+#
+# - Richter L, Fetit AE (2022). Accurate segmentation of neonatal brain MRI with deep
+#   learning. *Front. Neuroinform.* 16:1006532.
