@@ -17,9 +17,11 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
 
 from neonb.errors import ConfigError, DataError, NeonbError
@@ -97,6 +99,49 @@ def resolve_data_root(
         )
     folder = synthetic_cohort_dir(synthetic_base, n=n, seed=seed, voxel_size=voxel_size)
     return write_cohort(folder, n=n, seed=seed, voxel_size=voxel_size, progress=progress)
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """The sessions a chapter works on.
+
+    Attributes:
+        root: the release folder (the dHCP download, or the synthetic cohort's folder).
+        manifest: one row per session (:func:`neonb.data.read_manifest`).
+        description: what the data is, for table headings: ``"dHCP"`` or
+            ``"synthetic cohort, 1.5 mm"``.
+    """
+
+    root: Path
+    manifest: pd.DataFrame
+    description: str
+
+
+def open_cohort(
+    data_root: str | os.PathLike | None,
+    *,
+    synthetic_base: str | os.PathLike = "data",
+    n: int = 60,
+    seed: int = 0,
+    voxel_size: float = 1.5,
+) -> Cohort:
+    """Resolve the data root (:func:`resolve_data_root`) and read its manifest.
+
+    Every chapter starts here with its ``study.yaml`` parameters, so all of them read the
+    same sessions.
+    """
+    from neonb.data import read_manifest
+
+    root = resolve_data_root(
+        data_root,
+        synthetic_base=synthetic_base,
+        n=n,
+        seed=seed,
+        voxel_size=voxel_size,
+        progress=False,
+    )
+    description = "dHCP" if data_root else f"synthetic cohort, {voxel_size:g} mm"
+    return Cohort(root, read_manifest(root, progress=False), description)
 
 
 def load_params(params_dir: str | os.PathLike, notebook: str) -> dict[str, Any] | None:

@@ -9,7 +9,7 @@ import pytest
 
 from neonb.cli import main
 from neonb.errors import ConfigError
-from neonb.study import NotebookError, load_params, resolve_data_root, run_study
+from neonb.study import NotebookError, load_params, open_cohort, resolve_data_root, run_study
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,3 +60,11 @@ def test_paper_scale_without_a_data_root_is_refused_before_writing(tmp_path):
     with pytest.raises(ConfigError, match=r"709 sessions at 0.5 mm.*GB.*DATA="):
         resolve_data_root("", synthetic_base=tmp_path, n=709, seed=0, voxel_size=0.5)
     assert not any(tmp_path.iterdir())
+
+
+def test_open_cohort_reads_the_synthetic_cohort_it_writes(tmp_path):
+    cohort = open_cohort("", synthetic_base=tmp_path, n=3, seed=2, voxel_size=8.0)
+    assert cohort.root == tmp_path / "synthetic-n3-8mm-seed2"
+    assert len(cohort.manifest) == 3 and cohort.manifest["complete"].all()
+    assert cohort.description == "synthetic cohort, 8 mm"
+    assert open_cohort(cohort.root).description == "dHCP"

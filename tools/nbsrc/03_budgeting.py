@@ -112,16 +112,10 @@ hardware = describe_hardware(config.device)
 # voxel axis, coronal to the second, axial to the third.
 
 # %%
-root = study.resolve_data_root(
-    data_root,
-    synthetic_base=synthetic_base,
-    n=n_subjects,
-    seed=seed,
-    voxel_size=voxel_size,
-    progress=False,
+cohort = study.open_cohort(
+    data_root, synthetic_base=synthetic_base, n=n_subjects, seed=seed, voxel_size=voxel_size
 )
-dataset = "dHCP" if data_root else f"synthetic cohort, {voxel_size:g} mm"
-manifest = data.read_manifest(root, progress=False)
+root, manifest, dataset = cohort.root, cohort.manifest, cohort.description
 pipeline_splits = splits.pipeline_splits(
     manifest, subset_fraction=subset_fraction, n_test=n_test, seed=seed
 )

@@ -100,16 +100,10 @@ hardware = describe_hardware(source_config.device)
 # redrawn from the same seed and sizes.
 
 # %%
-root = study.resolve_data_root(
-    data_root,
-    synthetic_base=synthetic_base,
-    n=n_subjects,
-    seed=seed,
-    voxel_size=voxel_size,
-    progress=False,
+cohort = study.open_cohort(
+    data_root, synthetic_base=synthetic_base, n=n_subjects, seed=seed, voxel_size=voxel_size
 )
-dataset = "dHCP" if data_root else f"synthetic cohort, {voxel_size:g} mm"
-manifest = data.read_manifest(root, progress=False)
+root, manifest, dataset = cohort.root, cohort.manifest, cohort.description
 transfer_splits = splits.transfer_splits(
     manifest,
     n_source=n_source,
@@ -395,8 +389,9 @@ print(
 #
 # ## What's next?
 #
-# This is the last chapter of the study. The introduction lists how to run the whole
-# study at the paper's scale on dHCP data.
+# The [closing chapter](05_paper_vs_neonb) gathers the tables of every chapter beside the
+# paper's; the introduction lists how to run the whole study at the paper's scale on dHCP
+# data.
 #
 # ## Resources and references
 #
