@@ -24,6 +24,7 @@ piece                      what it is
 :class:`AgeUNetLoss`       ``SegmentationLoss + α(epoch) · MSE`` (standardised ages)
 :func:`segment_with_age`   labels and aggregated ages of one volume (MONAI sliding windows)
 :func:`train_ageunet`      one run folder, :data:`AGE_HEAD_FILE` included
+:func:`train_staged_head`  staged: head trained on cached window features
 :func:`load_ageunet_run`   rebuild a trained AgeU-Net from its folder alone
 =========================  ============================================================
 
@@ -46,6 +47,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 import warnings
@@ -59,11 +61,19 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from monai.inferers import sliding_window_inference
 from monai.networks.blocks import Convolution
 from monai.networks.nets import DynUNet
+from monai.utils import convert_to_tensor
 from torch import Tensor, nn
 
-from neonb.engine import BEST_MODEL_FILE, CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE
+from neonb.engine import (
+    BEST_MODEL_FILE,
+    CONFIG_FILE,
+    ENVIRONMENT_FILE,
+    LOG_FILE,
+    environment_record,
+)
 from neonb.errors import ConfigError, DataError
 from neonb.experiment import (
     Record,
@@ -73,17 +83,27 @@ from neonb.experiment import (
     prediction_filename,
     segmentation_loss,
     train_segmentation,
+    validation_loader,
 )
 from neonb.files import atomic_write
 from neonb.inference import (
     default_segmentation_logits,
+    foreground_box,
     load_weights,
+    resolve_device,
     save_segmentation,
     segment,
 )
 from neonb.labels import BACKGROUND_LABELS, DRAWEM9, NUM_CLASSES
 from neonb.losses import SegmentationLoss
-from neonb.metrics import case_summary, dice_per_class, evaluate_case
+from neonb.metrics import (
+    ClassDiceMetric,
+    case_summary,
+    class_column,
+    dice_per_class,
+    evaluate_case,
+    tissue_indices,
+)
 from neonb.models import ModelConfig, dynunet_kwargs
 from neonb.transforms import eval_transforms
 
@@ -95,17 +115,23 @@ __all__ = [
     "AgeUNet",
     "AgeUNetLoss",
     "WindowAges",
+    "WindowFeatures",
     "aggregate_ages",
     "age_errors",
     "alpha_at",
     "build_ageunet",
+    "cache_window_features",
     "evaluate_with_age",
+    "head_ages",
     "load_ageunet_run",
     "load_volumes",
     "segment_with_age",
     "segmentation_logits",
     "summary_table",
     "train_ageunet",
+    "train_head_on_features",
+    "train_staged_head",
+    "window_features",
 ]
 
 AGE_HEAD_FILE = "age_head.yaml"
@@ -138,9 +164,13 @@ class AgeHeadConfig:
             first epoch to ``alpha`` in the last).
         alpha_start: first-epoch α of the linear schedule.
         head_learning_rate: learning rate of the head's parameters; ``None``: the run's.
-        staged: train the head alone on a frozen, already trained segmentation network;
-            the run then keeps its last epoch (validation Dice cannot change).
+        staged: train the head alone on a frozen, already trained segmentation network,
+            from its bottleneck features cached once per sliding window
+            (:func:`train_staged_head`); the run keeps the epoch with the lowest
+            validation age MAE.
         standardize: regress standardised ages (module docstring).
+        feature_batch_size: staged training only: cached windows per head step
+            (:func:`train_head_on_features`).
     """
 
     reduction: str = "conv"
@@ -153,6 +183,7 @@ class AgeHeadConfig:
     head_learning_rate: float | None = None
     staged: bool = False
     standardize: bool = True
+    feature_batch_size: int = 64
 
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
@@ -160,6 +191,10 @@ class AgeHeadConfig:
         if self.alpha_schedule not in ALPHA_SCHEDULES:
             raise ConfigError(
                 f"alpha_schedule must be one of {ALPHA_SCHEDULES}, got {self.alpha_schedule!r}"
+            )
+        if isinstance(self.feature_batch_size, bool) or self.feature_batch_size < 1:
+            raise ConfigError(
+                f"feature_batch_size must be a positive integer, got {self.feature_batch_size!r}"
             )
         for name in ("conv_layers", "hidden"):
             value = getattr(self, name)
@@ -640,6 +675,312 @@ def age_errors(ages: pd.DataFrame, baseline_age: float) -> pd.DataFrame:
     )
 
 
+# --------------------------------------------------------------------------- staged training
+
+
+@dataclass
+class WindowFeatures:
+    """Bottleneck features of sliding windows, cached for training the head alone.
+
+    Attributes:
+        features: one row per window, ``(N, F, k, k, k)`` float32 on the CPU (``F`` =
+            ``filters[-1]``, ``k`` = patch size / total stride, 3 for 48³ windows).
+        ages: the age at scan of each window's volume, ``(N,)`` weeks.
+        volume: index of each window's volume, ``(N,)`` (0 .. number of volumes - 1).
+    """
+
+    features: Tensor
+    ages: Tensor
+    volume: Tensor
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+
+class _Bottleneck(Exception):
+    """Raised by :func:`window_features`'s hook to stop a forward pass at the bottleneck."""
+
+
+def window_features(
+    model: AgeUNet,
+    image: Tensor | np.ndarray,
+    *,
+    patch_size: Sequence[int],
+    overlap: float,
+    device: str | torch.device = "auto",
+    sw_batch_size: int = 8,
+) -> Tensor:
+    """Bottleneck features of every sliding window :func:`segment_with_age` uses.
+
+    The windows are those of :func:`neonb.inference.segment` (MONAI's
+    ``sliding_window_inference`` of ``patch_size`` and ``overlap`` inside the foreground
+    box); a forward hook on ``model.bottleneck`` (the module the age head reads) keeps
+    each window's features and stops the pass there, so the decoder is not run.
+
+    Args:
+        model: an :class:`AgeUNet` (its weights are not changed).
+        image: one normalised volume, ``(C, X, Y, Z)``.
+        patch_size: window size in voxels (the training patch size).
+        overlap: overlap of neighbouring windows, in [0, 1).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        sw_batch_size: windows per forward pass (the windows do not depend on it).
+
+    Returns:
+        ``(N, F, k, k, k)`` float32 on the CPU, one row per window in MONAI's order.
+    """
+    size = tuple(int(s) for s in patch_size)
+    image = convert_to_tensor(image, track_meta=False)
+    box = foreground_box(image)
+    dev = resolve_device(device)
+    features: list[Tensor] = []
+
+    def keep_and_stop(_module: nn.Module, _inputs: Any, out: Tensor) -> None:
+        features.append(convert_to_tensor(out.detach(), track_meta=False).float().cpu())
+        raise _Bottleneck
+
+    def predictor(window: Tensor) -> Tensor:
+        try:
+            model(window)
+        except _Bottleneck:
+            pass
+        return window[:, :1]
+
+    was_training = model.training
+    model.to(dev).eval()
+    handle = model.bottleneck.register_forward_hook(keep_and_stop)
+    try:
+        with torch.no_grad():
+            sliding_window_inference(
+                image[(slice(None), *box)][None].float().to(dev),
+                roi_size=size,
+                sw_batch_size=sw_batch_size,
+                predictor=predictor,
+                overlap=overlap,
+            )
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return torch.cat(features)
+
+
+def cache_window_features(
+    model: AgeUNet, records: Sequence[Record], config: TrainingConfig
+) -> WindowFeatures:
+    """:func:`window_features` of whole volumes, with their ages as targets.
+
+    Args:
+        model: the AgeU-Net whose (frozen) segmentation path computes the features.
+        records: sessions with ``scan_age`` (loaded with :func:`load_volumes`).
+        config: window size (``patch_size``), ``overlap`` and ``device``.
+    """
+    rows, ages, volume = [], [], []
+    for index, (record, loaded) in enumerate(zip(records, load_volumes(records), strict=True)):
+        features = window_features(
+            model,
+            loaded["image"],
+            patch_size=config.patch_size,
+            overlap=config.overlap,
+            device=config.device,
+        )
+        rows.append(features)
+        ages.append(torch.full((len(features),), float(record["scan_age"])))
+        volume.append(torch.full((len(features),), index, dtype=torch.long))
+    return WindowFeatures(torch.cat(rows), torch.cat(ages), torch.cat(volume))
+
+
+def head_ages(model: AgeUNet, cached: WindowFeatures) -> tuple[np.ndarray, np.ndarray]:
+    """Ages the head predicts from cached features, per window and per volume.
+
+    Returns:
+        Window ages ``(N,)`` and volume ages (mean of each volume's windows, the
+        ``"mean"`` aggregation of :func:`segment_with_age`), both in weeks.
+    """
+    was_training = model.age_head.training
+    model.age_head.eval()
+    with torch.no_grad():
+        head = model.age_head.to("cpu")
+        z = torch.cat([head(chunk) for chunk in cached.features.split(256)])
+    model.age_head.train(was_training)
+    windows = (z * model.age_std.cpu() + model.age_mean.cpu()).numpy().astype(np.float64)
+    volumes = pd.Series(windows).groupby(cached.volume.numpy()).mean().to_numpy()
+    return windows, volumes
+
+
+def _volume_mae(model: AgeUNet, cached: WindowFeatures) -> float:
+    """MAE in weeks of the volume ages (window mean) against the true ages."""
+    _, predicted = head_ages(model, cached)
+    truth = pd.Series(cached.ages.numpy()).groupby(cached.volume.numpy()).first().to_numpy()
+    return float(np.abs(predicted - truth).mean())
+
+
+def train_head_on_features(
+    model: AgeUNet,
+    train: WindowFeatures,
+    val: WindowFeatures,
+    *,
+    epochs: int,
+    learning_rate: float,
+    batch_size: int = 64,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Train ``model.age_head`` alone on cached bottleneck features (no U-Net forward).
+
+    The head regresses standardised ages ``(age - model.age_mean) / model.age_std`` with
+    an MSE loss and AdamW, in shuffled mini-batches of windows; after every epoch the
+    validation volumes' ages (window mean) are scored, and the head is left with the
+    weights of the epoch with the lowest validation MAE. Nothing outside the head
+    changes.
+
+    Args:
+        model: the AgeU-Net; only ``model.age_head`` is trained (on the CPU).
+        train: cached features of the training volumes.
+        val: cached features of the validation volumes.
+        epochs: passes over the training windows.
+        learning_rate: AdamW learning rate.
+        batch_size: windows per step.
+        weight_decay: AdamW weight decay.
+        seed: seeds the shuffling (and dropout).
+
+    Returns:
+        One row per epoch: ``epoch``, ``train_loss`` (MSE of standardised ages),
+        ``train_age_mae_w`` (window ages, weeks), ``val_age_mae_w`` (volume ages, weeks),
+        ``epoch_time_s``.
+    """
+    if epochs < 1 or len(train) == 0 or len(val) == 0:
+        raise ConfigError(f"need epochs >= 1 and cached windows, got {epochs}, {len(train)}")
+    head = model.age_head.to("cpu").train()
+    mean, std = model.age_mean.cpu(), model.age_std.cpu()
+    target = ((train.ages - mean) / std).float()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    rows, best, best_mae = [], None, float("inf")
+    for epoch in range(1, epochs + 1):
+        started = time.perf_counter()
+        head.train()
+        total_se, total_ae = 0.0, 0.0
+        for index in torch.randperm(len(train), generator=generator).split(batch_size):
+            predicted = head(train.features[index])
+            loss = torch.mean((predicted - target[index]) ** 2)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_se += float(loss.detach()) * len(index)
+            total_ae += float((predicted.detach() - target[index]).abs().sum() * std)
+        val_mae = _volume_mae(model, val)
+        if val_mae < best_mae:
+            best_mae = val_mae
+            best = {k: v.detach().clone() for k, v in head.state_dict().items()}
+        rows.append(
+            {
+                "epoch": epoch,
+                "train_loss": total_se / len(train),
+                "train_age_mae_w": total_ae / len(train),
+                "val_age_mae_w": val_mae,
+                "epoch_time_s": time.perf_counter() - started,
+            }
+        )
+    head.load_state_dict(best)
+    head.eval()
+    return pd.DataFrame(rows)
+
+
+def _centre_patch_dice(
+    model: AgeUNet, records: Sequence[Record], config: TrainingConfig
+) -> dict[str, float]:
+    """The ``val_dice*`` columns of ``log.tsv``: centre patches, as :func:`neonb.engine.fit`."""
+    metric = ClassDiceMetric(NUM_CLASSES)
+    device = resolve_device(config.device)
+    model.to(device).eval()
+    with torch.no_grad():
+        for batch in validation_loader(records, config):
+            logits = segmentation_logits(model(batch["image"].to(device))).float()
+            metric(y_pred=logits.argmax(dim=1, keepdim=True), y=batch["label"].to(device))
+    dice = metric.per_class().cpu()
+    return {
+        "val_dice": float(torch.nanmean(dice)),
+        "val_dice_nobg": float(torch.nanmean(dice[tissue_indices(NUM_CLASSES)])),
+        **{class_column(c): float(dice[c]) for c in range(NUM_CLASSES)},
+    }
+
+
+def train_staged_head(
+    model: AgeUNet,
+    train_records: Sequence[Record],
+    val_records: Sequence[Record],
+    config: TrainingConfig,
+    run_dir: str | os.PathLike,
+    *,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Staged training: cache the frozen network's window features, then fit the head.
+
+    Every training and validation volume goes once through the frozen segmentation path
+    on the sliding windows of test time (:func:`cache_window_features`); the head then
+    trains on those features alone for ``config.epochs`` epochs
+    (:func:`train_head_on_features`, learning rate ``head_learning_rate`` or the run's,
+    batches of ``feature_batch_size`` windows). Writes into ``run_dir``: the run's
+    ``config.yaml`` and ``environment.json``, :data:`AGE_LOG_FILE` (per-epoch age errors),
+    ``log.tsv`` (the :mod:`neonb.engine` columns; the validation Dice is the frozen
+    network's, on centre patches) and ``model_best.pt`` (whole AgeU-Net, best head).
+
+    Returns:
+        The ``log.tsv`` table.
+    """
+    run_dir = Path(run_dir)
+    head = model.head_config
+    started = time.perf_counter()
+    model.freeze_backbone().eval()
+    train = cache_window_features(model, train_records, config)
+    val = cache_window_features(model, val_records, config)
+    cache_s = time.perf_counter() - started
+    if progress:
+        print(f"cached {len(train)} training and {len(val)} validation windows in {cache_s:.1f} s")
+    age_log = train_head_on_features(
+        model,
+        train,
+        val,
+        epochs=config.epochs,
+        learning_rate=head.head_learning_rate or config.learning_rate,
+        batch_size=head.feature_batch_size,
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+    )
+    dice = _centre_patch_dice(model, val_records, config)
+    log = pd.DataFrame(
+        {
+            "epoch": age_log["epoch"],
+            "train_loss": age_log["train_loss"],
+            "lr": head.head_learning_rate or config.learning_rate,
+            "epoch_time_s": age_log["epoch_time_s"],
+            "data_time_s": 0.0,
+            **dice,
+            "val_age_mae_w": age_log["val_age_mae_w"],
+        }
+    )
+    log.loc[0, "data_time_s"] = cache_s  # the feature cache, once
+    log.loc[0, "epoch_time_s"] += cache_s
+    age_log = age_log.assign(
+        alpha=np.nan, train_age_mse_w2=age_log["train_loss"] * float(model.age_std) ** 2
+    )[["epoch", "alpha", "train_age_mse_w2", "train_age_mae_w", "val_age_mae_w"]]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(
+        run_dir / ENVIRONMENT_FILE,
+        json.dumps(environment_record(config.seed, resolve_device(config.device)), indent=2) + "\n",
+    )
+    _write_text(run_dir / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write(run_dir / AGE_LOG_FILE, lambda tmp: age_log.to_csv(tmp, sep="\t", index=False))
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    atomic_write(run_dir / BEST_MODEL_FILE, lambda tmp: torch.save(state, tmp))
+    atomic_write(run_dir / LOG_FILE, lambda tmp: log.to_csv(tmp, sep="\t", index=False))
+    return log
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 # --------------------------------------------------------------------------- runs
 
 
@@ -665,7 +1006,7 @@ def _write_age_head(run_dir: Path, record: dict[str, Any]) -> None:
     path = run_dir / AGE_HEAD_FILE
     text = yaml.safe_dump(record, sort_keys=False)
     if path.exists():
-        if path.read_text(encoding="utf-8") != text:
+        if _normalised_head_record(path) != record:
             warnings.warn(
                 f"{path} differs from this run's head settings; keeping the file written when "
                 "the run started",
@@ -675,6 +1016,16 @@ def _write_age_head(run_dir: Path, record: dict[str, Any]) -> None:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _normalised_head_record(path: Path) -> dict[str, Any]:
+    """An :data:`AGE_HEAD_FILE` with head settings added since it was written at defaults."""
+    record = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        record["head"] = AgeHeadConfig.from_dict(record["head"]).to_dict()
+    except (ConfigError, KeyError, TypeError):
+        pass
+    return record
 
 
 def _write_age_log(run_dir: Path, loss: AgeUNetLoss) -> None:
@@ -726,7 +1077,8 @@ def train_ageunet(
 
     Returns:
         The run, its model holding the weights of the best validation epoch (joint) or
-        of the last epoch (staged).
+        of the epoch with the lowest validation age MAE (staged,
+        :func:`train_staged_head`).
     """
     if head.staged and init_weights is None:
         raise ConfigError("staged training trains the head on a trained network: give init_weights")
@@ -734,23 +1086,27 @@ def train_ageunet(
     age_mean, age_std = age_standardization(
         [r["scan_age"] for r in train_records], head.standardize
     )
-    weights_file = CHECKPOINT_FILE if head.staged else BEST_MODEL_FILE
     _write_age_head(
         run_dir,
         {
             "head": head.to_dict(),
             "age_mean": age_mean,
             "age_std": age_std,
-            "weights": weights_file,
+            "weights": BEST_MODEL_FILE,
             "init_weights": None if init_weights is None else str(init_weights),
         },
     )
+    if head.staged and (run_dir / LOG_FILE).is_file() and (run_dir / BEST_MODEL_FILE).is_file():
+        return load_ageunet_run(run_dir)[0]
     torch.manual_seed(config.seed)
     model = build_ageunet(config.model, head, age_mean=age_mean, age_std=age_std)
     if init_weights is not None:
         load_backbone(model, init_weights)
     if head.staged:
-        model.freeze_backbone()
+        log = train_staged_head(
+            model, train_records, val_records, config, run_dir, progress=progress
+        )
+        return TrainedRun(model.eval(), log, run_dir, float(log["epoch_time_s"].sum()))
     loss = AgeUNetLoss(segmentation_loss(config), head, epochs=config.epochs, age_std=age_std)
     trained = train_segmentation(
         train_records,
@@ -764,8 +1120,6 @@ def train_ageunet(
         progress=progress,
     )
     _write_age_log(run_dir, loss)
-    if head.staged:
-        load_weights(trained.model, run_dir / CHECKPOINT_FILE)
     return trained
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -14,20 +15,25 @@ from neonb.ageunet import (
     AgeHeadConfig,
     AgeUNetLoss,
     WindowAges,
+    WindowFeatures,
     age_errors,
     aggregate_ages,
     alpha_at,
     build_ageunet,
     evaluate_with_age,
+    head_ages,
     load_ageunet_run,
     load_volumes,
     segment_with_age,
     segmentation_logits,
     summary_table,
     train_ageunet,
+    train_head_on_features,
+    window_features,
 )
 from neonb.errors import ConfigError
 from neonb.experiment import TrainingConfig, segmentation_loss, train_segmentation
+from neonb.inference import segment
 from neonb.labels import NUM_CLASSES
 from neonb.models import ModelConfig, build_model
 from neonb.phantom import write_cohort
@@ -155,6 +161,56 @@ def test_segment_with_age_aggregates_every_window():
     assert ages == pytest.approx({"mean": 41.0, "foreground_weighted": 41.0})
 
 
+def test_window_features_are_the_features_the_head_reads_at_test_time():
+    net = _net().eval()
+    image = torch.randn(2, 20, 30, 18)
+    image[:, :3] = 0  # outside the foreground box
+    seen = []
+    handle = net.bottleneck.register_forward_hook(lambda _m, _i, out: seen.append(out.clone()))
+    segment_with_age(net, image, patch_size=(16, 16, 16), overlap=0.25, device="cpu")
+    handle.remove()
+    cached = window_features(
+        net, image, patch_size=(16, 16, 16), overlap=0.25, device="cpu", sw_batch_size=3
+    )
+    assert cached.shape == (len(seen), 16, 4, 4, 4) and len(seen) > 1
+    assert torch.allclose(cached, torch.cat(seen), atol=1e-5)
+    # the head on the cached features gives the window ages segment_with_age aggregates
+    windows = WindowAges()
+    segment(net, image, patch_size=(16, 16, 16), overlap=0.25, device="cpu",
+            segmentation_logits=windows)  # fmt: skip
+    one = WindowFeatures(cached, torch.full((len(cached),), 40.0), torch.zeros(len(cached)))
+    window_ages, volume_ages = head_ages(net, one)
+    assert window_ages == pytest.approx(windows.ages, abs=1e-4)
+    assert volume_ages == pytest.approx([np.mean(windows.ages)], abs=1e-4)
+
+
+def _linear_problem(n: int, seed: int) -> WindowFeatures:
+    """Windows whose age is a linear function of their channel means, one per volume."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(n, 16, 2, 2, 2, generator=generator)
+    ages = 38.0 + 3.0 * features.mean(dim=(2, 3, 4))[:, :2] @ torch.tensor([2.0, -1.0])
+    return WindowFeatures(features, ages, torch.arange(n))
+
+
+def test_head_training_learns_a_linear_target_and_leaves_the_unet_alone():
+    train, val = _linear_problem(480, seed=1), _linear_problem(120, seed=2)
+    head = AgeHeadConfig(reduction="avgpool", hidden=0)
+    net = build_ageunet(TINY_MODEL, head, age_mean=float(train.ages.mean()),
+                        age_std=float(train.ages.std()))  # fmt: skip
+    before = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("age_")}
+    log = train_head_on_features(net, train, val, epochs=60, learning_rate=0.03, batch_size=32)
+    after = net.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert list(log["epoch"]) == list(range(1, 61))
+    mean_mae = float((val.ages - train.ages.mean()).abs().mean())  # weeks
+    _, predicted = head_ages(net, val)
+    mae = float(np.abs(predicted - val.ages.numpy()).mean())
+    assert mae < 0.1 * mean_mae
+    # the head kept is that of the epoch with the lowest validation MAE
+    assert mae == pytest.approx(log["val_age_mae_w"].min(), rel=1e-4)
+    assert log["val_age_mae_w"].iloc[0] > 0.3 * mean_mae  # it did have to learn
+
+
 def test_age_errors_against_the_mean_predictor():
     import pandas as pd
 
@@ -269,7 +325,22 @@ def test_joint_and_staged_runs_reload_from_their_folders(records, tmp_path):
     with torch.no_grad():  # the segmentation path is the frozen baseline's
         assert torch.equal(staged.model(x)["segmentation"], baseline.model(x))
     reloaded, _, _ = load_ageunet_run(tmp_path / "staged")
-    with torch.no_grad():  # the head of the last epoch, not of the first
+    with torch.no_grad():  # the head kept, with the baseline's segmentation path
         assert torch.equal(reloaded.model(x)["age"], staged.model(x)["age"])
+        assert torch.equal(reloaded.model(x)["segmentation"], baseline.model(x))
+    age_log = pd.read_csv(tmp_path / "staged" / AGE_LOG_FILE, sep="\t")
+    assert list(age_log["epoch"]) == [1, 2] and age_log["val_age_mae_w"].notna().all()
+    assert list(staged.log["epoch"]) == [1, 2]
+    assert staged.log["val_dice_nobg"].between(0, 1).all()  # the frozen network's
+    again = train_ageunet(
+        records[:3],
+        records[3:],
+        config,
+        AgeHeadConfig(staged=True),
+        tmp_path / "staged",
+        init_weights=tmp_path / "base" / "model_best.pt",
+        progress=False,
+    )  # a finished run is reloaded, not retrained
+    assert again.log.equals(reloaded.log)
     with pytest.raises(ConfigError, match="init_weights"):
         train_ageunet(records[:3], records[3:], config, AgeHeadConfig(staged=True), tmp_path / "x")

@@ -34,3 +34,10 @@ def test_notebook_has_title_then_parameters_and_no_outputs(name):
     for section in ("## Overview", "## Prerequisites", "## Summary", "## What's next?"):
         assert any(section in h for h in headings), section
     assert all(not c.get("outputs") for c in notebook.cells if c.cell_type == "code")
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_readme_links_every_notebook_to_colab(name):
+    repository = nbbuild.repository_url().removeprefix("https://github.com/")
+    link = f"https://colab.research.google.com/github/{repository}/blob/main/notebooks/{name}.ipynb"
+    assert link in (ROOT / "README.md").read_text()
