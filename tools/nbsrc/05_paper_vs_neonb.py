@@ -149,7 +149,7 @@ table6.style.format(p_format, na_rep="").hide(axis="index")
 
 # %%
 findings = read_table(results, "04_transfer", "findings.tsv")
-findings
+findings.style.hide(axis="index")
 
 # %% [markdown]
 # ## Every Dice value against the paper's
