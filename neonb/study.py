@@ -12,11 +12,14 @@ contents expects them; the book build does not execute them again.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,6 +176,25 @@ def load_params(params_dir: str | os.PathLike, notebook: str) -> dict[str, Any] 
     return merged
 
 
+@contextlib.contextmanager
+def _kernel_config() -> Iterator[Any]:
+    """Kernel settings for papermill: local IPC sockets in a private folder on POSIX.
+
+    The default TCP transport makes the kernel warn that it runs without encryption;
+    a kernel on the same machine needs no network port at all.
+    """
+    from traitlets.config import Config
+
+    config = Config()
+    if os.name != "posix":
+        yield config
+        return
+    with tempfile.TemporaryDirectory(prefix="neonb-kernel-") as sockets:
+        config.KernelManager.transport = "ipc"
+        config.KernelManager.ip = str(Path(sockets) / "kernel")
+        yield config
+
+
 def run_notebook(
     notebook: str,
     parameters: dict[str, Any],
@@ -198,14 +220,16 @@ def run_notebook(
     output_dir.mkdir(parents=True, exist_ok=True)
     executed = output_dir / source.name
     try:
-        papermill.execute_notebook(
-            str(source),
-            str(executed),
-            parameters=parameters,
-            kernel_name="python3",
-            progress_bar=False,
-            cwd=str(cwd),
-        )
+        with _kernel_config() as kernel_config:
+            papermill.execute_notebook(
+                str(source),
+                str(executed),
+                parameters=parameters,
+                kernel_name="python3",
+                progress_bar=False,
+                cwd=str(cwd),
+                config=kernel_config,
+            )
     except PapermillExecutionError as error:
         first_line = error.source.strip().splitlines()[0] if error.source.strip() else ""
         raise NotebookError(
