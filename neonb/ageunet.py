@@ -47,7 +47,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 import warnings
@@ -67,13 +66,7 @@ from monai.networks.nets import DynUNet
 from monai.utils import convert_to_tensor
 from torch import Tensor, nn
 
-from neonb.engine import (
-    BEST_MODEL_FILE,
-    CONFIG_FILE,
-    ENVIRONMENT_FILE,
-    LOG_FILE,
-    environment_record,
-)
+from neonb.engine import BEST_MODEL_FILE, LOG_FILE, write_run_info
 from neonb.errors import ConfigError, DataError
 from neonb.experiment import (
     Record,
@@ -81,6 +74,7 @@ from neonb.experiment import (
     TrainingConfig,
     build_optimizer,
     prediction_filename,
+    read_finished_run,
     segmentation_loss,
     train_segmentation,
     validation_loader,
@@ -965,20 +959,12 @@ def train_staged_head(
         alpha=np.nan, train_age_mse_w2=age_log["train_loss"] * float(model.age_std) ** 2
     )[["epoch", "alpha", "train_age_mse_w2", "train_age_mae_w", "val_age_mae_w"]]
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(
-        run_dir / ENVIRONMENT_FILE,
-        json.dumps(environment_record(config.seed, resolve_device(config.device)), indent=2) + "\n",
-    )
-    _write_text(run_dir / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_run_info(run_dir, config.to_dict(), config.seed, resolve_device(config.device))
     atomic_write(run_dir / AGE_LOG_FILE, lambda tmp: age_log.to_csv(tmp, sep="\t", index=False))
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     atomic_write(run_dir / BEST_MODEL_FILE, lambda tmp: torch.save(state, tmp))
     atomic_write(run_dir / LOG_FILE, lambda tmp: log.to_csv(tmp, sep="\t", index=False))
     return log
-
-
-def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # --------------------------------------------------------------------------- runs
@@ -1132,16 +1118,7 @@ def load_ageunet_run(
         DataError: naming the missing file when the run has not finished.
     """
     run_dir = Path(run_dir)
-    for name in (CONFIG_FILE, LOG_FILE, AGE_HEAD_FILE, BEST_MODEL_FILE):
-        if not (run_dir / name).is_file():
-            raise DataError(
-                run_dir / name,
-                "missing: this AgeU-Net run has not finished",
-                "run the chapter that trains it first (notebooks/02_ageunet.ipynb)",
-            )
-    config = TrainingConfig.from_dict(
-        yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    )
+    config, log = read_finished_run(run_dir, extra_files=(AGE_HEAD_FILE,), chapter="02_ageunet")
     record = yaml.safe_load((run_dir / AGE_HEAD_FILE).read_text(encoding="utf-8"))
     head = AgeHeadConfig.from_dict(record["head"])
     model = build_ageunet(
@@ -1149,7 +1126,6 @@ def load_ageunet_run(
     )
     load_weights(model, run_dir / record.get("weights", BEST_MODEL_FILE))
     model.eval()
-    log = pd.read_csv(run_dir / LOG_FILE, sep="\t")
     return TrainedRun(model, log, run_dir, float(log["epoch_time_s"].sum())), config, head
 
 

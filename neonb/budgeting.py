@@ -71,7 +71,7 @@ from torch import nn
 
 from neonb.errors import ConfigError, DataError
 from neonb.experiment import TrainingConfig
-from neonb.files import atomic_write
+from neonb.files import atomic_write, read_id_table, write_id_table
 from neonb.inference import segment
 from neonb.labels import DRAWEM9
 from neonb.metrics import dice_per_class
@@ -932,10 +932,8 @@ def condition_summary(
 
 
 def write_slices(slices: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a slices table (:data:`SLICE_COLUMNS`) as TSV, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, lambda tmp: slices[SLICE_COLUMNS].to_csv(tmp, sep="\t", index=False))
+    """Write a slices table (:data:`SLICE_COLUMNS`) as TSV, atomically. Returns the path written."""
+    return write_id_table(slices, SLICE_COLUMNS, path)
 
 
 def read_slices(path: str | os.PathLike) -> pd.DataFrame:
@@ -944,14 +942,7 @@ def read_slices(path: str | os.PathLike) -> pd.DataFrame:
     Raises:
         DataError: if the file is missing or lacks a column of :data:`SLICE_COLUMNS`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "no such slices file")
-    table = pd.read_csv(path, sep="\t", dtype={"participant_id": str, "session_id": str})
-    missing = set(SLICE_COLUMNS) - set(table.columns)
-    if missing:
-        raise DataError(path, f"missing column(s) {sorted(missing)}")
-    return table
+    return read_id_table(path, SLICE_COLUMNS, "slices")
 
 
 SCHEDULES = ("epochs", "steps")

@@ -241,10 +241,14 @@ def _plain(obj: Any) -> Any:
     return str(obj)
 
 
-def _write_run_info(
+def write_run_info(
     run_dir: Path, config: Mapping[str, Any] | None, seed: int, device: torch.device
 ) -> None:
-    """Write ``config.yaml`` and ``environment.json`` unless the run already has them."""
+    """Write ``config.yaml`` and ``environment.json`` unless the run already has them.
+
+    :func:`fit` calls this; so does any trainer that writes a run folder of its own
+    (the staged AgeU-Net head, :mod:`neonb.ageunet`), so every run records the same.
+    """
     env_path = run_dir / ENVIRONMENT_FILE
     if not env_path.exists():
         text = json.dumps(environment_record(seed, device), indent=2)
@@ -649,7 +653,7 @@ def fit(
         progress=progress,
     )
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    _write_run_info(run.run_dir, config, seed, dev)
+    write_run_info(run.run_dir, config, seed, dev)
     state = _RunState()
     checkpoint_path = run.run_dir / CHECKPOINT_FILE
     if checkpoint_path.exists():

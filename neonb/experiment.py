@@ -302,20 +302,40 @@ def load_trained_run(run_dir: str | os.PathLike) -> tuple[TrainedRun, TrainingCo
             (typically: the chapter that trains this run has not been executed yet).
     """
     run_dir = Path(run_dir)
-    for name in (CONFIG_FILE, LOG_FILE, BEST_MODEL_FILE):
+    config, log = read_finished_run(run_dir)
+    model = build_model(config.model)
+    load_weights(model, run_dir / BEST_MODEL_FILE)
+    model.eval()
+    return TrainedRun(model, log, run_dir, float(log["epoch_time_s"].sum())), config
+
+
+def read_finished_run(
+    run_dir: str | os.PathLike,
+    *,
+    extra_files: Sequence[str] = (),
+    chapter: str = "01_pipeline",
+) -> tuple[TrainingConfig, pd.DataFrame]:
+    """The settings and epoch log of a finished run folder, after checking it is complete.
+
+    Args:
+        run_dir: a run folder.
+        extra_files: files the folder must hold besides ``config.yaml``, ``log.tsv`` and
+            the best weights (e.g. an AgeU-Net's ``age_head.yaml``).
+        chapter: the notebook that trains such runs, named in the error.
+
+    Raises:
+        DataError: naming the first missing file and the notebook to run.
+    """
+    run_dir = Path(run_dir)
+    for name in (CONFIG_FILE, LOG_FILE, BEST_MODEL_FILE, *extra_files):
         if not (run_dir / name).is_file():
             raise DataError(
                 run_dir / name,
                 "missing: this run has not finished",
-                "run the chapter that trains it first (e.g. notebooks/01_pipeline.ipynb)",
+                f"run the chapter that trains it first (notebooks/{chapter}.ipynb)",
             )
     values = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    config = TrainingConfig.from_dict(values)
-    model = build_model(config.model)
-    load_weights(model, run_dir / BEST_MODEL_FILE)
-    model.eval()
-    log = pd.read_csv(run_dir / LOG_FILE, sep="\t")
-    return TrainedRun(model, log, run_dir, float(log["epoch_time_s"].sum())), config
+    return TrainingConfig.from_dict(values), pd.read_csv(run_dir / LOG_FILE, sep="\t")
 
 
 def prediction_filename(participant_id: str, session_id: str) -> str:

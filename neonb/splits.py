@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from neonb.errors import ConfigError, DataError
-from neonb.files import atomic_write
+from neonb.errors import ConfigError
+from neonb.files import read_id_table, write_id_table
 
 SPLIT_COLUMNS = ["participant_id", "session_id", "scan_age", "split"]
 """Columns of a splits TSV."""
@@ -188,10 +188,8 @@ def transfer_splits(
 
 
 def write_splits(splits: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a splits table as TSV, atomically. Returns the path written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, lambda tmp: splits[SPLIT_COLUMNS].to_csv(tmp, sep="\t", index=False))
+    """Write a splits table (:data:`SPLIT_COLUMNS`) as TSV, atomically. Returns the path written."""
+    return write_id_table(splits, SPLIT_COLUMNS, path)
 
 
 def read_splits(path: str | os.PathLike) -> pd.DataFrame:
@@ -200,14 +198,7 @@ def read_splits(path: str | os.PathLike) -> pd.DataFrame:
     Raises:
         DataError: if the file is missing or lacks a column of :data:`SPLIT_COLUMNS`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "no such splits file")
-    splits = pd.read_csv(path, sep="\t", dtype={"participant_id": str, "session_id": str})
-    missing = set(SPLIT_COLUMNS) - set(splits.columns)
-    if missing:
-        raise DataError(path, f"missing column(s) {sorted(missing)}")
-    return splits
+    return read_id_table(path, SPLIT_COLUMNS, "splits")
 
 
 def select(manifest: pd.DataFrame, splits: pd.DataFrame, split: str) -> pd.DataFrame:
