@@ -57,7 +57,6 @@ import dataclasses
 import math
 import os
 import re
-import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -67,16 +66,11 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from torch import nn
 
 from neonb.errors import ConfigError, DataError
 from neonb.experiment import TrainingConfig
 from neonb.files import atomic_write, read_id_table, write_id_table
-from neonb.inference import segment
-from neonb.labels import DRAWEM9
-from neonb.metrics import dice_per_class
 from neonb.splits import stratified_pick
-from neonb.transforms import eval_transforms
 
 __all__ = [
     "AXIS_MODES",
@@ -93,10 +87,8 @@ __all__ = [
     "condition_config",
     "condition_summary",
     "eligible_slices",
-    "evaluate_dice",
     "foreground_extent",
     "mask_filename",
-    "optimizer_steps",
     "place_slices",
     "plan_budget",
     "plane_axis",
@@ -976,66 +968,6 @@ def condition_config(
             f"schedule 'steps' needs samples_per_epoch >= 1, but found {samples_per_epoch!r}"
         )
     return config.replace(samples_per_volume=max(1, round(samples_per_epoch / n_subjects)))
-
-
-def optimizer_steps(n_subjects: int, config: TrainingConfig) -> int:
-    """Optimiser steps of a run: ``epochs * ceil(n_subjects * samples_per_volume / batch)``."""
-    per_epoch = math.ceil(n_subjects * config.samples_per_volume / config.batch_size)
-    return config.epochs * per_epoch
-
-
-def evaluate_dice(
-    model: nn.Module,
-    records: Sequence[Mapping[str, Any]],
-    config: TrainingConfig,
-    *,
-    overlap: float | None = None,
-) -> pd.DataFrame:
-    """Dice of every class on whole volumes, segmented with sliding windows.
-
-    As :func:`neonb.experiment.evaluate` (windows of ``config.patch_size`` inside the
-    foreground box), but Dice only: no Hausdorff distance, no files written, which makes
-    evaluating many budgeting models affordable.
-
-    Args:
-        model: the trained network.
-        records: fully labelled sessions.
-        config: window size and device; ``config.overlap`` unless ``overlap`` is given.
-        overlap: overlap of neighbouring windows, in [0, 1).
-
-    Returns:
-        Tidy rows ``participant_id, session_id, scan_age, label, short_name, is_background,
-        dice, inference_s`` (one per session and class).
-    """
-    prepare = eval_transforms(crop=False)
-    overlap = config.overlap if overlap is None else overlap
-    rows = []
-    for record in records:
-        sample = prepare(dict(record))
-        started = time.perf_counter()
-        predicted = segment(
-            model,
-            sample["image"],
-            patch_size=config.patch_size,
-            overlap=overlap,
-            device=config.device,
-        )
-        seconds = time.perf_counter() - started
-        dice = dice_per_class(predicted, np.asarray(sample["label"][0], dtype=np.uint8))
-        for index, label in DRAWEM9.items():
-            rows.append(
-                {
-                    "participant_id": str(record["participant_id"]),
-                    "session_id": str(record["session_id"]),
-                    "scan_age": record.get("scan_age", np.nan),
-                    "label": index,
-                    "short_name": label.short_name,
-                    "is_background": label.is_background,
-                    "dice": float(dice[index]),
-                    "inference_s": seconds,
-                }
-            )
-    return pd.DataFrame(rows)
 
 
 def condition_results(

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from neonb import budgeting as B
+from neonb import experiment
 from neonb.errors import ConfigError, DataError
 from neonb.experiment import TrainingConfig
 from neonb.losses import SegmentationLoss
@@ -434,13 +435,13 @@ def test_equal_steps_schedule():
     config = TrainingConfig(patch_size=(16, 16, 16), model=TINY, epochs=3, batch_size=2)
     assert B.condition_config(config, 12) is config
     steps = {
-        n: B.optimizer_steps(
+        n: experiment.optimizer_steps(
             n, B.condition_config(config, n, schedule="steps", samples_per_epoch=48)
         )
         for n in (4, 12, 40)
     }
     assert steps == {4: 72, 12: 72, 40: 60}
-    assert B.optimizer_steps(12, config) == 3 * 6
+    assert experiment.optimizer_steps(12, config) == 3 * 6
     with pytest.raises(ConfigError, match="samples_per_epoch"):
         B.condition_config(config, 4, schedule="steps")
 
@@ -462,7 +463,9 @@ def test_summary_counts_slices_and_voxels(records, tmp_path):
 def test_evaluate_dice_rows(records):
     config = TrainingConfig(patch_size=(8, 8, 8), model=TINY, device="cpu", overlap=0.0)
     torch.manual_seed(0)
-    rows = B.evaluate_dice(build_model(TINY).eval(), records[:2], config)
+    rows = experiment.evaluate_dice(
+        build_model(TINY).eval(), experiment.prepare_volumes(records[:2]), config
+    )
     assert len(rows) == 2 * 10
     assert set(rows["participant_id"]) == {"P0", "P1"}
     assert rows["is_background"].sum() == 2 * 2

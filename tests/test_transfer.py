@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from neonb import data, plots, report, transfer
+from neonb import data, experiment, plots, report, transfer
 from neonb.errors import ConfigError
 from neonb.experiment import TrainingConfig, build_optimizer, segmentation_loss
 from neonb.models import ModelConfig, build_model
@@ -177,10 +177,10 @@ def test_fine_tune_trains_a_copy_and_scores_it(records, tmp_path):
     )
     pd.testing.assert_frame_equal(again.log, run.log)  # reloaded, not trained again
 
-    volumes = transfer.prepare_volumes(records[2:])
-    scores = transfer.evaluate_dice(run.model, volumes, config).assign(strategy="shallow")
+    volumes = experiment.prepare_volumes(records[2:])
+    scores = experiment.evaluate_dice(run.model, volumes, config).assign(strategy="shallow")
     assert len(scores) == 10 and scores["dice"].dropna().between(0, 1).all()
-    subjects = transfer.subject_dice(scores)
+    subjects = experiment.subject_dice(scores)
     assert len(subjects) == 1
     tissue = scores.loc[~scores["is_background"], "dice"]
     assert subjects["dice_mean_nobg"].item() == pytest.approx(tissue.mean())

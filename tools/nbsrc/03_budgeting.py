@@ -333,7 +333,7 @@ for condition in plan.conditions:
             "condition": condition.name,
             "epochs": run_config.epochs,
             "samples_per_volume": run_config.samples_per_volume,
-            "steps": budgeting.optimizer_steps(len(train_records), run_config),
+            "steps": experiment.optimizer_steps(len(train_records), run_config),
             "train_time_s": trained.train_time_s,
             "best_epoch": int(trained.best["epoch"]),
         }
@@ -365,11 +365,12 @@ n_eval = len(test_ages) if n_test_eval in (0, None) else min(n_test_eval, len(te
 chosen = set(splits.stratified_pick(test_ages, n_eval, np.random.default_rng(seed)))
 test_records = [r for r in records["test"] if r["participant_id"] in chosen]
 started = time.perf_counter()
+test_volumes = experiment.prepare_volumes(test_records)
 per_case = pd.concat(
     [
-        budgeting.evaluate_dice(trained.model, test_records, config, overlap=test_overlap).assign(
-            condition=name, run=0
-        )
+        experiment.evaluate_dice(
+            trained.model, test_volumes, config.replace(overlap=test_overlap)
+        ).assign(condition=name, run=0)
         for name, trained in runs.items()
     ],
     ignore_index=True,

@@ -66,7 +66,6 @@ sw_batch_size = 8
 # %%
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from neonb import (
@@ -252,13 +251,13 @@ settings = {
 rows = {}
 for name, run in runs.items():
     split, config = settings[name]
-    per_epoch = np.ceil(len(records[split]) * config.samples_per_volume / config.batch_size)
+    steps = experiment.optimizer_steps(len(records[split]), config.replace(epochs=len(run.log)))
     rows[name] = {
         "trained on": split,
         "epochs": len(run.log),
-        "steps": int(len(run.log) * per_epoch),
+        "steps": steps,
         "training time (s)": round(run.train_time_s, 1),
-        "s per step": round(run.train_time_s / (len(run.log) * per_epoch), 3),
+        "s per step": round(run.train_time_s / steps, 3),
         "best epoch": int(run.best["epoch"]),
         "validation Dice (no BG)": round(float(run.best["val_dice_nobg"]), 3),
     }
@@ -274,10 +273,10 @@ timing
 # and windows per forward pass as set above), and each tissue is scored with Dice.
 
 # %%
-volumes = transfer.prepare_volumes(records["target_test"])
+volumes = experiment.prepare_volumes(records["target_test"])
 per_case = pd.concat(
     [
-        transfer.evaluate_dice(
+        experiment.evaluate_dice(
             run.model, volumes, source_config, sw_batch_size=sw_batch_size
         ).assign(strategy=name)
         for name, run in runs.items()
@@ -285,7 +284,7 @@ per_case = pd.concat(
     ignore_index=True,
 )
 per_case.to_csv(out / "test_per_class.tsv", sep="\t", index=False)
-cases = transfer.subject_dice(per_case)
+cases = experiment.subject_dice(per_case)
 cases.to_csv(out / "test_per_subject.tsv", sep="\t", index=False)
 seconds = per_case.groupby(["strategy", "participant_id"])["inference_s"].first()
 print(
