@@ -535,6 +535,83 @@ def session_extents(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=EXTENT_COLUMNS)
 
 
+EXTENT_CACHE_KEYS = ["label", "label_bytes", "label_mtime_ns"]
+"""Columns that tie a cached extent to its label file: path, size and modification time."""
+
+
+def cached_extents(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> pd.DataFrame:
+    """:func:`session_extents`, computed once per label file and kept in a TSV at ``path``.
+
+    Reading every label image of a paper-scale pool takes minutes, and both the plan
+    (``neonb study --plan``) and the budgeting chapter need the extents; a row is reused
+    while its label file has the same path, size and modification time, and computed
+    otherwise.
+
+    Returns:
+        :data:`EXTENT_COLUMNS` for ``records``, in their order.
+    """
+    path = Path(path)
+    columns = [*EXTENT_COLUMNS, *EXTENT_CACHE_KEYS]
+    known: dict[tuple[str, int, int], dict[str, Any]] = {}
+    if path.is_file():
+        cached = pd.read_csv(
+            path, sep="\t", dtype={"participant_id": str, "session_id": str, "label": str}
+        )
+        if set(columns) <= set(cached.columns):
+            known = {
+                (row["label"], int(row["label_bytes"]), int(row["label_mtime_ns"])): row
+                for row in cached[columns].to_dict("records")
+            }
+    keys = [_label_key(record) for record in records]
+    missing = [record for record, key in zip(records, keys, strict=True) if key not in known]
+    for record, row in zip(missing, session_extents(missing).to_dict("records"), strict=True):
+        key = _label_key(record)
+        known[key] = {**row, **dict(zip(EXTENT_CACHE_KEYS, key, strict=True))}
+    table = pd.DataFrame([known[key] for key in keys], columns=columns)
+    if missing:
+        write_id_table(table, columns, path)
+    return table[EXTENT_COLUMNS].reset_index(drop=True)
+
+
+def _label_key(record: Mapping[str, Any]) -> tuple[str, int, int]:
+    label = Path(record["label"])
+    try:
+        stat = label.stat()
+    except OSError as err:
+        raise DataError(label, f"cannot be read: {err}") from err
+    return str(label), stat.st_size, stat.st_mtime_ns
+
+
+def budget_pool(
+    manifest: pd.DataFrame, pipeline_splits: pd.DataFrame
+) -> tuple[list[dict[str, Any]], pd.Series, list[str]]:
+    """The sessions annotations may be spent on: the pipeline's training and pool sessions.
+
+    Validation and test sessions stay fully labelled, and sessions the splits left out
+    (:data:`neonb.splits.EXCLUDED`) are not used, so every pooled participant has one session.
+
+    Args:
+        manifest: the cohort's manifest.
+        pipeline_splits: the study's pipeline splits (:func:`neonb.splits.pipeline_splits`).
+
+    Returns:
+        ``(records, ages, train_ids)``: the pool's data dicts
+        (:func:`neonb.data.to_data_dicts`), its scan ages (weeks) by participant id, and the
+        participants of the pipeline's training split.
+    """
+    from neonb.data import to_data_dicts
+    from neonb.splits import POOL
+
+    pooled = pipeline_splits[pipeline_splits["split"].isin(["train", POOL])]
+    keys = manifest.astype({"participant_id": str, "session_id": str})
+    rows = pooled[["participant_id", "session_id", "split"]].merge(
+        keys, on=["participant_id", "session_id"], how="inner"
+    )
+    ages = pd.Series(rows["scan_age"].to_numpy(float), index=rows["participant_id"].to_numpy())
+    train_ids = rows.loc[rows["split"] == "train", "participant_id"].tolist()
+    return to_data_dicts(rows.drop(columns="split")), ages, train_ids
+
+
 def slice_count(length: float, fraction: float) -> int:
     """Slices to annotate: ``round(fraction * length)``, at least 1.
 
@@ -921,6 +998,30 @@ def condition_summary(
             }
         )
     return pd.DataFrame(rows)
+
+
+def annotated_slices(
+    conditions: Sequence[Condition],
+    assigned: Mapping[str, Sequence[str]],
+    extents: pd.DataFrame,
+    slices: pd.DataFrame,
+    *,
+    full_plane: str = "axial",
+) -> dict[str, int]:
+    """The annotated slices each condition spends, by condition name.
+
+    Full volumes count their slices along ``full_plane`` within the head's extent; a
+    partial condition counts its rows of ``slices`` (:func:`slice_table`).
+    """
+    chosen = slices.groupby("condition").size()
+    return {
+        c.name: (
+            budget_slices(extents, [str(p) for p in assigned[c.name]], full_plane)
+            if c.is_full
+            else int(chosen.get(c.name, 0))
+        )
+        for c in conditions
+    }
 
 
 def write_slices(slices: pd.DataFrame, path: str | os.PathLike) -> Path:

@@ -35,6 +35,11 @@ def _manifest(args: argparse.Namespace) -> None:
 def _study(args: argparse.Namespace) -> None:
     from neonb.study import run_study
 
+    if args.plan:
+        from neonb.plan import check_plan
+
+        check_plan(args.params, data_root=args.data)
+        return
     run_study(args.params, data_root=args.data, book=not args.no_book)
 
 
@@ -149,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="[OPTIONAL] dHCP release folder; default: the synthetic cohort",
     )
     study.add_argument("--no-book", action="store_true", help="run the notebooks only")
+    study.add_argument(
+        "--plan",
+        action="store_true",
+        help="train nothing: resolve the data, draw or read the splits, lay out every "
+        "chapter's sets and runs, and write plan.tsv to the results folder",
+    )
     study.set_defaults(handler=_study)
 
     export = commands.add_parser(

@@ -298,7 +298,10 @@ def run_study(
     workdir: str | os.PathLike = REPO_ROOT,
     echo=print,
 ) -> Path | None:
-    """Run every notebook that has parameters in ``params_dir``, then build the book.
+    """Plan the study, run every notebook that has parameters in ``params_dir``, build the book.
+
+    The plan (:func:`neonb.plan.check_plan`) comes first, so parameters or data that cannot
+    work stop the study in seconds rather than after a day of training.
 
     Args:
         params_dir: e.g. ``params/demo``.
@@ -319,6 +322,12 @@ def run_study(
     if not plan:
         raise ConfigError(f"{params_dir} holds no parameters for any of {list(notebooks)}")
     started = time.perf_counter()
+    from neonb.plan import check_plan
+
+    echo("planning the study (nothing is trained) ...")
+    root = Path(data_root).expanduser().resolve() if data_root else None
+    with contextlib.chdir(workdir):
+        check_plan(Path(params_dir).resolve(), data_root=root, echo=echo)
     for step, (name, params) in enumerate(plan, start=1):
         if data_root:
             params["data_root"] = str(Path(data_root).expanduser().resolve())

@@ -8,7 +8,8 @@ n_subjects = 14
 voxel_size = 4.0
 seed = 0
 results_dir = "results/smoke"
-subset_fraction = 0.5
+n_train = 6
+n_val = 1
 n_test = 3
 n_source = 4
 n_source_val = 1
@@ -180,31 +181,43 @@ plots.volumes_by_age(volumes)
 # ## Splits
 #
 # The later chapters train and evaluate on fixed splits, drawn here once and saved as TSV
-# next to the results so every run reuses them:
+# next to the results (with `splits.json`, the sizes and seed they were drawn with), so
+# every later chapter reads them back rather than drawing them again:
 #
 # - the segmentation pipeline (paper §4.1.1): an age-representative subset divided into
 #   training and validation sessions, and an independent test set;
-# - transfer learning (paper §3.5): the oldest infants as the source, the youngest as
+# - transfer learning (paper §3.5): the oldest sessions as the source, the youngest as
 #   the target.
 #
-# A participant's sessions always stay in one split.
+# Sizes count sessions, the paper's data units. Within one experiment a participant
+# contributes one session, so that no infant's anatomy is in two sets: the pipeline takes
+# one session of each rescanned infant, drawn at random; transfer learning takes the
+# youngest for the target and the oldest for the source. Each table keeps the sessions
+# this leaves out (split `excluded`); the pipeline's table also lists the sessions drawn
+# into no set (`pool`), on which the label-budgeting chapter spends its extra annotations.
 
 # %%
-pipeline = splits.pipeline_splits(
-    manifest, subset_fraction=subset_fraction, n_test=n_test, seed=seed
-)
-transfer = splits.transfer_splits(
-    manifest,
+sizes = splits.SplitSizes(
+    n_train=n_train,
+    n_val=n_val,
+    n_test=n_test,
     n_source=n_source,
     n_source_val=n_source_val,
     n_target=n_target,
     n_target_train=n_target_train,
     seed=seed,
 )
-for name, table in {"pipeline": pipeline, "transfer": transfer}.items():
-    print(f"{name} splits written to {splits.write_splits(table, results / f'splits_{name}.tsv')}")
-summary = pd.concat([pipeline, transfer]).groupby("split", sort=False)["scan_age"]
+tables = splits.ensure_study_splits(results, manifest, sizes)
+for name, file in splits.STUDY_SPLITS.items():
+    print(f"{name} splits: {results / file}")
+summary = pd.concat(tables.values()).groupby("split", sort=False)["scan_age"]
 summary.agg(["count", "min", "median", "max"]).round(1)
+
+# %% [markdown]
+# Sessions left out because their infant is in the experiment with another session:
+
+# %%
+pd.concat({name: splits.left_out(table) for name, table in tables.items()}).droplevel(1).round(1)
 
 # %% [markdown]
 # ---

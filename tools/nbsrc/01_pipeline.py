@@ -8,7 +8,8 @@ n_subjects = 14
 voxel_size = 4.0
 seed = 0
 results_dir = "results/smoke"
-subset_fraction = 0.5
+n_train = 6
+n_val = 1
 n_test = 3
 n_source = 4
 n_source_val = 1
@@ -82,24 +83,23 @@ hardware = describe_hardware(config.device)
 # %% [markdown]
 # ## Sessions and splits
 #
-# The splits are redrawn from the same seed and sizes as in the data chapter, so they
-# are the same sessions: an age-representative subset divided into training and
-# validation, and an independent test set.
+# The splits are those the data chapter drew and wrote (`splits_pipeline.tsv`), read
+# back: an age-representative subset divided into training and validation, and an
+# independent test set, one session per infant.
 
 # %%
 cohort = study.open_cohort(
     data_root, synthetic_base=synthetic_base, n=n_subjects, seed=seed, voxel_size=voxel_size
 )
 root, manifest, dataset = cohort.root, cohort.manifest, cohort.description
-pipeline_splits = splits.pipeline_splits(
-    manifest, subset_fraction=subset_fraction, n_test=n_test, seed=seed
-)
+pipeline_splits = splits.load_study_splits(results_dir, manifest)["pipeline"]
 records = {
     name: data.to_data_dicts(splits.select(manifest, pipeline_splits, name))
     for name in ("train", "val", "test")
 }
 print(f"{dataset} at {root}; results in {out}; running on {hardware}")
-pipeline_splits.groupby("split")["scan_age"].describe()[["count", "min", "50%", "max"]]
+in_sets = pipeline_splits[pipeline_splits["split"].isin(splits.PIPELINE_SETS)]
+in_sets.groupby("split")["scan_age"].describe()[["count", "min", "50%", "max"]]
 
 # %% [markdown]
 # ## Pre-processing and augmentation (the paper's Figure 2)

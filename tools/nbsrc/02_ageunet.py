@@ -8,7 +8,8 @@ n_subjects = 14
 voxel_size = 4.0
 seed = 0
 results_dir = "results/smoke"
-subset_fraction = 0.5
+n_train = 6
+n_val = 1
 n_test = 3
 n_source = 4
 n_source_val = 1
@@ -79,7 +80,8 @@ baseline_dir = Path(results_dir) / "01_pipeline" / "run-0"
 # %% [markdown]
 # ## Sessions, and the baseline of the pipeline chapter
 #
-# The same training, validation and test sessions as the baseline (same seed and sizes).
+# The same training, validation and test sessions as the baseline (the data chapter's
+# `splits_pipeline.tsv`, read back).
 # The baseline is reloaded from its run folder, and the AgeU-Net keeps its settings
 # (network, patch size, optimiser, augmentation), changing only what `training` lists:
 # the paper lowers the learning rate to 1e-3 for the AgeU-Net.
@@ -89,9 +91,7 @@ cohort = study.open_cohort(
     data_root, synthetic_base=synthetic_base, n=n_subjects, seed=seed, voxel_size=voxel_size
 )
 root, manifest, dataset = cohort.root, cohort.manifest, cohort.description
-pipeline_splits = splits.pipeline_splits(
-    manifest, subset_fraction=subset_fraction, n_test=n_test, seed=seed
-)
+pipeline_splits = splits.load_study_splits(results_dir, manifest)["pipeline"]
 records = {
     name: data.to_data_dicts(splits.select(manifest, pipeline_splits, name))
     for name in ("train", "val", "test")
@@ -102,7 +102,7 @@ hardware = describe_hardware(config.device)
 mean_age = float(pd.Series([r["scan_age"] for r in records["train"]]).mean())
 print(f"{dataset} at {root}; baseline from {baseline_dir}; results in {out}; on {hardware}")
 print(f"mean training age (the mean predictor): {mean_age:.2f} weeks")
-pipeline_splits.groupby("split")["scan_age"].describe()[["count", "mean", "std", "min", "max"]]
+pipeline_splits[pipeline_splits["split"].isin(splits.PIPELINE_SETS)].groupby("split")["scan_age"].describe()[["count", "mean", "std", "min", "max"]]
 
 # %% [markdown]
 # ## The model

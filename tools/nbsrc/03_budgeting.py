@@ -8,7 +8,8 @@ n_subjects = 14
 voxel_size = 4.0
 seed = 0
 results_dir = "results/smoke"
-subset_fraction = 0.5
+n_train = 6
+n_val = 1
 n_test = 3
 n_source = 4
 n_source_val = 1
@@ -97,12 +98,14 @@ hardware = describe_hardware(config.device)
 # %% [markdown]
 # ## Who may be annotated
 #
-# The validation and test sessions are those of the pipeline chapter, redrawn from the same
-# seed and sizes, and stay fully labelled: every model is validated and tested on complete
-# labels. Every other participant belongs to the *pool* that annotations may be spent on.
-# The fully labelled condition takes its `n_full` participants from the pipeline's training
-# split (at the paper's scale, all 114 of them); the dispersed conditions add participants
-# from the rest of the pool (the paper "tripled" its training set to 342).
+# The validation and test sessions are those of the pipeline chapter (the data chapter's
+# `splits_pipeline.tsv`, read back) and stay fully labelled: every model is validated and
+# tested on complete labels. Every other participant belongs to the *pool* that
+# annotations may be spent on, with the one session the splits gave it (its training
+# session, or a session drawn into no set). The fully labelled condition takes its `n_full`
+# sessions from the pipeline's training split (at the paper's scale, all 114 of them); the
+# dispersed conditions add sessions from the rest of the pool (the paper "tripled" its
+# training set to 342).
 #
 # For each pooled session we need the extent of the head along each axis: the range of
 # slices holding any label other than 0. Label 0 is the outer background, where the image is
@@ -116,21 +119,13 @@ cohort = study.open_cohort(
     data_root, synthetic_base=synthetic_base, n=n_subjects, seed=seed, voxel_size=voxel_size
 )
 root, manifest, dataset = cohort.root, cohort.manifest, cohort.description
-pipeline_splits = splits.pipeline_splits(
-    manifest, subset_fraction=subset_fraction, n_test=n_test, seed=seed
-)
-held_out = set(pipeline_splits.loc[pipeline_splits["split"] != "train", "participant_id"])
-complete = manifest[manifest["complete"].astype(bool) & manifest["scan_age"].notna()]
-pool = complete[~complete["participant_id"].isin(held_out)]
-pool_records = data.to_data_dicts(pool)
-pool_ages = pool.groupby("participant_id")["scan_age"].min()
-train_ids = pipeline_splits.loc[pipeline_splits["split"] == "train", "participant_id"]
+pipeline_splits = splits.load_study_splits(results_dir, manifest)["pipeline"]
+pool_records, pool_ages, train_ids = budgeting.budget_pool(manifest, pipeline_splits)
 records = {
     name: data.to_data_dicts(splits.select(manifest, pipeline_splits, name))
     for name in ("val", "test")
 }
-extents = budgeting.session_extents(pool_records)
-extents.to_csv(out / "extents.tsv", sep="\t", index=False)
+extents = budgeting.cached_extents(pool_records, out / "extents.tsv")
 lengths = pd.DataFrame(
     {plane: extents[f"{plane}_stop"] - extents[f"{plane}_start"] for plane in budgeting.PLANES}
 )
@@ -200,9 +195,8 @@ summary.round(3)
 
 # %% [markdown]
 # `annotated_slices` is the budget each condition spent: the slices along the sweep's plane
-# for full volumes, the chosen slices otherwise. Conditions draw participants; a participant
-# scanned twice (preterm-born infants are often rescanned at term) brings both sessions, so
-# `n_sessions` can exceed `n_subjects`. Slices along different planes cross, so the
+# for full volumes, the chosen slices otherwise. Conditions draw participants, each with the
+# one session the pipeline's splits gave it, so `n_sessions` equals `n_subjects`. Slices along different planes cross, so the
 # random condition annotates slightly fewer voxels (`annotated_voxel_fraction`, within the
 # head's bounding box) for the same number of slices.
 #

@@ -8,7 +8,8 @@ n_subjects = 14
 voxel_size = 4.0
 seed = 0
 results_dir = "results/smoke"
-subset_fraction = 0.5
+n_train = 6
+n_val = 1
 n_test = 3
 n_source = 4
 n_source_val = 1
@@ -93,30 +94,24 @@ hardware = describe_hardware(source_config.device)
 # %% [markdown]
 # ## Source and target (the paper's Figure 10)
 #
-# The target is the youngest participants; the source the oldest of the rest. The
-# source is split into training and validation sessions, the target into a small
-# training set (for fine-tuning) and a test set. The splits are the data chapter's,
-# redrawn from the same seed and sizes.
+# The target is the youngest sessions, one per infant; the source the oldest sessions of
+# the other infants. The source is split into training and validation sessions, the
+# target into a small training set (for fine-tuning) and a test set. The splits are those
+# the data chapter drew and wrote (`splits_transfer.tsv`), read back.
 
 # %%
 cohort = study.open_cohort(
     data_root, synthetic_base=synthetic_base, n=n_subjects, seed=seed, voxel_size=voxel_size
 )
 root, manifest, dataset = cohort.root, cohort.manifest, cohort.description
-transfer_splits = splits.transfer_splits(
-    manifest,
-    n_source=n_source,
-    n_source_val=n_source_val,
-    n_target=n_target,
-    n_target_train=n_target_train,
-    seed=seed,
-)
+transfer_splits = splits.load_study_splits(results_dir, manifest)["transfer"]
 records = {
     name: data.to_data_dicts(splits.select(manifest, transfer_splits, name))
     for name in ("source_train", "source_val", "target_train", "target_test")
 }
-datasets = transfer_splits.assign(
-    dataset=transfer_splits["split"].map(
+datasets = transfer_splits[transfer_splits["split"] != splits.EXCLUDED]
+datasets = datasets.assign(
+    dataset=datasets["split"].map(
         {
             "source_train": "source",
             "source_val": "source",
