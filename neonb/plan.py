@@ -406,7 +406,7 @@ def plan_study(
         tables = ensure_study_splits(results, cohort.manifest, SplitSizes.from_params(study))
         shape = _volume_shape(cohort.manifest)
     except NeonbError as err:
-        raise type(err)(f"{first}: {err}") from None
+        raise ConfigError(f"{first}: {err}") from None
     planner = _Planner(params, cohort.manifest, tables, shape)
     failures = []
     for name, p in params.items():

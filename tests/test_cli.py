@@ -9,7 +9,14 @@ import pytest
 
 from neonb.cli import main
 from neonb.errors import ConfigError
-from neonb.study import NotebookError, load_params, open_cohort, resolve_data_root, run_study
+from neonb.study import (
+    NotebookError,
+    load_params,
+    open_cohort,
+    resolve_data_root,
+    run_notebook,
+    run_study,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,8 +52,17 @@ def test_load_params_merges_study_and_notebook_files(tmp_path):
 def test_a_failing_notebook_is_named_with_its_cell(tmp_path):
     params = tmp_path / "params"
     params.mkdir()
-    (params / "00_data.yaml").write_text("data_root: /no/such/release\n")
     with pytest.raises(NotebookError, match=r"00_data.ipynb failed in cell \d+ .*no such folder"):
+        run_notebook(
+            "00_data", {"data_root": "/no/such/release"}, output_dir=tmp_path, cwd=tmp_path
+        )
+
+
+def test_a_study_that_cannot_be_planned_stops_before_any_notebook(tmp_path):
+    params = tmp_path / "params"
+    params.mkdir()
+    (params / "00_data.yaml").write_text("data_root: /no/such/release\n")
+    with pytest.raises(ConfigError, match=r"^00_data: /no/such/release: no such folder"):
         run_study(
             params,
             book=False,
@@ -54,6 +70,7 @@ def test_a_failing_notebook_is_named_with_its_cell(tmp_path):
             workdir=tmp_path,
             echo=lambda *a, **k: None,
         )
+    assert not (tmp_path / "book" / "notebooks").exists()
 
 
 def test_paper_scale_without_a_data_root_is_refused_before_writing(tmp_path):

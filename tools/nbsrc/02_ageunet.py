@@ -102,7 +102,8 @@ hardware = describe_hardware(config.device)
 mean_age = float(pd.Series([r["scan_age"] for r in records["train"]]).mean())
 print(f"{dataset} at {root}; baseline from {baseline_dir}; results in {out}; on {hardware}")
 print(f"mean training age (the mean predictor): {mean_age:.2f} weeks")
-pipeline_splits[pipeline_splits["split"].isin(splits.PIPELINE_SETS)].groupby("split")["scan_age"].describe()[["count", "mean", "std", "min", "max"]]
+in_sets = pipeline_splits[pipeline_splits["split"].isin(splits.PIPELINE_SETS)]
+in_sets.groupby("split")["scan_age"].describe()[["count", "mean", "std", "min", "max"]]
 
 # %% [markdown]
 # ## The model
