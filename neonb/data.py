@@ -17,7 +17,7 @@ and returns one row per session with the reason it is incomplete, if it is. With
 ``check=True`` every image is also opened and checked in the spirit of nnU-Net's
 ``verify_dataset_integrity``: each problem is recorded against its session, naming the
 file, and nothing is raised for a bad image. The per-image checks (:func:`load_nifti`,
-:func:`check_image_3d`, :func:`check_finite`, :func:`check_labels`,
+:func:`check_geometry`, :func:`check_image_3d`, :func:`check_finite`, :func:`check_labels`,
 :func:`check_same_shape`, :func:`check_same_affine`) raise :class:`~neonb.errors.DataError`
 on their own, so other code can reuse them for single-file messages.
 

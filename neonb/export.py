@@ -220,8 +220,12 @@ def training_grid(data_root: str | os.PathLike) -> dict[str, Any]:
             header = nib.load(str(path)).header
         except (OSError, ValueError, ImageFileError):  # a broken file tells no grid: skip it
             continue
-        zooms.append([float(z) for z in header.get_zooms()[:3]])
-        codes["".join(nib.aff2axcodes(header.get_best_affine()))] += 1
+        affine = header.get_best_affine()  # the voxel size is the affine's, as in segmenting
+        sizes = nib.affines.voxel_sizes(affine)[:3]
+        if not (np.isfinite(affine).all() and np.all(sizes > 0)):
+            continue
+        zooms.append([float(z) for z in sizes])
+        codes["".join(nib.aff2axcodes(affine))] += 1
     if not zooms:
         raise DataError(root, "holds no readable T2w image to take the voxel size from")
     zooms_array = np.asarray(zooms)

@@ -4,12 +4,17 @@ This is what ``neonb segment`` does (:mod:`neonb.cli`). For one session,
 :func:`segment_scan`
 
 1. opens and checks every input (:func:`load_inputs`): each image with
-   :func:`neonb.data.load_nifti` (missing file, not NIfTI, corrupt gzip, truncated),
-   :func:`~neonb.data.check_image_3d`, :func:`~neonb.data.check_finite` and
+   :func:`neonb.data.load_nifti` (missing file, not a regular file, not NIfTI, corrupt gzip,
+   truncated, too large for its header's size limits, a non-finite or singular affine),
+   :func:`~neonb.data.check_image_3d`, :func:`check_min_size`,
+   :func:`~neonb.data.check_finite` (NaN/Inf, or beyond the float32 range) and
    :func:`check_not_blank`; T1w against T2w with :func:`~neonb.data.check_same_shape` and
    :func:`~neonb.data.check_same_affine`; a reference segmentation, when one is given for
-   evaluation, with :func:`~neonb.data.check_labels`. Any problem raises
-   :class:`~neonb.errors.DataError` naming the file, before anything is written;
+   evaluation, with :func:`~neonb.data.check_labels`. Header fields that disagree with the
+   affine (:func:`~neonb.data.geometry_warnings`) are warned about
+   (:class:`~neonb.errors.NeonbWarning`); the affine is the one source of the voxel size.
+   No planned output may replace an input (:func:`check_no_input_replaced`). Any problem
+   raises :class:`~neonb.errors.DataError` naming the file, before anything is written;
 2. reorients the images to the voxel-axis orientation the model was trained on (lossless:
    axes are permuted and flipped with :mod:`nibabel.orientations`) and, when the voxel size
    differs from the model's, resamples them to it (MONAI ``Spacing``, bilinear) and says so;
@@ -30,11 +35,14 @@ This is what ``neonb segment`` does (:mod:`neonb.cli`). For one session,
 
    Every file goes through :func:`neonb.files.atomic_write`; the segmentation is written
    last, and if any write fails the files already written are removed, so a session has
-   all its outputs or none.
+   all its outputs or none. A result with no brain labelled (every voxel background) is
+   refused and nothing is written; a refusal leaves no empty output folder.
 
 :func:`segment_batch` runs this over a manifest TSV or a dHCP/BIDS folder with a progress
 bar, skips sessions whose outputs all exist (so an interrupted batch resumes where it
-stopped), and reports a failing session without stopping the others.
+stopped), and reports a failing session without stopping the others (a participant or
+session id that is not a BIDS label fails its session, and no folder is made from it). A
+lock file in the output folder (:data:`BATCH_LOCK_FILE`) refuses a second batch into it.
 
 Example:
     >>> from neonb.export import load_exported_model
@@ -100,6 +108,8 @@ __all__ = [
     "BatchResult",
     "GridMapping",
     "SegmentationResult",
+    "check_min_size",
+    "check_no_input_replaced",
     "check_not_blank",
     "from_model_grid",
     "gather_tables",
