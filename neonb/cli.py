@@ -1,7 +1,9 @@
 """The ``neonb`` command line: thin wrappers over the library's functions.
 
 Every sub-command turns a :class:`neonb.errors.NeonbError` into a one-line message on
-standard error and exit status 1; anything else is a bug and keeps its traceback.
+standard error and exit status 1; anything else is a bug and keeps its traceback. A
+:class:`neonb.errors.NeonbWarning` (an input neonb can use but whose header disagrees with
+itself, say) is one line on standard error too, and the command goes on.
 Heavy imports (torch, MONAI) happen inside the sub-commands so ``neonb --help`` is fast.
 """
 
@@ -9,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from neonb import __version__
-from neonb.errors import NeonbError
+from neonb.errors import NeonbError, NeonbWarning
 
 
 def _phantom(args: argparse.Namespace) -> None:
@@ -243,12 +246,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(command: str, show: Callable[..., None]) -> Callable[..., None]:
+    """A ``warnings.showwarning`` that prints a :class:`NeonbWarning` as one line."""
+
+    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        if issubclass(category, NeonbWarning):
+            text = " ".join(str(message).split())
+            print(f"neonb {command}: warning: {text}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return show_warning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``neonb`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], None] = args.handler
     try:
-        handler(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", NeonbWarning)
+            warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
+            handler(args)
     except NeonbError as error:
         message = " ".join(str(error).split())  # one line, whatever the library said
         print(f"neonb {args.command}: error: {message}", file=sys.stderr)

@@ -17,7 +17,7 @@ and returns one row per session with the reason it is incomplete, if it is. With
 ``check=True`` every image is also opened and checked in the spirit of nnU-Net's
 ``verify_dataset_integrity``: each problem is recorded against its session, naming the
 file, and nothing is raised for a bad image. The per-image checks (:func:`load_nifti`,
-:func:`check_image_3d`, :func:`check_finite`, :func:`check_labels`,
+:func:`check_geometry`, :func:`check_image_3d`, :func:`check_finite`, :func:`check_labels`,
 :func:`check_same_shape`, :func:`check_same_affine`) raise :class:`~neonb.errors.DataError`
 on their own, so other code can reuse them for single-file messages.
 
@@ -35,10 +35,13 @@ Example:
 
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 import math
 import os
 import re
+import stat
 import struct
 import zlib
 from collections import Counter
@@ -46,7 +49,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import nibabel as nib
 import numpy as np
@@ -64,11 +67,15 @@ StrPath = str | os.PathLike
 
 __all__ = [
     "AFFINE_ATOL_MM",
+    "MAX_AXIS_VOXELS",
+    "MAX_IMAGE_VOXELS",
     "IMAGE_COLUMNS",
     "MANIFEST_COLUMNS",
     "PRETERM_BIRTH_AGE_WEEKS",
     "ManifestSummary",
     "check_finite",
+    "check_geometry",
+    "geometry_warnings",
     "check_image_3d",
     "check_labels",
     "check_same_affine",
@@ -154,6 +161,36 @@ NIFTI_SINGLE_FILE_MAGIC = {NIFTI1_HEADER_BYTES: b"n+1\x00", NIFTI2_HEADER_BYTES:
 NIFTI_IMAGE_CLASS: dict[int, type[nib.Nifti1Image]] = {
     NIFTI1_HEADER_BYTES: nib.Nifti1Image,
     NIFTI2_HEADER_BYTES: nib.Nifti2Image,
+}
+
+MAX_IMAGE_VOXELS = 4 * 512**3
+"""Most voxels (all axes together) an image may hold: four 512³ volumes, far beyond any
+neonatal scan (the dHCP grid is 217 × 290 × 290); checked from the header before reading."""
+
+MAX_AXIS_VOXELS = 2048
+"""Most voxels along any one axis (checked from the header before reading)."""
+
+MAX_HEADER_EXTENSION_BYTES = 64 * 2**20
+"""Most bytes between the header and the image data (NIfTI extensions)."""
+
+MAX_TRAILING_BYTES = 64 * 2**20
+"""Most bytes a file may hold after the image data its header describes; the rest of a
+longer (decompressed) stream is not read."""
+
+READ_CHUNK_BYTES = 2**20
+"""Bytes read at a time past the image data, to check a gzip stream to its end."""
+
+VOXEL_SIZE_RTOL = 1e-3
+"""Relative tolerance between the header's ``pixdim`` and the affine's voxel sizes."""
+
+SINGULAR_AFFINE_RTOL = 1e-6
+"""An affine whose |det| is below this fraction of the product of its column norms is
+singular: its voxel axes do not span 3D space."""
+
+_AFFINE_FIELDS = {
+    "sform": "the sform (srow_x, srow_y, srow_z)",
+    "qform": "the qform (quatern_b/c/d, qoffset_x/y/z, pixdim)",
+    "pixdim": "pixdim (no sform or qform code set)",
 }
 
 # What nibabel raises on a header or data block it cannot make sense of.
@@ -245,10 +282,15 @@ def _natural_key(text: str) -> tuple[Any, ...]:
 def load_nifti(path: StrPath) -> nib.Nifti1Image:
     """Open a NIfTI-1 or NIfTI-2 file, read all of it and say precisely what is wrong.
 
-    The whole file is decompressed once, so a broken gzip stream or a file cut short is
-    caught here rather than in a later ``get_fdata()``. The returned image holds its data
-    in memory (as ``np.asanyarray(img.dataobj)`` gives it: the on-disk type, or float
-    when the header scales it) and remembers ``path`` as its file name.
+    The path must be a regular file (a named pipe, a device such as ``/dev/zero`` or a link
+    to one is refused before it is opened). The header is read and checked first: an image
+    larger than :data:`MAX_AXIS_VOXELS` along an axis or :data:`MAX_IMAGE_VOXELS` in all is
+    refused before its data are read, and no more of a (decompressed) stream is read than
+    the header describes plus :data:`MAX_TRAILING_BYTES`. The whole stream is then read once,
+    so a broken gzip stream or a file cut short is caught here rather than in a later
+    ``get_fdata()``; the voxel-to-world geometry is checked with :func:`check_geometry`. The
+    returned image holds its data in memory (as ``np.asanyarray(img.dataobj)`` gives it: the
+    on-disk type, or float when the header scales it) and remembers ``path`` as its file name.
 
     Args:
         path: a ``.nii`` or ``.nii.gz`` file.
@@ -258,10 +300,13 @@ def load_nifti(path: StrPath) -> nib.Nifti1Image:
 
     Raises:
         DataError: naming ``path`` with one of these problems: "file not found", "is a
-            folder, not a file", "not a NIfTI file: ..." (wrong extension, wrong header
-            size or magic, unparsable header), "empty file", "corrupt gzip: ..." (not gzip
-            data, bad CRC, invalid deflate stream), "truncated: ..." (gzip stream, header
-            or image data ends early), "cannot be read: ..." (permissions and other I/O
+            folder, not a file", "is a named pipe (FIFO), not a regular file" (or a device,
+            or a socket), "not a NIfTI file: ..." (wrong extension, wrong header size or
+            magic, unparsable header), "empty file", "corrupt gzip: ..." (not gzip data,
+            bad CRC, invalid deflate stream), "truncated: ..." (gzip stream, header or image
+            data ends early), "dim ... voxels ...: neonb reads at most ..." (too large),
+            "holds more than ... beyond the image data", a non-finite or singular affine
+            (:func:`check_geometry`), "cannot be read: ..." (permissions and other I/O
             errors) or "cannot read the image data: ..." (e.g. an unsupported voxel type).
 
     Example:
@@ -269,14 +314,15 @@ def load_nifti(path: StrPath) -> nib.Nifti1Image:
     """
     path = Path(path)
     _check_nifti_path(path)
-    raw = _read_raw(path)
-    header_bytes = _nifti_header_size(raw, path)
+    raw, header_bytes = _read_raw(path)
     image_class = NIFTI_IMAGE_CLASS[header_bytes]
     try:
         on_disk = image_class.from_bytes(raw)
     except _NIBABEL_PARSE_ERRORS as err:
         raise DataError(path, f"not a NIfTI file: {err}") from err
     _check_data_length(on_disk, len(raw), path)
+    on_disk.set_filename(str(path))
+    check_geometry(on_disk)  # before nibabel decomposes the affine into a qform
     try:
         data = np.asanyarray(on_disk.dataobj)
     except (*_NIBABEL_PARSE_ERRORS, OSError) as err:
@@ -286,17 +332,36 @@ def load_nifti(path: StrPath) -> nib.Nifti1Image:
     return image
 
 
+_FILE_KINDS: tuple[tuple[Callable[[int], bool], str], ...] = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
 def _check_nifti_path(path: Path) -> None:
-    if not path.exists():
-        raise DataError(path, "file not found")
-    if path.is_dir():
+    """Refuse anything but an existing regular file with a NIfTI name, before opening it."""
+    try:
+        status = path.stat()  # follows links: a link to /dev/zero is a character device
+    except FileNotFoundError as err:
+        raise DataError(path, "file not found") from err
+    except OSError as err:
+        raise DataError(path, f"cannot be read: {err.strerror or err}") from err
+    if stat.S_ISDIR(status.st_mode):
         raise DataError(path, "is a folder, not a file")
+    if not stat.S_ISREG(status.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(status.st_mode)), "special")
+        if path.is_symlink():
+            kind = f"a link to {os.path.realpath(path)}, {kind}"
+        raise DataError(path, f"is {kind}, not a regular file", hint="give a .nii or .nii.gz file")
     if not path.name.endswith(NIFTI_EXTENSIONS):
         raise DataError(path, "not a NIfTI file: the name must end in .nii or .nii.gz")
 
 
-def _read_raw(path: Path) -> bytes:
-    """All bytes of the file, decompressed when its name ends in ``.gz``."""
+def _read_raw(path: Path) -> tuple[bytes, int]:
+    """The header and image bytes, decompressed when the name ends in ``.gz``, and the
+    header size (348 or 540)."""
     try:
         with open(path, "rb") as stream:
             start = stream.read(4)
@@ -307,7 +372,8 @@ def _read_raw(path: Path) -> bytes:
                     raise DataError(
                         path, "not a NIfTI file: it is gzip-compressed", hint="rename it to .nii.gz"
                     )
-                return start + stream.read()
+                stream.seek(0)
+                return _read_nifti_stream(stream, path)
         if not start.startswith(GZIP_MAGIC):
             raise DataError(
                 path,
@@ -315,13 +381,77 @@ def _read_raw(path: Path) -> bytes:
                 hint="rename it to .nii" if _looks_like_nifti_header(start) else None,
             )
         with gzip.open(path, "rb") as stream:
-            return stream.read()
+            return _read_nifti_stream(stream, path)
     except EOFError as err:
         raise DataError(path, f"truncated: the gzip stream ends early ({err})") from err
     except (gzip.BadGzipFile, zlib.error) as err:
         raise DataError(path, f"corrupt gzip: {err}") from err
     except OSError as err:
         raise DataError(path, f"cannot be read: {err}") from err
+
+
+def _read_nifti_stream(stream: IO[bytes], path: Path) -> tuple[bytes, int]:
+    """Header, then as many bytes as the header says; the rest is read only to its end."""
+    head = _read_up_to(stream, NIFTI2_HEADER_BYTES)
+    header_bytes = _nifti_header_size(head, path)
+    needed = _bytes_needed(head[:header_bytes], header_bytes, path)
+    raw = head + _read_up_to(stream, needed - len(head))
+    trailing = 0
+    while chunk := stream.read(READ_CHUNK_BYTES):  # to the end, so gzip checks its CRC
+        trailing += len(chunk)
+        if trailing > MAX_TRAILING_BYTES:
+            raise DataError(
+                path,
+                f"holds more than {MAX_TRAILING_BYTES // 2**20} MiB beyond the "
+                f"{needed} bytes of header and image data its header describes",
+                hint="its dim or datatype field does not describe the data",
+            )
+    return raw, header_bytes
+
+
+def _read_up_to(stream: IO[bytes], n_bytes: int) -> bytes:
+    """At most ``n_bytes`` from ``stream`` (fewer at its end)."""
+    parts: list[bytes] = []
+    left = n_bytes
+    while left > 0 and (chunk := stream.read(left)):
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+def _bytes_needed(header_block: bytes, header_bytes: int, path: Path) -> int:
+    """Bytes of header, extensions and image data, from the header; refuse a huge image."""
+    header_class = NIFTI_IMAGE_CLASS[header_bytes].header_class
+    try:
+        header = header_class.from_fileobj(io.BytesIO(header_block))
+        shape = tuple(int(n) for n in header.get_data_shape())
+        itemsize = int(header.get_data_dtype().itemsize)
+        offset = int(header.get_data_offset())
+    except _NIBABEL_PARSE_ERRORS as err:
+        raise DataError(path, f"not a NIfTI file: {err}") from err
+    if shape and max(shape) > MAX_AXIS_VOXELS:
+        raise DataError(
+            path,
+            f"dim {shape} has {max(shape)} voxels along an axis: neonb reads at most "
+            f"{MAX_AXIS_VOXELS}",
+            hint="no brain scan is that large; the header is wrong",
+        )
+    n_voxels = math.prod(shape)
+    if n_voxels > MAX_IMAGE_VOXELS:
+        raise DataError(
+            path,
+            f"dim {shape} makes {n_voxels} voxels: neonb reads at most {MAX_IMAGE_VOXELS} "
+            "(four 512³ volumes)",
+            hint="no brain scan is that large; the header is wrong",
+        )
+    extension_bytes = offset - header_bytes
+    if extension_bytes > MAX_HEADER_EXTENSION_BYTES:
+        raise DataError(
+            path,
+            f"vox_offset {offset} puts the image data {extension_bytes} bytes after the "
+            f"header: neonb reads at most {MAX_HEADER_EXTENSION_BYTES} bytes of extensions",
+        )
+    return max(offset, header_bytes) + n_voxels * itemsize
 
 
 def _header_sizes(start: bytes) -> set[int]:
@@ -398,20 +528,140 @@ def check_image_3d(image: SpatialImage) -> None:
         )
 
 
-def check_finite(image: SpatialImage) -> None:
-    """Raise when an intensity image holds NaN or infinite voxels (or is not numeric).
-
-    Raises:
-        DataError: naming the image's file and the number of NaN and infinite voxels.
-    """
-    data = np.asanyarray(image.dataobj)
+def _check_real_numbers(image: SpatialImage, data: np.ndarray) -> None:
+    """Refuse voxels that are not real numbers (text, booleans, complex values)."""
+    if np.iscomplexobj(data):
+        raise DataError(
+            _image_name(image), f"has complex voxels of type {data.dtype}: expected real values"
+        )
     if not np.issubdtype(data.dtype, np.number):
         raise DataError(_image_name(image), f"has non-numeric voxels of type {data.dtype}")
-    if np.issubdtype(data.dtype, np.integer) or np.isfinite(data).all():
-        return
-    n_nan = int(np.isnan(data).sum())
-    n_inf = int(np.isinf(data).sum())
-    raise DataError(_image_name(image), f"holds {n_nan} NaN and {n_inf} infinite voxels")
+
+
+def check_finite(image: SpatialImage) -> None:
+    """Raise unless every voxel is a real number that stays finite as float32.
+
+    Intensities are converted to float32 for the network, so a finite value beyond the
+    float32 range (about 3.4e38) counts as infinite.
+
+    Raises:
+        DataError: naming the image's file: non-numeric or complex voxels, the number of
+            NaN and infinite voxels, or the number beyond the float32 range.
+    """
+    data = np.asanyarray(image.dataobj)
+    _check_real_numbers(image, data)
+    if np.issubdtype(data.dtype, np.integer):
+        return  # every integer type fits the float32 range
+    finite = np.isfinite(data)
+    if not finite.all():
+        n_nan = int(np.isnan(data).sum())
+        n_inf = int(np.isinf(data).sum())
+        raise DataError(_image_name(image), f"holds {n_nan} NaN and {n_inf} infinite voxels")
+    if data.dtype.itemsize > np.dtype(np.float32).itemsize:
+        too_large = np.abs(data) > np.finfo(np.float32).max
+        n_large = int(too_large.sum())
+        if n_large:
+            example = float(data[too_large].flat[0])
+            raise DataError(
+                _image_name(image),
+                f"holds {n_large} voxel{'s' if n_large != 1 else ''} beyond the float32 range "
+                f"(e.g. {example:g}), which become infinite as float32",
+                hint="rescale the intensities",
+            )
+
+
+def _affine_source(header: Any) -> str:
+    """Which header fields give nibabel's affine: ``"sform"``, ``"qform"`` or ``"pixdim"``."""
+    try:
+        if int(header["sform_code"]) > 0:
+            return "sform"
+        if int(header["qform_code"]) > 0:
+            return "qform"
+    except (KeyError, ValueError):
+        pass
+    return "pixdim"
+
+
+def _fmt_mm(values: Iterable[float]) -> str:
+    return " x ".join(f"{v:g}" for v in values) + " mm"
+
+
+def check_geometry(image: SpatialImage) -> None:
+    """Raise unless the image's voxel-to-world affine is usable.
+
+    The affine is the one nibabel (and every NIfTI reader) uses: the sform when its code is
+    set, else the qform, else ``pixdim``. It must be finite and non-singular (its three voxel
+    axes span 3D space), and the voxel sizes in ``pixdim`` must be finite numbers.
+
+    Raises:
+        DataError: naming the image's file and the header field, e.g. "the sform (srow_x,
+            srow_y, srow_z) holds NaN or infinite values" or "... is singular".
+    """
+    name = _image_name(image)
+    header = image.header
+    n_axes = min(len(image.shape), 3)
+    if "pixdim" in header:
+        pixdim = np.asarray(header["pixdim"][1 : n_axes + 1], dtype=float)
+        if not np.isfinite(pixdim).all():
+            values = ", ".join(f"{v:g}" for v in pixdim)
+            raise DataError(name, f"pixdim holds voxel sizes [{values}]: expected finite numbers")
+    source = _affine_source(header)
+    field = _AFFINE_FIELDS[source] if "pixdim" in header else "the affine"
+    try:
+        affine = np.asarray(image.affine, dtype=float)
+    except (*_NIBABEL_PARSE_ERRORS, np.linalg.LinAlgError) as err:
+        raise DataError(name, f"{field} cannot be read: {err}") from err
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise DataError(name, f"{field} holds NaN or infinite values")
+    norms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    determinant = abs(float(np.linalg.det(affine[:3, :3])))
+    if not norms.all() or determinant <= SINGULAR_AFFINE_RTOL * float(np.prod(norms)):
+        rank = int(np.linalg.matrix_rank(affine[:3, :3]))
+        raise DataError(
+            name,
+            f"{field} is singular (rank {rank}): its voxel axes do not span 3D space "
+            f"(voxel sizes {_fmt_mm(norms)})",
+        )
+
+
+def geometry_warnings(image: SpatialImage) -> list[str]:
+    """Header fields that disagree with the affine nibabel uses, as sentences.
+
+    Voxel sizes come from the affine (the norms of its columns), the only source of truth;
+    this lists ``pixdim`` voxel sizes that differ from them by more than
+    :data:`VOXEL_SIZE_RTOL` (relative), and a qform that differs from the sform (both set)
+    by more than :data:`AFFINE_ATOL_MM`.
+
+    Returns:
+        One sentence per disagreement, naming the fields; empty when the header agrees.
+    """
+    header = image.header
+    if "pixdim" not in header:
+        return []
+    warnings: list[str] = []
+    source = _affine_source(header)
+    n_axes = min(len(image.shape), 3)
+    sizes = np.sqrt((np.asarray(image.affine, dtype=float)[:3, :n_axes] ** 2).sum(axis=0))
+    pixdim = np.asarray(header["pixdim"][1 : n_axes + 1], dtype=float)
+    if source != "pixdim" and not np.allclose(pixdim, sizes, rtol=VOXEL_SIZE_RTOL, atol=0):
+        warnings.append(
+            f"pixdim gives {_fmt_mm(pixdim)} voxels but the {source} gives {_fmt_mm(sizes)}; "
+            f"neonb uses the {source}'s (the affine every NIfTI reader uses)"
+        )
+    if source == "sform" and int(header["qform_code"]) > 0:
+        try:
+            qform = np.asarray(header.get_qform(), dtype=float)
+        except (*_NIBABEL_PARSE_ERRORS, np.linalg.LinAlgError):
+            qform = np.full((4, 4), np.nan)
+        difference = float(np.max(np.abs(qform - np.asarray(image.affine, dtype=float))))
+        if not np.isfinite(difference):
+            warnings.append("the qform holds NaN or infinite values; neonb uses the sform")
+        elif difference > AFFINE_ATOL_MM:
+            warnings.append(
+                f"the sform and the qform disagree by up to {difference:.4g} mm; neonb uses "
+                "the sform (as nibabel does)"
+            )
+    return warnings
 
 
 def check_labels(image: SpatialImage, labels: Iterable[int] = tuple(DRAWEM9)) -> None:
@@ -430,8 +680,7 @@ def check_labels(image: SpatialImage, labels: Iterable[int] = tuple(DRAWEM9)) ->
     """
     allowed = np.asarray(sorted(labels))
     data = np.asanyarray(image.dataobj)
-    if not np.issubdtype(data.dtype, np.number):
-        raise DataError(_image_name(image), f"has non-numeric voxels of type {data.dtype}")
+    _check_real_numbers(image, data)
     invalid = ~np.isin(data, allowed)
     n_invalid = int(invalid.sum())
     if n_invalid:
@@ -594,17 +843,61 @@ class _ReleaseTables:
 
 
 def read_tsv(path: Path) -> pd.DataFrame:
-    """A TSV as text cells (no type guessing, so ``"0123"`` and ``"NA"`` survive)."""
+    """A TSV as text cells, every row checked against the header's number of fields.
+
+    Cells stay text (no type guessing, so ``"0123"`` and ``"NA"`` survive); blank lines are
+    skipped; quoting follows the csv module's (and pandas') defaults. A row with more or
+    fewer fields than the header is an error, never silently shifted into other columns
+    (pandas would make a first column the index when every data row has one field more).
+
+    Returns:
+        The table, with a :class:`~pandas.RangeIndex`; ``table.attrs["lines"]`` holds the
+        line number (from 1, the header's being the first) of every row.
+
+    Raises:
+        DataError: naming ``path``: not found, unreadable, not UTF-8 text, no header line,
+            a column named twice, or "line N: expected K fields, found M".
+    """
+    path = Path(path)
     try:
-        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        with open(path, encoding="utf-8-sig", newline="") as file:
+            header, rows, lines = _read_tsv_rows(csv.reader(file, delimiter="\t"), path)
     except FileNotFoundError as err:
         raise DataError(path, "file not found") from err
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+    except (UnicodeDecodeError, csv.Error) as err:
         raise DataError(path, f"is not a readable tab-separated table: {err}") from err
     except OSError as err:
         raise DataError(path, f"cannot be read: {err}") from err
-    table.columns = [str(column).strip() for column in table.columns]
+    table = pd.DataFrame(rows, columns=header, dtype=str)
+    table.attrs["lines"] = lines
     return table
+
+
+def _read_tsv_rows(reader: Any, path: Path) -> tuple[list[str], list[list[str]], list[int]]:
+    """Header, rows and their line numbers; raise on a row of the wrong length."""
+    header: list[str] | None = None
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    for fields in reader:
+        if not any(field.strip() for field in fields):
+            continue  # a blank line
+        if header is None:
+            header = [field.strip() for field in fields]
+            repeated = sorted({c for c in header if header.count(c) > 1})
+            if repeated:
+                raise DataError(path, f"line {reader.line_num}: column(s) {repeated} named twice")
+            continue
+        if len(fields) != len(header):
+            raise DataError(
+                path,
+                f"line {reader.line_num}: expected {len(header)} fields, found {len(fields)}",
+                hint="fields are separated by single tabs",
+            )
+        rows.append(fields)
+        lines.append(reader.line_num)
+    if header is None:
+        raise DataError(path, "is empty: expected a header line of tab-separated column names")
+    return header, rows, lines
 
 
 def require_columns(table: pd.DataFrame, required: Iterable[str], path: StrPath) -> None:

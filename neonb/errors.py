@@ -40,3 +40,11 @@ class DataError(NeonbError, ValueError):
 
 class ConfigError(NeonbError, ValueError):
     """A parameter or configuration value is out of its allowed range."""
+
+
+class NeonbWarning(UserWarning):
+    """Something a user should know about an input that neonb could still use.
+
+    For example a header whose ``pixdim`` disagrees with its affine. The command line
+    prints each as one line on standard error.
+    """

@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,6 +49,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import torch
 from nibabel.filebasedimages import ImageFileError
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
@@ -54,13 +57,17 @@ from torch import nn
 
 from neonb import __version__
 from neonb.errors import ConfigError, DataError
-from neonb.files import atomic_write
+from neonb.files import atomic_write, default_file_mode
 from neonb.labels import label_table
-from neonb.models import ModelConfig, build_model
+from neonb.models import ModelConfig, build_model, check_patch_size
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "MAX_FILTERS",
+    "MAX_LEVELS",
+    "MAX_PARAMETERS",
+    "MAX_PATCH_VOXELS",
     "METADATA_FILE",
     "NORMALISATION",
     "WEIGHTS_FILE",
@@ -99,6 +106,36 @@ NORMALISATION: dict[str, Any] = {
 
 VOXEL_SIZE_ATOL_MM = 1e-3
 """Voxel sizes closer than this (mm) count as equal."""
+
+MAX_METADATA_BYTES = 16 * 2**20
+"""Largest :data:`METADATA_FILE` read (an export writes a few kB)."""
+
+MAX_LEVELS = 10
+"""Most resolution levels (entries of ``strides``) a model may have (the paper's: 6)."""
+
+MAX_FILTERS = 2048
+"""Most feature maps at any level (nnU-Net's largest: 320)."""
+
+MAX_KERNEL_SIZE = 7
+"""Largest convolution kernel, per axis (nnU-Net's: 3)."""
+
+MAX_STRIDE = 4
+"""Largest stride of one level, per axis (nnU-Net's: 2)."""
+
+MAX_PATCH_VOXELS = 256
+"""Largest sliding-window size along any axis (the paper's: 128)."""
+
+MAX_PARAMETERS = 500_000_000
+"""Most network parameters (2 GB as float32; the paper's network has about 31 million),
+counted on PyTorch's "meta" device before anything is allocated."""
+
+MAX_VOXEL_SIZE_MM = 100.0
+"""Largest training voxel size a model may record."""
+
+MAX_LABELS = 256
+"""Most classes: labels are written as uint8."""
+
+_COLOUR = re.compile(r"^#[0-9A-Fa-f]{6}$")
 
 
 @dataclass
@@ -183,8 +220,12 @@ def training_grid(data_root: str | os.PathLike) -> dict[str, Any]:
             header = nib.load(str(path)).header
         except (OSError, ValueError, ImageFileError):  # a broken file tells no grid: skip it
             continue
-        zooms.append([float(z) for z in header.get_zooms()[:3]])
-        codes["".join(nib.aff2axcodes(header.get_best_affine()))] += 1
+        affine = header.get_best_affine()  # the voxel size is the affine's, as in segmenting
+        sizes = nib.affines.voxel_sizes(affine)[:3]
+        if not (np.isfinite(affine).all() and np.all(sizes > 0)):
+            continue
+        zooms.append([float(z) for z in sizes])
+        codes["".join(nib.aff2axcodes(affine))] += 1
     if not zooms:
         raise DataError(root, "holds no readable T2w image to take the voxel size from")
     zooms_array = np.asarray(zooms)
@@ -393,9 +434,7 @@ def export_run(
 def _save_weights(model: nn.Module, path: Path) -> None:
     """safetensors file of the model's weights, readable like any other file the user writes."""
     save_model(model.cpu(), str(path), metadata={"format": FORMAT})
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)  # safetensors creates it 0600
+    path.chmod(default_file_mode())  # safetensors creates it 0600
 
 
 def _json_default(value: Any) -> Any:
@@ -428,7 +467,13 @@ def _read_metadata(model_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(path, "file not found", hint="is this a folder written by neonb export?")
     try:
-        metadata = json.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as file:
+            raw = file.read(MAX_METADATA_BYTES + 1)
+        if len(raw) > MAX_METADATA_BYTES:
+            raise DataError(path, f"is larger than {MAX_METADATA_BYTES // 2**20} MiB")
+        metadata = json.loads(raw.decode("utf-8"))
+    except RecursionError as err:
+        raise DataError(path, "is not readable JSON: nested too deeply") from err
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise DataError(path, f"is not readable JSON: {err}") from err
     if not isinstance(metadata, Mapping):
@@ -438,31 +483,181 @@ def _read_metadata(model_dir: Path) -> dict[str, Any]:
         raise DataError(path, f"lacks the key(s) {missing}")
     if metadata["format"] != FORMAT:
         raise DataError(path, f"format is {metadata['format']!r}, expected {FORMAT!r}")
-    if (
-        not isinstance(metadata["format_version"], int)
-        or metadata["format_version"] > FORMAT_VERSION
-    ):
+    version = metadata["format_version"]
+    if not _is_int(version) or version < 1:
+        raise DataError(path, f"field 'format_version' must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
         raise DataError(
             path,
-            f"format_version {metadata['format_version']!r} is newer than this neonb reads "
-            f"({FORMAT_VERSION})",
+            f"format_version {version!r} is newer than this neonb reads ({FORMAT_VERSION})",
             hint="upgrade neonb",
         )
+    _check_metadata(metadata, path)
     return dict(metadata)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _bad_field(path: Path, name: str, expected: str, value: Any) -> DataError:
+    return DataError(path, f"field {name!r} must be {expected}, got {_short(value)}")
+
+
+def _check_metadata(metadata: Mapping[str, Any], path: Path) -> None:
+    """Refuse any field of :data:`METADATA_FILE` of the wrong type or out of range.
+
+    Every check names the field; sizes are bounded (:data:`MAX_LEVELS`,
+    :data:`MAX_FILTERS`, :data:`MAX_PATCH_VOXELS`, ...) so that a crafted file cannot make
+    neonb allocate more than a real model needs.
+    """
+    architecture = metadata["architecture"]
+    if architecture not in ("DynUNet", "AgeUNet"):
+        raise _bad_field(path, "architecture", "'DynUNet' or 'AgeUNet'", architecture)
+    if not isinstance(metadata["model"], Mapping):
+        raise _bad_field(path, "model", "an object of network settings", metadata["model"])
+    _check_network_sizes(metadata["model"], path)
+    head = metadata.get("age_head")
+    if architecture == "AgeUNet" and not isinstance(head, Mapping):
+        raise _bad_field(path, "age_head", "an object of age-head settings for an AgeUNet", head)
+    if architecture == "DynUNet" and head is not None:
+        raise _bad_field(path, "age_head", "null for a DynUNet (no age head)", head)
+    channels = metadata["input_channels"]
+    if not isinstance(channels, list) or tuple(channels) not in CHANNELS_BY_COUNT.values():
+        choices = " or ".join(json.dumps(list(c)) for c in CHANNELS_BY_COUNT.values())
+        raise _bad_field(path, "input_channels", choices, channels)
+    _check_labels(metadata["labels"], path)
+    patch = metadata["patch_size"]
+    if not (
+        isinstance(patch, list)
+        and len(patch) == 3
+        and all(_is_int(n) and 1 <= n <= MAX_PATCH_VOXELS for n in patch)
+    ):
+        raise _bad_field(
+            path, "patch_size", f"three whole numbers from 1 to {MAX_PATCH_VOXELS}", patch
+        )
+    overlap = metadata["overlap"]
+    if not (_is_number(overlap) and 0 <= overlap < 1):
+        raise _bad_field(path, "overlap", "a number in [0, 1)", overlap)
+    voxel_size = metadata["voxel_size_mm"]
+    if not (
+        isinstance(voxel_size, list)
+        and len(voxel_size) == 3
+        and all(
+            _is_number(v) and math.isfinite(v) and 0 < v <= MAX_VOXEL_SIZE_MM for v in voxel_size
+        )
+    ):
+        raise _bad_field(
+            path,
+            "voxel_size_mm",
+            f"three finite sizes in mm, above 0 and at most {MAX_VOXEL_SIZE_MM:g}",
+            voxel_size,
+        )
+    orientation = metadata["orientation"]
+    try:
+        valid = isinstance(orientation, str) and _as_orientation(orientation) == orientation
+    except ConfigError:
+        valid = False
+    if not valid:
+        raise _bad_field(
+            path, "orientation", "three axis codes such as 'RAS' or 'LPI'", orientation
+        )
+    normalisation = metadata.get("normalisation", NORMALISATION)
+    if not isinstance(normalisation, Mapping) or any(
+        normalisation.get(key) != NORMALISATION[key]
+        for key in ("method", "nonzero", "channel_wise")
+    ):
+        raise _bad_field(
+            path,
+            "normalisation",
+            "neonb's (method 'zscore', nonzero and channel_wise true)",
+            normalisation,
+        )
+
+
+def _check_network_sizes(model: Mapping[str, Any], path: Path) -> None:
+    """Bound the network's size before any layer is built."""
+    strides = model.get("strides", [])
+    if isinstance(strides, list) and len(strides) > MAX_LEVELS:
+        raise _bad_field(path, "model.strides", f"at most {MAX_LEVELS} levels", strides)
+    filters = model.get("filters")
+    if isinstance(filters, list) and any(_is_number(f) and f > MAX_FILTERS for f in filters):
+        raise _bad_field(
+            path, "model.filters", f"at most {MAX_FILTERS} feature maps per level", filters
+        )
+    for name, limit in (("kernel_size", MAX_KERNEL_SIZE), ("strides", MAX_STRIDE)):
+        value = model.get(name)
+        flat = value if isinstance(value, list) else [value]
+        numbers_ = [v for item in flat for v in (item if isinstance(item, list) else [item])]
+        if any(_is_number(v) and v > limit for v in numbers_):
+            raise _bad_field(path, f"model.{name}", f"at most {limit} per axis", value)
+
+
+def _check_labels(labels: Any, path: Path) -> None:
+    if not isinstance(labels, list) or not labels:
+        raise _bad_field(path, "labels", "a non-empty list of labels", labels)
+    if len(labels) > MAX_LABELS:
+        raise _bad_field(path, "labels", f"at most {MAX_LABELS} labels", f"{len(labels)} labels")
+    for i, row in enumerate(labels):
+        if not (
+            isinstance(row, Mapping)
+            and _is_int(row.get("index"))
+            and isinstance(row.get("name"), str)
+            and isinstance(row.get("abbreviation"), str)
+            and isinstance(row.get("color"), str)
+            and _COLOUR.match(row["color"])
+        ):
+            raise _bad_field(
+                path,
+                f"labels[{i}]",
+                "an object with an integer index, a name, an abbreviation and a '#rrggbb' color",
+                row,
+            )
+    indices = [row["index"] for row in labels]
+    if indices != list(range(len(labels))):
+        raise _bad_field(path, "labels", "indices 0, 1, 2, ... in order", indices)
+
+
 def _build(metadata: Mapping[str, Any], path: Path) -> nn.Module:
+    """The network the (checked) metadata describe, sized on the meta device first."""
     try:
         config = ModelConfig.from_dict(metadata["model"])
-        if metadata["architecture"] == "AgeUNet":
-            from neonb.ageunet import AgeHeadConfig, build_ageunet
+        n_channels, n_labels = len(metadata["input_channels"]), len(metadata["labels"])
+        if config.in_channels != n_channels:
+            raise ConfigError(
+                f"model.in_channels is {config.in_channels} but input_channels names {n_channels}"
+            )
+        if config.out_channels != n_labels:
+            raise ConfigError(
+                f"model.out_channels is {config.out_channels} but labels lists {n_labels}"
+            )
+        check_patch_size(tuple(metadata["patch_size"]), config)
 
-            return build_ageunet(config, AgeHeadConfig.from_dict(metadata["age_head"]))
-        if metadata["architecture"] == "DynUNet":
+        def build() -> nn.Module:
+            if metadata["architecture"] == "AgeUNet":
+                from neonb.ageunet import AgeHeadConfig, build_ageunet
+
+                return build_ageunet(config, AgeHeadConfig.from_dict(metadata["age_head"]))
             return build_model(config)
-    except ConfigError as err:
+
+        with torch.device("meta"):
+            n_parameters = sum(p.numel() for p in build().parameters())
+        if n_parameters > MAX_PARAMETERS:
+            raise ConfigError(
+                f"the network would have {n_parameters} parameters (at most {MAX_PARAMETERS})"
+            )
+        return build()
+    except (ConfigError, TypeError, ValueError) as err:
         raise DataError(path, f"describes an invalid network: {err}") from err
-    raise DataError(path, f"architecture {metadata['architecture']!r} is not DynUNet or AgeUNet")
 
 
 def load_exported_model(model_dir: str | os.PathLike) -> ExportedModel:

@@ -67,6 +67,7 @@ from tqdm import tqdm
 
 from neonb import __version__
 from neonb.errors import ConfigError, DataError
+from neonb.files import default_file_mode
 from neonb.labels import DRAWEM9
 
 logger = logging.getLogger(__name__)
@@ -1329,6 +1330,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
         prefix=f"{_TMP_PREFIX}{path.name}.", suffix=".tmp", dir=path.parent
     )
     try:
+        os.fchmod(handle, default_file_mode())  # mkstemp makes it 0600; honour the umask
         with os.fdopen(handle, "wb") as file:
             file.write(data)
         os.replace(tmp, path)

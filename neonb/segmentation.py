@@ -4,12 +4,17 @@ This is what ``neonb segment`` does (:mod:`neonb.cli`). For one session,
 :func:`segment_scan`
 
 1. opens and checks every input (:func:`load_inputs`): each image with
-   :func:`neonb.data.load_nifti` (missing file, not NIfTI, corrupt gzip, truncated),
-   :func:`~neonb.data.check_image_3d`, :func:`~neonb.data.check_finite` and
+   :func:`neonb.data.load_nifti` (missing file, not a regular file, not NIfTI, corrupt gzip,
+   truncated, too large for its header's size limits, a non-finite or singular affine),
+   :func:`~neonb.data.check_image_3d`, :func:`check_min_size`,
+   :func:`~neonb.data.check_finite` (NaN/Inf, or beyond the float32 range) and
    :func:`check_not_blank`; T1w against T2w with :func:`~neonb.data.check_same_shape` and
    :func:`~neonb.data.check_same_affine`; a reference segmentation, when one is given for
-   evaluation, with :func:`~neonb.data.check_labels`. Any problem raises
-   :class:`~neonb.errors.DataError` naming the file, before anything is written;
+   evaluation, with :func:`~neonb.data.check_labels`. Header fields that disagree with the
+   affine (:func:`~neonb.data.geometry_warnings`) are warned about
+   (:class:`~neonb.errors.NeonbWarning`); the affine is the one source of the voxel size.
+   No planned output may replace an input (:func:`check_no_input_replaced`). Any problem
+   raises :class:`~neonb.errors.DataError` naming the file, before anything is written;
 2. reorients the images to the voxel-axis orientation the model was trained on (lossless:
    axes are permuted and flipped with :mod:`nibabel.orientations`) and, when the voxel size
    differs from the model's, resamples them to it (MONAI ``Spacing``, bilinear) and says so;
@@ -30,11 +35,14 @@ This is what ``neonb segment`` does (:mod:`neonb.cli`). For one session,
 
    Every file goes through :func:`neonb.files.atomic_write`; the segmentation is written
    last, and if any write fails the files already written are removed, so a session has
-   all its outputs or none.
+   all its outputs or none. A result with no brain labelled (every voxel background) is
+   refused and nothing is written; a refusal leaves no empty output folder.
 
 :func:`segment_batch` runs this over a manifest TSV or a dHCP/BIDS folder with a progress
 bar, skips sessions whose outputs all exist (so an interrupted batch resumes where it
-stopped), and reports a failing session without stopping the others.
+stopped), and reports a failing session without stopping the others (a participant or
+session id that is not a BIDS label fails its session, and no folder is made from it). A
+lock file in the output folder (:data:`BATCH_LOCK_FILE`) refuses a second batch into it.
 
 Example:
     >>> from neonb.export import load_exported_model
@@ -52,6 +60,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,11 +78,13 @@ from tqdm import tqdm
 
 from neonb import __version__
 from neonb.data import (
+    MAX_IMAGE_VOXELS,
     check_finite,
     check_image_3d,
     check_labels,
     check_same_affine,
     check_same_shape,
+    geometry_warnings,
     load_nifti,
     normalise_participant_id,
     normalise_session_id,
@@ -81,20 +92,24 @@ from neonb.data import (
     read_tsv,
     require_columns,
 )
-from neonb.errors import ConfigError, DataError, NeonbError
-from neonb.export import ExportedModel, load_exported_model
-from neonb.files import atomic_write
+from neonb.errors import ConfigError, DataError, NeonbError, NeonbWarning
+from neonb.export import METADATA_FILE, WEIGHTS_FILE, ExportedModel, load_exported_model
+from neonb.files import atomic_write, exclusive_lock, temporary_name
 from neonb.inference import save_segmentation, segment
 from neonb.labels import DRAWEM9
 from neonb.metrics import class_column, dice_per_class, volumes_ml
 
 __all__ = [
     "BATCH_COLUMNS",
+    "BATCH_LOCK_FILE",
     "BATCH_SUMMARY_FILE",
+    "MIN_AXIS_VOXELS",
     "OUTPUT_DESC",
     "BatchResult",
     "GridMapping",
     "SegmentationResult",
+    "check_min_size",
+    "check_no_input_replaced",
     "check_not_blank",
     "from_model_grid",
     "gather_tables",
@@ -126,6 +141,18 @@ BATCH_COLUMNS: tuple[str, ...] = ("participant_id", "session_id", "t2w", "scan_a
 
 BATCH_SUMMARY_FILE = "segment_batch.tsv"
 """Per-session status of the last batch, written into the output folder."""
+
+BATCH_LOCK_FILE = ".neonb-segment-batch.lock"
+"""Held in the output folder while a batch runs (:func:`neonb.files.exclusive_lock`), so a
+second batch into the same folder is refused rather than doing all the work twice."""
+
+DATASET_DESCRIPTION_FILE = "dataset_description.json"
+
+MIN_AXIS_VOXELS = 4
+"""Fewest voxels along any axis of an input: fewer is a slice or a point, not a 3D scan."""
+
+BIDS_LABEL = re.compile(r"^[A-Za-z0-9]+$")
+"""A BIDS label (the value of ``sub-`` and ``ses-``): letters and digits only."""
 
 BATCH_TABLES: dict[str, tuple[str, str]] = {
     "volumes": ("volumes.tsv", "volume_ml_"),
@@ -226,9 +253,26 @@ def check_not_blank(image: SpatialImage) -> None:
         raise DataError(name, "all voxels are zero: the image is empty")
 
 
+def check_min_size(image: SpatialImage) -> None:
+    """Raise when an axis has fewer than :data:`MIN_AXIS_VOXELS` voxels.
+
+    Raises:
+        DataError: naming the image's file and its shape.
+    """
+    shape = tuple(int(n) for n in image.shape)
+    if min(shape) < MIN_AXIS_VOXELS:
+        name = image.get_filename() or "<in-memory image>"
+        raise DataError(
+            name,
+            f"has shape {shape}: fewer than {MIN_AXIS_VOXELS} voxels along an axis, "
+            "not a 3D scan to segment",
+        )
+
+
 def _load_intensity_image(path: str | os.PathLike) -> nib.Nifti1Image:
     image = load_nifti(path)
     check_image_3d(image)
+    check_min_size(image)
     check_finite(image)
     check_not_blank(image)
     return image
@@ -256,8 +300,10 @@ def load_inputs(
         reference (or ``None``).
 
     Raises:
-        DataError: naming the file: missing, not NIfTI, corrupt gzip, truncated, not 3D,
-            NaN/Inf voxels, all zero, shape or affine different from the T2w's, labels
+        DataError: naming the file: missing, not a regular file, not NIfTI, corrupt gzip,
+            truncated, too large, a non-finite or singular affine, not 3D, smaller than
+            :data:`MIN_AXIS_VOXELS` along an axis, complex, NaN/Inf voxels (or beyond the
+            float32 range), all zero, shape or affine different from the T2w's, labels
             outside ``labels``; or, naming the T2w, a modality the model needs is missing.
     """
     given = {key: Path(value) for key, value in paths.items() if value}
@@ -346,6 +392,16 @@ def plan_grid(image: SpatialImage, orientation: str, voxel_size_mm: Sequence[flo
     zooms = tuple(float(z) for z in np.sqrt((reoriented_affine[:3, :3] ** 2).sum(axis=0)))
     target = tuple(float(v) for v in voxel_size_mm)
     same = np.allclose(zooms, target, rtol=0, atol=VOXEL_SIZE_ATOL_MM)
+    if not same:
+        resampled = math.prod(
+            math.ceil(n * z / t) for n, z, t in zip(reoriented_shape, zooms, target, strict=True)
+        )
+        if resampled > MAX_IMAGE_VOXELS:
+            raise DataError(
+                image.get_filename() or "<in-memory image>",
+                f"resampling its {_fmt_mm(zooms)} voxels to the model's {_fmt_mm(target)} "
+                f"would make {resampled} voxels (at most {MAX_IMAGE_VOXELS})",
+            )
     return GridMapping(
         shape=shape,
         affine=affine,
@@ -441,6 +497,9 @@ class SegmentationResult:
             ``None`` for a model without an age head.
         dice: Dice per class against the reference, or ``None``.
         notes: what was done to fit the model (reorientation, resampling), as sentences.
+        warnings: header fields of the inputs that disagree with the affine used
+            (:func:`neonb.data.geometry_warnings`), each naming its file; each was also
+            issued as a :class:`~neonb.errors.NeonbWarning`.
         inference_s: seconds of network inference.
         seconds: seconds for the whole session.
     """
@@ -450,20 +509,81 @@ class SegmentationResult:
     ages: dict[str, float] | None = None
     dice: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     inference_s: float = math.nan
     seconds: float = math.nan
 
 
-def _prepare_out_dir(out_dir: Path) -> None:
-    """Create ``out_dir`` and make sure a file can be written in it."""
+def _prepare_out_dir(out_dir: Path) -> list[Path]:
+    """Create ``out_dir``, make sure a file can be written in it, and return the folders
+    created (outermost first), for :func:`_remove_created` to take back on a refusal."""
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(out_dir, "output folder is a file, not a folder")
+    created = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()][::-1]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir, prefix=".neonb-write-test-"):
             pass
     except OSError as err:
+        _remove_created(created)
         raise DataError(out_dir, f"output folder is not writable: {err.strerror or err}") from err
+    return created
+
+
+def _remove_created(created: Sequence[Path]) -> None:
+    """Remove the folders :func:`_prepare_out_dir` created, innermost first, while empty."""
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _file_identity(path: Path) -> tuple[str, tuple[int, int] | None]:
+    """The real path (links resolved) and, for an existing file, its device and inode."""
+    try:
+        status = os.stat(path)
+        inode = (status.st_dev, status.st_ino)
+    except OSError:
+        inode = None
+    return os.path.realpath(path), inode
+
+
+def check_no_input_replaced(
+    inputs: Sequence[str | os.PathLike], outputs: Sequence[str | os.PathLike]
+) -> None:
+    """Raise when writing ``outputs`` (or their temporary names) would replace an input.
+
+    Paths are compared after resolving symbolic links, and existing files by device and
+    inode too, so a link or a hard link to an input counts as the input.
+
+    Raises:
+        DataError: naming the input and the output that would replace it.
+    """
+    known = [(Path(path), *_file_identity(Path(path))) for path in inputs if path]
+    for output in outputs:
+        for target in (Path(output), temporary_name(output)):
+            real, inode = _file_identity(target)
+            for source, source_real, source_inode in known:
+                if real == source_real or (inode is not None and inode == source_inode):
+                    raise DataError(
+                        source,
+                        f"is an input, and the output {target} would replace it",
+                        hint="write to another --out folder, or rename the input",
+                    )
+
+
+def _model_files(model: ExportedModel) -> list[Path]:
+    return [model.model_dir / METADATA_FILE, model.model_dir / WEIGHTS_FILE]
+
+
+def _brain_labels(model: ExportedModel) -> list[int]:
+    """The label values that are brain: not background (0, or marked ``background``)."""
+    return [
+        int(row["index"])
+        for row in model.metadata["labels"]
+        if not row.get("background", int(row["index"]) == 0)
+    ]
 
 
 def _check_device(device: str | torch.device) -> None:
@@ -568,8 +688,10 @@ def segment_scan(
         The outputs written, the tissue volumes, ages, Dice and notes.
 
     Raises:
-        DataError: naming the file, for any bad input (:func:`load_inputs`) or an output
-            folder that cannot be written. Nothing is written then.
+        DataError: naming the file, for any bad input (:func:`load_inputs`), an output that
+            would replace an input (:func:`check_no_input_replaced`), an output folder that
+            cannot be written, or a result with no brain labelled (every voxel background).
+            Nothing is written then, and no output folder is left behind.
         ConfigError: when ``device`` is CUDA and there is no GPU.
     """
     started = time.perf_counter()
@@ -582,10 +704,52 @@ def segment_scan(
         reference=reference,
         labels=model.labels,
     )
+    header_warnings = [
+        f"{image.get_filename()}: {warning}"
+        for image in [*images.values(), reference_image]
+        if image is not None
+        for warning in geometry_warnings(image)
+    ]
+    for warning in header_warnings:
+        warnings.warn(warning, NeonbWarning, stacklevel=2)
     out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir)
+    paths = output_paths(
+        out_dir,
+        prefix or output_prefix(t2w),
+        age=model.age_head is not None,
+        dice=reference_image is not None,
+    )
+    check_no_input_replaced([t2w, t1w, reference, *_model_files(model)], list(paths.values()))
     anchor = images.get("t2w", next(iter(images.values())))
     mapping = plan_grid(anchor, model.orientation, model.voxel_size_mm)
+    created = _prepare_out_dir(out_dir)
+    try:
+        return _segment_and_write(
+            model, images, reference_image, anchor, mapping, paths,
+            sources={"t2w": t2w, "t1w": t1w}, scan_age=scan_age, device=device,
+            header_warnings=header_warnings, started=started,
+        )  # fmt: skip
+    except BaseException:
+        _remove_created(created)
+        raise
+
+
+def _segment_and_write(
+    model: ExportedModel,
+    images: Mapping[str, nib.Nifti1Image],
+    reference_image: nib.Nifti1Image | None,
+    anchor: nib.Nifti1Image,
+    mapping: GridMapping,
+    paths: Mapping[str, Path],
+    *,
+    sources: Mapping[str, str | os.PathLike | None],
+    scan_age: float | None,
+    device: str | torch.device,
+    header_warnings: list[str],
+    started: float,
+) -> SegmentationResult:
+    """Steps 2-4 of :func:`segment_scan`, once the inputs are checked and ``paths`` planned."""
+    t2w = sources["t2w"]
     image = to_model_grid([np.asanyarray(images[key].dataobj) for key in model.channels], mapping)
     grid_affine = image.affine.clone()
     normalised = NormalizeIntensity(nonzero=True, channel_wise=True)(image.as_tensor())
@@ -593,8 +757,17 @@ def segment_scan(
     labels_model, ages = _predict(model, normalised, device)
     inference_s = time.perf_counter() - inference_started
     labels = from_model_grid(labels_model, grid_affine, mapping)
+    if not np.isin(labels, _brain_labels(model)).any():
+        raise DataError(
+            anchor.get_filename() or str(t2w),
+            "the model labelled no brain tissue: every voxel came out background, so "
+            "nothing was written",
+            hint="is this a neonatal brain scan of the contrast and field of view the model "
+            "was trained on?",
+        )
 
-    zooms = tuple(float(z) for z in anchor.header.get_zooms()[:3])
+    # One source of truth for the voxel size: the affine, as for every step above.
+    zooms = tuple(float(z) for z in nib.affines.voxel_sizes(anchor.affine)[:3])
     volumes = _volume_table(labels, zooms, model)
     dice = None
     if reference_image is not None:
@@ -602,10 +775,8 @@ def segment_scan(
         dice = volumes[["index", "name", "abbreviation"]].copy()
         dice["dice"] = dice_per_class(labels, reference_labels, num_classes=len(dice))
     notes = _notes(mapping, model)
-    paths = output_paths(
-        out_dir, prefix or output_prefix(t2w), age=ages is not None, dice=dice is not None
-    )
-    sidecar = _sidecar({"t2w": t2w, "t1w": t1w}, model, mapping, notes)
+    sidecar = _sidecar(sources, model, mapping, notes)
+    sidecar["Warnings"] = header_warnings
     writers: dict[str, Callable[[Path], Any]] = {
         "dseg_tsv": _write_tsv(pd.DataFrame(model.metadata["labels"])),
         "sidecar": _write_text(json.dumps(sidecar, indent=2) + "\n"),
@@ -631,6 +802,7 @@ def segment_scan(
         ages=ages,
         dice=dice,
         notes=notes,
+        warnings=header_warnings,
         inference_s=inference_s,
         seconds=time.perf_counter() - started,
     )
@@ -648,7 +820,7 @@ def _sidecar(
         "Sources": [str(Path(path).resolve()) for path in sources.values() if path],
         "GeneratedBy": [{"Name": "neonb", "Version": __version__}],
         "Model": str(model.model_dir.resolve()),
-        "ModelTrainingData": model.metadata.get("training_data", {}).get("description"),
+        "ModelTrainingData": _training_description(model.metadata.get("training_data")),
         "InputOrientation": mapping.orientation,
         "InputVoxelSizeMm": list(mapping.voxel_size_mm),
         "ModelOrientation": model.orientation,
@@ -657,6 +829,13 @@ def _sidecar(
         "Resampled": mapping.resampled,
         "Notes": notes,
     }
+
+
+def _training_description(training_data: Any) -> Any:
+    """The model's description of its training data, whatever shape the field has."""
+    if isinstance(training_data, Mapping):
+        return training_data.get("description")
+    return training_data if isinstance(training_data, str) else None
 
 
 def _atomic(path: Path, write: Callable[[Path], Any], key: str) -> Callable[[Path], Any]:
@@ -746,8 +925,7 @@ def _table_from_tsv(path: Path) -> pd.DataFrame:
     table = read_tsv(path)
     require_columns(table, BATCH_COLUMNS, path)
     rows = []
-    for i, row in table.iterrows():
-        line = int(i) + 2
+    for line, (_, row) in zip(table.attrs["lines"], table.iterrows(), strict=True):
         ids = f"sub-{row['participant_id']} ses-{row['session_id']} (row {line})"
         if _is_missing(row["scan_age"]):
             raise DataError(
@@ -802,6 +980,21 @@ def _table_from_release(root: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _id_problem(participant_id: str, session_id: str, line: int) -> str:
+    """Why these ids cannot name output folders (not BIDS labels), or ``""``."""
+    for entity, value in (("participant_id", participant_id), ("session_id", session_id)):
+        if not BIDS_LABEL.match(value):
+            return (
+                f"{entity} {value!r} (row {line}) is not a BIDS label: letters and digits "
+                "only, after an optional sub-/ses- prefix"
+            )
+    return ""
+
+
+def _valid_ids(session: Any) -> bool:
+    return bool(BIDS_LABEL.match(session.participant_id) and BIDS_LABEL.match(session.session_id))
+
+
 def read_batch(source: str | os.PathLike) -> pd.DataFrame:
     """The sessions of a batch: a manifest TSV or a dHCP/BIDS release folder.
 
@@ -813,11 +1006,14 @@ def read_batch(source: str | os.PathLike) -> pd.DataFrame:
     Returns:
         One row per session: ``participant_id``, ``session_id`` (bare), ``scan_age``,
         ``t2w``, ``t1w``, ``dseg`` (paths or ``""``), ``line`` (row in the source) and
-        ``problem`` (why the session cannot be segmented, or ``""``).
+        ``problem`` (why the session cannot be segmented, or ``""``: e.g. a participant or
+        session id that is not a BIDS label, letters and digits only, which could name a
+        folder outside the output folder).
 
     Raises:
-        DataError: naming the source: not found, unreadable, missing columns, no session,
-            a session listed twice, or (TSV) a session without a scan age.
+        DataError: naming the source: not found, unreadable, a row with the wrong number of
+            fields ("line N: expected K fields, found M"), missing columns, no session, a
+            session listed twice, or (TSV) a session without a scan age.
     """
     source = Path(source)
     if source.is_dir():
@@ -828,6 +1024,10 @@ def read_batch(source: str | os.PathLike) -> pd.DataFrame:
         raise DataError(source, "not found: expected a manifest TSV or a dHCP/BIDS folder")
     if table.empty:
         raise DataError(source, "lists no session")
+    table["problem"] = [
+        _id_problem(row.participant_id, row.session_id, row.line) or row.problem
+        for row in table.itertuples(index=False)
+    ]
     duplicated = table.duplicated(["participant_id", "session_id"], keep=False)
     if duplicated.any():
         first = table[duplicated].iloc[0]
@@ -866,7 +1066,7 @@ class BatchResult:
 
 
 def _write_dataset_description(out_dir: Path) -> None:
-    path = out_dir / "dataset_description.json"
+    path = out_dir / DATASET_DESCRIPTION_FILE
     if path.exists():
         return
     description = {
@@ -907,14 +1107,57 @@ def segment_batch(
         The per-session summary, also written to ``out_dir/segment_batch.tsv``.
 
     Raises:
-        DataError: for a bad source (:func:`read_batch`) or an output folder that cannot be
-            written; nothing is written then.
+        DataError: for a bad source (:func:`read_batch`), an output that would replace an
+            input (:func:`check_no_input_replaced`), an output folder that cannot be written,
+            or one another batch is writing into (its lock file, :data:`BATCH_LOCK_FILE`, is
+            held); nothing is written then.
     """
     _check_device(device)
     model = _as_model(model)
+    source = Path(source)
     sessions = read_batch(source)
     out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir)
+    _check_batch_outputs(model, source, sessions, out_dir, evaluate)
+    created = _prepare_out_dir(out_dir)
+    try:
+        with exclusive_lock(out_dir / BATCH_LOCK_FILE, "a neonb segment --batch"):
+            return _run_batch(model, source, sessions, out_dir, evaluate, device, progress, echo)
+    except BaseException:
+        _remove_created(created)
+        raise
+
+
+def _check_batch_outputs(
+    model: ExportedModel, source: Path, sessions: pd.DataFrame, out_dir: Path, evaluate: bool
+) -> None:
+    """Refuse a batch in which any output would replace any input."""
+    inputs: list[str | os.PathLike] = [*_model_files(model)]
+    if source.is_file():
+        inputs.append(source)
+    outputs = [out_dir / name for name in (DATASET_DESCRIPTION_FILE, BATCH_SUMMARY_FILE)]
+    outputs += [out_dir / name for name, _ in BATCH_TABLES.values()]
+    outputs.append(out_dir / BATCH_LOCK_FILE)
+    for session in sessions.itertuples(index=False):
+        inputs += [path for path in (session.t2w, session.t1w, session.dseg) if path]
+        if _valid_ids(session):
+            dice = bool(evaluate and session.dseg)
+            outputs += _session_outputs(
+                out_dir, session.participant_id, session.session_id,
+                age=model.age_head is not None, dice=dice,
+            ).values()  # fmt: skip
+    check_no_input_replaced(inputs, outputs)
+
+
+def _run_batch(
+    model: ExportedModel,
+    source: Path,
+    sessions: pd.DataFrame,
+    out_dir: Path,
+    evaluate: bool,
+    device: str | torch.device,
+    progress: bool,
+    echo: Callable[[str], Any] | None,
+) -> BatchResult:
     _write_dataset_description(out_dir)
     echo = echo or tqdm.write
     rows = []
@@ -927,7 +1170,7 @@ def segment_batch(
     )
     try:
         for session in bar:
-            rows.append(_batch_session(model, session, out_dir, evaluate, device, echo))
+            rows.append(_batch_session(model, source, session, out_dir, evaluate, device, echo))
     finally:
         summary = pd.DataFrame(
             rows, columns=["participant_id", "session_id", "status", "seconds", "message"]
@@ -967,6 +1210,8 @@ def gather_tables(
     for kind, (name, prefix) in BATCH_TABLES.items():
         rows = []
         for session in sessions.itertuples(index=False):
+            if not _valid_ids(session):
+                continue
             pid, sid = session.participant_id, session.session_id
             paths = _session_outputs(out_dir, pid, sid, age=age, dice=kind == "dice")
             if not paths[kind].is_file() or not paths["dseg"].is_file():
@@ -990,6 +1235,7 @@ def gather_tables(
 
 def _batch_session(
     model: ExportedModel,
+    source: Path,
     session: Any,
     out_dir: Path,
     evaluate: bool,
@@ -998,6 +1244,9 @@ def _batch_session(
 ) -> dict[str, Any]:
     pid, sid = session.participant_id, session.session_id
     row = {"participant_id": pid, "session_id": sid, "seconds": 0.0, "message": ""}
+    started = time.perf_counter()
+    if not _valid_ids(session):  # no output path may be built from these ids
+        return _failed(row, DataError(source, session.problem), started, echo)
     prefix = f"sub-{pid}_ses-{sid}"
     session_dir = out_dir / f"sub-{pid}" / f"ses-{sid}" / "anat"
     reference = session.dseg if evaluate and session.dseg else None
@@ -1006,7 +1255,6 @@ def _batch_session(
     )
     if all(path.is_file() for path in expected.values()):
         return {**row, "status": "skipped", "message": "outputs already there"}
-    started = time.perf_counter()
     try:
         if session.problem:
             raise DataError(f"sub-{pid}/ses-{sid}", session.problem)
@@ -1023,12 +1271,14 @@ def _batch_session(
             device=device,
         )
     except NeonbError as err:
-        message = " ".join(str(err).split())
-        echo(f"sub-{pid} ses-{sid}: failed: {message}")
-        return {
-            **row,
-            "status": "failed",
-            "seconds": time.perf_counter() - started,
-            "message": message,
-        }
-    return {**row, "status": "done", "seconds": result.seconds, "message": "; ".join(result.notes)}
+        return _failed(row, err, started, echo)
+    message = "; ".join([*result.notes, *(f"warning: {w}" for w in result.warnings)])
+    return {**row, "status": "done", "seconds": result.seconds, "message": message}
+
+
+def _failed(
+    row: dict[str, Any], err: NeonbError, started: float, echo: Callable[[str], Any]
+) -> dict[str, Any]:
+    message = " ".join(str(err).split())
+    echo(f"sub-{row['participant_id']} ses-{row['session_id']}: failed: {message}")
+    return {**row, "status": "failed", "seconds": time.perf_counter() - started, "message": message}
