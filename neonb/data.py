@@ -845,10 +845,11 @@ class _ReleaseTables:
 def read_tsv(path: Path) -> pd.DataFrame:
     """A TSV as text cells, every row checked against the header's number of fields.
 
-    Cells stay text (no type guessing, so ``"0123"`` and ``"NA"`` survive); blank lines are
-    skipped; quoting follows the csv module's (and pandas') defaults. A row with more or
-    fewer fields than the header is an error, never silently shifted into other columns
-    (pandas would make a first column the index when every data row has one field more).
+    Cells stay text (no type guessing, so ``"0123"`` and ``"NA"`` survive); blank lines and
+    empty cells past the header's last column (a spreadsheet's trailing tabs) are skipped;
+    quoting follows the csv module's (and pandas') defaults. A row with more or fewer
+    fields than the header is an error, never silently shifted into other columns (pandas
+    would make a first column the index when every data row has one field more).
 
     Returns:
         The table, with a :class:`~pandas.RangeIndex`; ``table.attrs["lines"]`` holds the
@@ -887,6 +888,8 @@ def _read_tsv_rows(reader: Any, path: Path) -> tuple[list[str], list[list[str]],
             if repeated:
                 raise DataError(path, f"line {reader.line_num}: column(s) {repeated} named twice")
             continue
+        if len(fields) > len(header) and not any(f.strip() for f in fields[len(header) :]):
+            fields = fields[: len(header)]  # trailing empty cells, as spreadsheets write them
         if len(fields) != len(header):
             raise DataError(
                 path,

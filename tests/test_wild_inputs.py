@@ -256,6 +256,14 @@ def test_a_ragged_participants_row_is_reported_with_its_line(tmp_path, capsys):
     ]
 
 
+def test_trailing_empty_cells_of_a_spreadsheet_are_not_a_ragged_row(tmp_path):
+    participants = "participant_id\tbirth_age\tsex\n1\t40\tF\t\t\n2\t35\tM\n"
+    root = _release(tmp_path / "rel", participants, "session_id\tscan_age\n1\t41\t\n")
+    manifest = data.read_manifest(root, progress=False)
+    assert manifest["birth_age"].tolist() == [40.0, 35.0]
+    assert manifest["scan_age"].tolist() == [41.0, 41.0]
+
+
 def test_a_ragged_sessions_row_is_reported_for_its_subject(tmp_path):
     good = "participant_id\tbirth_age\tsex\n1\t40\tF\n2\t35\tM\n"
     root = _release(tmp_path / "rel", good, "session_id\tscan_age\n1\t41\t7\n")
