@@ -66,6 +66,7 @@ from monai.networks.nets import DynUNet
 from monai.utils import convert_to_tensor
 from torch import Tensor, nn
 
+from neonb.cache import VolumeDataset
 from neonb.engine import BEST_MODEL_FILE, LOG_FILE, write_run_info
 from neonb.errors import ConfigError, DataError
 from neonb.experiment import (
@@ -99,7 +100,7 @@ from neonb.metrics import (
     tissue_indices,
 )
 from neonb.models import ModelConfig, dynunet_kwargs
-from neonb.transforms import eval_transforms
+from neonb.transforms import preprocessing_transforms
 
 __all__ = [
     "AGE_HEAD_FILE",
@@ -562,14 +563,17 @@ def _segment_windows(
     return labels, windows
 
 
-def load_volumes(records: Sequence[Record]) -> list[dict[str, Any]]:
-    """Whole test volumes ready for :func:`evaluate_with_age`, loaded once for many models.
+def load_volumes(
+    records: Sequence[Record], *, cache_dir: str | os.PathLike | None = None
+) -> VolumeDataset:
+    """Whole test volumes ready for :func:`evaluate_with_age`, pre-processed once for many models.
 
-    Each is the record after ``eval_transforms(crop=False)``: ``image`` ``(2, X, Y, Z)``
-    normalised and ``label`` ``(1, X, Y, Z)`` on the grid of the input files.
+    Each item is the record after ``eval_transforms(crop=False)``: ``image`` ``(2, X, Y, Z)``
+    normalised and ``label`` ``(1, X, Y, Z)`` on the grid of the input files. Items are read
+    when indexed (one volume in memory at a time), from the disk cache ``cache_dir`` (e.g.
+    ``config.cache_dir``) when given, else loaded afresh on every access.
     """
-    prepare = eval_transforms(crop=False)
-    return [prepare(dict(record)) for record in records]
+    return VolumeDataset(records, preprocessing_transforms(crop=False), None, cache_dir)
 
 
 def _dice_rows(predicted: np.ndarray, label: np.ndarray, ids: Mapping[str, Any]) -> pd.DataFrame:

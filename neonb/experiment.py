@@ -1,10 +1,11 @@
 """Train and evaluate segmentation runs: the glue the study notebooks share.
 
-An *experiment* here is what a notebook does with neonb's parts: build cached datasets
-from session records (:func:`neonb.data.to_data_dicts`), train a DynUNet with the
-masked Dice + cross-entropy loss under deep supervision (:func:`train_segmentation`),
-and evaluate it on whole test volumes with sliding windows (:func:`evaluate`), writing
-the predicted segmentations as NIfTI files named as BIDS derivatives.
+An *experiment* here is what a notebook does with neonb's parts: build disk-cached
+datasets (:class:`neonb.cache.VolumeDataset`) from session records
+(:func:`neonb.data.to_data_dicts`), train a DynUNet with the masked Dice + cross-entropy
+loss under deep supervision (:func:`train_segmentation`), and evaluate it on whole test
+volumes with sliding windows (:func:`evaluate`), writing the predicted segmentations as
+NIfTI files named as BIDS derivatives.
 
 Every setting of a run is one :class:`TrainingConfig`, which reads and writes plain
 dictionaries so the notebooks take it from their papermill parameters and the run folder
@@ -32,11 +33,11 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from monai.data import CacheDataset
 from torch import nn
 from torch.utils.data import RandomSampler
 from tqdm import tqdm
 
+from neonb.cache import VolumeDataset
 from neonb.engine import (
     BEST_MODEL_FILE,
     CONFIG_FILE,
@@ -52,7 +53,13 @@ from neonb.labels import BACKGROUND_LABELS, DRAWEM9, NUM_CLASSES
 from neonb.losses import SegmentationLoss, deep_supervision_weights
 from neonb.metrics import dice_per_class, evaluate_case
 from neonb.models import ModelConfig, build_model, check_patch_size
-from neonb.transforms import AugmentationConfig, eval_transforms, train_transforms
+from neonb.transforms import (
+    AugmentationConfig,
+    augmentation_transforms,
+    eval_transforms,
+    preprocessing_transforms,
+    validation_transforms,
+)
 
 OPTIMIZERS = ("sgd", "adamw")
 Record = Mapping[str, Any]
@@ -78,7 +85,13 @@ class TrainingConfig:
         weight_decay: L2 weight decay (the paper uses one without a value; nnU-Net's 3e-5).
         poly_power: exponent of the poly schedule ``(1 - epoch / epochs) ** power``.
         overlap: overlap of neighbouring sliding windows at test time, in [0, 1).
-        num_workers: data-loading worker processes (0: the main process).
+        num_workers: data-loading worker processes for the random patches and augmentation
+            (0: the main process). Results are repeatable for a given seed and number of
+            workers; different numbers of workers draw different (equally valid) patches.
+        cache_dir: folder of the disk cache of pre-processed volumes
+            (:class:`neonb.cache.VolumeDataset`; relative to the working directory);
+            ``None``: ``cache`` beside the run folder (:func:`train_segmentation`). Runs
+            and chapters that share it pre-process each session once.
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``.
         seed: fixes initialisation, patch sampling and augmentation.
         model: the network, :class:`neonb.models.ModelConfig`.
@@ -96,6 +109,7 @@ class TrainingConfig:
     poly_power: float = 0.9
     overlap: float = 0.5
     num_workers: int = 0
+    cache_dir: str | None = None
     device: str = "auto"
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -111,6 +125,10 @@ class TrainingConfig:
             raise ConfigError(f"overlap must be in [0, 1), got {self.overlap!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if isinstance(self.num_workers, bool) or int(self.num_workers) != self.num_workers:
+            raise ConfigError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate!r}")
 
@@ -175,16 +193,36 @@ def _check_records(records: Sequence[Record], what: str) -> list[dict[str, Any]]
     return [dict(record) for record in records]
 
 
+def _cache_dir(config: TrainingConfig, cache_dir: str | os.PathLike | None) -> Path | None:
+    """``cache_dir`` if given, else ``config.cache_dir`` (``None``: no cache)."""
+    chosen = cache_dir if cache_dir is not None else config.cache_dir
+    return None if chosen is None else Path(chosen)
+
+
 def training_loader(
-    records: Sequence[Record], config: TrainingConfig
+    records: Sequence[Record],
+    config: TrainingConfig,
+    *,
+    cache_dir: str | os.PathLike | None = None,
 ) -> torch.utils.data.DataLoader:
     """Augmented training patches, ``samples_per_volume`` per volume and epoch.
 
-    Loading, cropping and normalisation are cached in memory once; the random patch
-    choice and augmentation run afresh every epoch.
+    Loading, cropping and normalisation run once per session into the disk cache
+    (:class:`neonb.cache.VolumeDataset`); the random patch and augmentation run afresh
+    every epoch, in ``config.num_workers`` worker processes.
+
+    Args:
+        records: training sessions.
+        config: patch size, augmentation, batch size, workers and seed.
+        cache_dir: the cache folder (default ``config.cache_dir``; ``None`` for both:
+            no cache, every epoch pre-processes again).
     """
-    transform = train_transforms(config.patch_size, config.augmentation, model=config.model)
-    dataset = CacheDataset(_check_records(records, "training"), transform, progress=False)
+    dataset = VolumeDataset(
+        _check_records(records, "training"),
+        preprocessing_transforms(crop=True, keep_box=True),
+        augmentation_transforms(config.patch_size, config.augmentation, model=config.model),
+        cache_dir=_cache_dir(config, cache_dir),
+    )
     sampler = RandomSampler(dataset, num_samples=len(dataset) * config.samples_per_volume)
     return make_loader(
         dataset,
@@ -197,12 +235,30 @@ def training_loader(
 
 
 def validation_loader(
-    records: Sequence[Record], config: TrainingConfig
+    records: Sequence[Record],
+    config: TrainingConfig,
+    *,
+    cache_dir: str | os.PathLike | None = None,
 ) -> torch.utils.data.DataLoader:
-    """One centre patch of the training patch size per validation volume (paper §4.1.1)."""
-    transform = eval_transforms(config.patch_size, model=config.model)
-    dataset = CacheDataset(_check_records(records, "validation"), transform, progress=False)
+    """One centre patch of the training patch size per validation volume (paper §4.1.1).
+
+    Pre-processed through the same disk cache as :func:`training_loader`.
+    """
+    dataset = VolumeDataset(
+        _check_records(records, "validation"),
+        preprocessing_transforms(crop=True, keep_box=True),
+        validation_transforms(config.patch_size, model=config.model),
+        cache_dir=_cache_dir(config, cache_dir),
+    )
     return make_loader(dataset, config.batch_size, num_workers=config.num_workers)
+
+
+def default_cache_dir(config: TrainingConfig, run_dir: str | os.PathLike) -> Path:
+    """Where :func:`train_segmentation` caches: ``config.cache_dir``, else ``cache`` beside
+    ``run_dir`` (shared by the runs of one chapter)."""
+    if config.cache_dir is not None:
+        return Path(config.cache_dir)
+    return Path(run_dir).parent / "cache"
 
 
 def build_optimizer(
@@ -241,7 +297,8 @@ def train_segmentation(
 
     An existing ``run_dir`` with a checkpoint is resumed (see :func:`neonb.engine.fit`);
     one that has finished all epochs is simply reloaded, so re-running a notebook reuses
-    a trained model instead of training it again.
+    a trained model instead of training it again. Pre-processed volumes are cached in
+    :func:`default_cache_dir`.
 
     Args:
         train_records: training sessions (MONAI data dicts).
@@ -266,12 +323,13 @@ def train_segmentation(
     if not trainable:
         raise ConfigError("the model has no trainable parameter")
     optimizer = optimizer or build_optimizer(trainable, config)
+    cache = default_cache_dir(config, run_dir)
     log = fit(
         model,
         loss_fn or segmentation_loss(config),
         optimizer,
-        training_loader(train_records, config),
-        validation_loader(val_records, config),
+        training_loader(train_records, config, cache_dir=cache),
+        validation_loader(val_records, config, cache_dir=cache),
         epochs=config.epochs,
         run_dir=run_dir,
         scheduler=poly_scheduler(optimizer, config.epochs, power=config.poly_power),
@@ -287,31 +345,55 @@ def train_segmentation(
     return TrainedRun(model, log, run_dir, float(log["epoch_time_s"].sum()))
 
 
-def prepare_volumes(records: Sequence[Record]) -> list[dict[str, Any]]:
-    """Load and normalise test volumes once, for scoring several networks on them.
+class PreparedVolumes(Sequence[dict[str, Any]]):
+    """Whole test volumes, read one at a time from the disk cache (:func:`prepare_volumes`).
+
+    Indexing (or iterating) gives one dict per session: ``image`` (2, X, Y, Z) on the stored
+    grid (not cropped, z-normalised as in :func:`neonb.transforms.eval_transforms`),
+    ``label`` (X, Y, Z) uint8, and the ids and scan age of the record. Only the volume being
+    used is in memory: 100 dHCP test volumes at 0.5 mm would take 16 GB held together.
+    """
+
+    def __init__(self, records: Sequence[Record], cache_dir: str | os.PathLike | None) -> None:
+        self.dataset = VolumeDataset(records, preprocessing_transforms(crop=False), None, cache_dir)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        if not isinstance(index, int):
+            raise TypeError(f"PreparedVolumes takes an integer index, got {type(index).__name__}")
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"volume {index} of {len(self)}")
+        index %= len(self)
+        record = self.dataset.data[index]
+        sample = self.dataset.preprocessed(index)
+        return {
+            "image": sample["image"],
+            "label": np.asarray(sample["label"][0], dtype=np.uint8),
+            "participant_id": record["participant_id"],
+            "session_id": record["session_id"],
+            "scan_age": record.get("scan_age", np.nan),
+        }
+
+
+def prepare_volumes(
+    records: Sequence[Record], *, cache_dir: str | os.PathLike | None = None
+) -> PreparedVolumes:
+    """Test volumes for scoring several networks on them, pre-processed once.
 
     Args:
         records: sessions with ``t1w``, ``t2w``, ``label``, ids and ``scan_age``.
+        cache_dir: the disk cache (e.g. ``config.cache_dir``); ``None``: none, so each
+            pass over the volumes loads and normalises them again.
 
     Returns:
-        One dict per session: ``image`` (2, X, Y, Z) on the stored grid (not cropped,
-        z-normalised as in :func:`neonb.transforms.eval_transforms`), ``label``
-        (X, Y, Z) uint8, and the ids and scan age of the record.
+        A sequence of one dict per session, loaded when indexed (:class:`PreparedVolumes`):
+        ``image`` (2, X, Y, Z) on the stored grid (not cropped, z-normalised as in
+        :func:`neonb.transforms.eval_transforms`), ``label`` (X, Y, Z) uint8, and the ids
+        and scan age of the record.
     """
-    prepare = eval_transforms(crop=False)
-    volumes = []
-    for record in records:
-        sample = prepare(dict(record))
-        volumes.append(
-            {
-                "image": sample["image"],
-                "label": np.asarray(sample["label"][0], dtype=np.uint8),
-                "participant_id": record["participant_id"],
-                "session_id": record["session_id"],
-                "scan_age": record.get("scan_age", np.nan),
-            }
-        )
-    return volumes
+    return PreparedVolumes(records, cache_dir)
 
 
 def evaluate_dice(

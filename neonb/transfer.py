@@ -48,8 +48,11 @@ decoder level; they train together with that level. The paper's shallow conditio
 "all parameters of the outer layers in the expanding and contracting pathways" fixed, so
 the output block, at the outermost level, trains only under ``full`` and ``scratch``. A
 frozen head still contributes its loss term, whose gradient reaches the trainable blocks
-below it. Instance normalisation keeps no running statistics, so a frozen block is
-exactly unchanged by training.
+below it. A frozen block also stays in eval mode when the model is put in training mode
+(:func:`freeze_blocks`), so that batch normalisation (``norm: batch``) neither updates its
+running statistics nor normalises with batch statistics there: a frozen block is exactly
+unchanged by training, and computes what it computed in the source network. (Instance
+normalisation, the default, keeps no running statistics and behaves the same in both modes.)
 
 Example:
     >>> from neonb.models import ModelConfig, build_model
@@ -63,6 +66,7 @@ from __future__ import annotations
 
 import copy
 import os
+import types
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -86,6 +90,7 @@ __all__ = [
     "dynunet_blocks",
     "fine_tune",
     "freeze_blocks",
+    "is_kept_in_eval",
     "outermost_level",
     "paper_findings",
     "strategy_table",
@@ -239,11 +244,30 @@ def trained_blocks(
     return [block.name for block in blocks if block.level <= depth]
 
 
+def _stay_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:
+    """``train()`` of a frozen block: eval mode, whatever mode is asked for."""
+    return nn.Module.train(module, False)
+
+
+def is_kept_in_eval(module: nn.Module) -> bool:
+    """Whether :func:`freeze_blocks` froze ``module``, so it stays in eval mode."""
+    method = module.__dict__.get("train")
+    return isinstance(method, types.MethodType) and method.__func__ is _stay_in_eval
+
+
 def freeze_blocks(model: nn.Module, trainable: Iterable[str]) -> nn.Module:
     """Let the parameters of the named blocks train and freeze all others.
 
+    A frozen block has ``requires_grad=False`` on every parameter and is kept in eval mode:
+    its ``train()`` is replaced (on the instance) by one that always sets eval mode, so
+    ``model.train()`` (as :func:`neonb.engine.fit` calls every epoch) leaves its batch
+    normalisation with its running statistics, unchanged. Trainable blocks get their
+    ordinary ``train()`` back. The model's ``state_dict`` is unaffected, and a
+    ``copy.deepcopy`` keeps the frozen blocks frozen.
+
     Args:
-        model: a DynUNet; changed in place (``requires_grad`` of every parameter).
+        model: a DynUNet; changed in place (``requires_grad`` of every parameter, the mode
+            of the frozen blocks).
         trainable: names of :func:`dynunet_blocks` to train.
 
     Returns:
@@ -257,11 +281,15 @@ def freeze_blocks(model: nn.Module, trainable: Iterable[str]) -> nn.Module:
     unknown = [name for name in trainable if name not in blocks]
     if unknown:
         raise ConfigError(f"the model has no block(s) {unknown}; its blocks are {list(blocks)}")
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    for name in trainable:
-        for parameter in blocks[name].module.parameters():
-            parameter.requires_grad_(True)
+    for name, block in blocks.items():
+        train = name in trainable
+        for parameter in block.module.parameters():
+            parameter.requires_grad_(train)
+        if train:
+            block.module.__dict__.pop("train", None)
+        else:
+            block.module.train = types.MethodType(_stay_in_eval, block.module)
+    model.train(model.training)  # apply the blocks' modes now
     return model
 
 

@@ -32,9 +32,10 @@ transform together with ``image`` and ``label``, with the same random draw (MONA
 transforms randomise once per call and apply that draw to every key) and nearest-neighbour
 interpolation, so it stays aligned with the label voxel for voxel.
 
-Caching. :func:`train_transforms` returns one flat ``Compose``, so ``monai.data.CacheDataset``
-caches everything up to the first random transform (loading, cropping, normalising, padding).
-Randomness is seeded with ``Compose.set_random_state(seed)``.
+Caching. Training and validation cache the output of :func:`preprocessing_transforms` on disk
+(:class:`neonb.cache.VolumeDataset`) and apply :func:`augmentation_transforms` or
+:func:`validation_transforms` to it afresh; :func:`train_transforms` chains both for a single
+sample. Randomness is seeded with ``Compose.set_random_state(seed)``.
 
 Errors. Inside a ``Compose``, MONAI re-raises any error as ``RuntimeError("applying transform
 ...")`` chained (``__cause__``) to the original: a :class:`~neonb.errors.DataError` for a missing
@@ -312,7 +313,7 @@ class EnsureAnnotationd(MapTransform):
         return d
 
 
-def preprocessing_transforms(*, crop: bool = True) -> Compose:
+def preprocessing_transforms(*, crop: bool = True, keep_box: bool = False) -> Compose:
     """Deterministic pre-processing of a raw sample (§3.2.1), safe to cache.
 
     Steps: load the volumes (:class:`LoadVolumed`), create the annotation mask when missing
@@ -325,6 +326,9 @@ def preprocessing_transforms(*, crop: bool = True) -> Compose:
     Args:
         crop: crop to the non-zero bounding box. Use ``False`` for whole-volume inference, so that
             the prediction lies on the grid of the input NIfTI file.
+        keep_box: with ``crop``, also keep the crop box as ``foreground_start_coord`` and
+            ``foreground_end_coord`` (voxel indices on the stored grid, end exclusive), for
+            masks loaded after the disk cache (:class:`neonb.cache.VolumeDataset`).
 
     Returns:
         A ``Compose`` mapping a raw sample to ``image`` ``(2, X, Y, Z)``, ``label`` and
@@ -342,8 +346,8 @@ def preprocessing_transforms(*, crop: bool = True) -> Compose:
                 keys=list(SPATIAL_KEYS),
                 source_key="image",
                 select_fn=_is_nonzero,
-                start_coord_key=None,
-                end_coord_key=None,
+                start_coord_key="foreground_start_coord" if keep_box else None,
+                end_coord_key="foreground_end_coord" if keep_box else None,
             )
         )
     transforms += [
@@ -417,8 +421,9 @@ def train_transforms(
 ) -> Compose:
     """Pre-processing (cropped) followed by the augmentation chain, as one flat ``Compose``.
 
-    Flat, so that ``CacheDataset`` caches the deterministic head. See
-    :func:`preprocessing_transforms` and :func:`augmentation_transforms`.
+    One flat chain, for a single sample (figures, tests); training caches the pre-processing
+    on disk instead (:class:`neonb.cache.VolumeDataset`). See :func:`preprocessing_transforms`
+    and :func:`augmentation_transforms`.
     """
     augment = augmentation_transforms(patch_size, config, model=model)
     return Compose([preprocessing_transforms(crop=True), augment]).flatten()

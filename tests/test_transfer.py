@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -184,6 +185,59 @@ def test_fine_tune_trains_a_copy_and_scores_it(records, tmp_path):
     assert len(subjects) == 1
     tissue = scores.loc[~scores["is_background"], "dice"]
     assert subjects["dice_mean_nobg"].item() == pytest.approx(tissue.mean())
+
+
+def test_frozen_batch_norm_blocks_do_not_change_in_training():
+    tiny = {"strides": [1, 2, 2, 2], "filters": [2, 4, 4, 8], "deep_supr_num": 1}
+    model = build_model(ModelConfig.from_dict({**tiny, "norm": "batch"}))
+    trained = transfer.apply_strategy(model, "shallow")
+    model = copy.deepcopy(model)  # as fine_tune does: the copy stays frozen
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    torch.manual_seed(0)
+    for _ in range(3):
+        model.train()  # what neonb.engine.fit does every epoch
+        outputs = model(torch.randn(2, 2, 16, 16, 16))
+        optimizer.zero_grad()
+        outputs.square().mean().backward()
+        optimizer.step()
+    after = model.state_dict()
+    assert any(k.endswith("running_mean") for k in after)
+    for block in transfer.dynunet_blocks(model):
+        keys = [k for k in after if k.startswith(block.name + ".")]
+        assert keys, block.name
+        frozen = block.name not in trained
+        assert transfer.is_kept_in_eval(block.module) == frozen
+        assert all(m.training != frozen for m in block.module.modules()), block.name
+        for key in keys:  # parameters and buffers (running_mean/var, num_batches_tracked)
+            same = torch.equal(before[key], after[key])
+            if frozen:
+                assert same, key
+            elif key.endswith(("running_mean", "num_batches_tracked")):
+                assert not same, key
+    transfer.freeze_blocks(model, [b.name for b in transfer.dynunet_blocks(model)])
+    model.train()
+    assert all(m.training for m in model.modules())  # unfrozen blocks train again
+
+
+def test_fine_tuning_leaves_frozen_batch_norm_blocks_exactly_as_they_were(records, tmp_path):
+    tiny = {"strides": [1, 2, 2, 2], "filters": [2, 4, 4, 8], "deep_supr_num": 1, "norm": "batch"}
+    config = TrainingConfig.from_dict(
+        {"patch_size": [16, 16, 16], "epochs": 1, "optimizer": "sgd", "model": tiny}
+    )
+    torch.manual_seed(0)
+    source = build_model(config.model)
+    before = {k: v.clone() for k, v in source.state_dict().items()}
+    run = transfer.fine_tune(source, "medium", records[:2], records[2:], config, tmp_path / "m")
+    after = run.model.state_dict()
+    trained = transfer.trained_blocks(source, "medium")
+    for block in transfer.dynunet_blocks(source):
+        keys = [k for k in after if k.startswith(block.name + ".")]
+        stats = [k for k in keys if k.endswith("running_mean")]
+        if block.name in trained:
+            assert all(not torch.equal(before[k], after[k]) for k in stats), block.name
+        else:
+            assert all(torch.equal(before[k], after[k]) for k in keys), block.name
 
 
 def _cases(means, spread=0.01, n=6):
