@@ -70,16 +70,14 @@ PAPER_NETWORK = {"patch_size": (128, 128, 128), "strides": (1, 2, 2, 2, 2, 2), "
 """The settings whose step time :data:`PAPER_T4_SECONDS_PER_STEP` describes."""
 
 # Peak host memory model (see :func:`estimate_peak_host_gb`).
-BASE_HOST_GB = 3.0
-"""Python, PyTorch, MONAI, the CUDA context and the network: our estimate for one process."""
-WORKER_BASE_GB = 0.4
-"""A data-loading worker process before it holds any volume (our estimate)."""
-AUGMENT_COPIES = 4
-"""Working copies of a volume a worker holds while cropping and augmenting (our estimate)."""
-BYTES_PER_IMAGE_VOXEL = 4
-"""Images are float32 in the cache and in transforms."""
-BYTES_PER_LABEL_VOXEL = 2
-"""Label and annotation mask, uint8 each."""
+PROCESS_HOST_GB = 2.0
+"""Python, PyTorch, MONAI, the network, its optimiser and a CUDA context (our estimate)."""
+LOADER_HOST_GB = 1.4
+"""Peak of the paper configuration's training loader without workers, measured by
+``benchmarks/bench_memory.py`` (flat in the number of sessions, thanks to the disk cache)."""
+WORKER_GB_PER_PATCH_VOXEL = 6.5e9 / 128**3
+"""A data-loading worker deforming a 128³ patch elastically on its one thread peaked at
+6.5 GB (``benchmarks/README.md``); scaled by the patch's voxels for other patch sizes."""
 
 
 @dataclass
@@ -151,24 +149,22 @@ def _run(chapter: str, run: str, n_sessions: int, config: Any) -> dict[str, Any]
 def estimate_peak_host_gb(config: Any, volume_shape: tuple[int, ...], n_channels: int) -> float:
     """Estimated peak host memory (GB) of a chapter that trains with ``config``.
 
-    With the disk cache no chapter holds its training set in memory; what remains is one
-    process (:data:`BASE_HOST_GB`), each data-loading worker with the volume it augments
-    (:data:`AUGMENT_COPIES` working copies of images, label and mask), and the evaluation of
-    one whole volume by sliding windows (the class probabilities, their accumulator and
-    the count map, float32, plus the input).
+    With the disk cache (:mod:`neonb.cache`) no chapter holds its training set in memory.
+    Training peaks with the process (:data:`PROCESS_HOST_GB`), the loader
+    (:data:`LOADER_HOST_GB`) and each data-loading worker while it augments a patch
+    (:data:`WORKER_GB_PER_PATCH_VOXEL`); testing, afterwards, with one whole volume scored
+    by sliding windows (its input, the class probabilities and their accumulator, float32).
 
     Args:
         config: the chapter's :class:`neonb.experiment.TrainingConfig`.
         volume_shape: ``(X, Y, Z)`` of the cohort's images in voxels.
         n_channels: input channels (2: T1w and T2w).
     """
+    patch = math.prod(config.patch_size)
+    training = LOADER_HOST_GB + config.num_workers * WORKER_GB_PER_PATCH_VOXEL * patch / 1e9
     voxels = math.prod(volume_shape)
-    volume = voxels * (n_channels * BYTES_PER_IMAGE_VOXEL + BYTES_PER_LABEL_VOXEL)
-    workers = max(config.num_workers, 1)
-    loading = workers * (WORKER_BASE_GB * 1e9 + AUGMENT_COPIES * volume)
-    classes = config.model.out_channels
-    evaluation = voxels * (2 * classes * 4 + 4 + n_channels * 4)
-    return round((BASE_HOST_GB * 1e9 + loading + evaluation) / 1e9, 1)
+    testing = voxels * 4 * (n_channels + 2 * config.model.out_channels + 1) / 1e9
+    return round(PROCESS_HOST_GB + max(training, testing), 1)
 
 
 def _volume_shape(manifest: pd.DataFrame) -> tuple[int, ...]:
@@ -417,8 +413,8 @@ def plan_study(
             reason = f"the parameter {err} is missing" if isinstance(err, KeyError) else err
             failures.append(f"{name}: {reason}")
     planner.notes.append(
-        "peak_host_gb is an estimate for one process with the disk cache "
-        "(neonb.plan.estimate_peak_host_gb); t4_hours scales the paper's 18.6 h per "
+        "peak_host_gb is an estimate (neonb.plan.estimate_peak_host_gb: measured loader and "
+        "worker peaks, the largest volume scored whole); t4_hours scales the paper's 18.6 h per "
         "pipeline run (3,420 steps on a T4, §4.1.1) by optimiser steps, for the paper's "
         "network only, and counts frozen-block fine-tuning as full steps (an upper bound)"
     )

@@ -211,7 +211,7 @@ plots.dice_curves(
 # count less. The volumes are loaded once for all variants; HD95 is not computed here.
 
 # %%
-volumes = ageunet.load_volumes(records["test"])
+volumes = ageunet.load_volumes(records["test"], cache_dir=config.cache_dir)
 per_class, ages = [], []
 for name, run in trained.items():
     table, predicted = ageunet.evaluate_with_age(

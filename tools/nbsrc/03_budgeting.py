@@ -359,7 +359,7 @@ n_eval = len(test_ages) if n_test_eval in (0, None) else min(n_test_eval, len(te
 chosen = set(splits.stratified_pick(test_ages, n_eval, np.random.default_rng(seed)))
 test_records = [r for r in records["test"] if r["participant_id"] in chosen]
 started = time.perf_counter()
-test_volumes = experiment.prepare_volumes(test_records)
+test_volumes = experiment.prepare_volumes(test_records, cache_dir=config.cache_dir)
 per_case = pd.concat(
     [
         experiment.evaluate_dice(

@@ -268,7 +268,7 @@ timing
 # and windows per forward pass as set above), and each tissue is scored with Dice.
 
 # %%
-volumes = experiment.prepare_volumes(records["target_test"])
+volumes = experiment.prepare_volumes(records["target_test"], cache_dir=source_config.cache_dir)
 per_case = pd.concat(
     [
         experiment.evaluate_dice(
