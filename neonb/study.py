@@ -127,14 +127,32 @@ def open_cohort(
     n: int = 60,
     seed: int = 0,
     voxel_size: float = 1.5,
+    images: str = "restore",
+    brain_mask: str = "ignore",
 ) -> Cohort:
     """Resolve the data root (:func:`resolve_data_root`) and read its manifest.
 
     Every chapter starts here with its ``study.yaml`` parameters, so all of them read the
     same sessions.
-    """
-    from neonb.data import read_manifest
 
+    Args:
+        data_root: the dHCP release (or its ``derivatives/dhcp_anat_pipeline``); empty or
+            ``None`` for the synthetic cohort.
+        synthetic_base, n, seed, voxel_size: the synthetic cohort (see
+            :func:`resolve_data_root`).
+        images: ``"restore"`` (bias-corrected) or ``"plain"`` T1w/T2w pair
+            (:func:`neonb.data.read_manifest`).
+        brain_mask: ``"apply"`` makes the brain mask a required image; pass the same value
+            to :func:`neonb.data.to_data_dicts` so the transforms apply it. ``"ignore"``
+            lists masks without using them.
+
+    Raises:
+        ConfigError: when ``images`` or ``brain_mask`` is not an accepted value.
+    """
+    from neonb.data import check_brain_mask_policy, check_image_kind, read_manifest
+
+    check_image_kind(images)
+    check_brain_mask_policy(brain_mask)
     root = resolve_data_root(
         data_root,
         synthetic_base=synthetic_base,
@@ -144,7 +162,8 @@ def open_cohort(
         progress=False,
     )
     description = "dHCP" if data_root else f"synthetic cohort, {voxel_size:g} mm"
-    return Cohort(root, read_manifest(root, progress=False), description)
+    manifest = read_manifest(root, images=images, brain_mask=brain_mask, progress=False)
+    return Cohort(root, manifest, description)
 
 
 def load_params(params_dir: str | os.PathLike, notebook: str) -> dict[str, Any] | None:
