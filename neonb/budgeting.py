@@ -583,7 +583,7 @@ def _label_key(record: Mapping[str, Any]) -> tuple[str, int, int]:
 
 
 def budget_pool(
-    manifest: pd.DataFrame, pipeline_splits: pd.DataFrame
+    manifest: pd.DataFrame, pipeline_splits: pd.DataFrame, *, brain_mask: str = "ignore"
 ) -> tuple[list[dict[str, Any]], pd.Series, list[str]]:
     """The sessions annotations may be spent on: the pipeline's training and pool sessions.
 
@@ -593,6 +593,7 @@ def budget_pool(
     Args:
         manifest: the cohort's manifest.
         pipeline_splits: the study's pipeline splits (:func:`neonb.splits.pipeline_splits`).
+        brain_mask: whether the records carry the brain mask (:func:`neonb.data.to_data_dicts`).
 
     Returns:
         ``(records, ages, train_ids)``: the pool's data dicts
@@ -609,7 +610,7 @@ def budget_pool(
     )
     ages = pd.Series(rows["scan_age"].to_numpy(float), index=rows["participant_id"].to_numpy())
     train_ids = rows.loc[rows["split"] == "train", "participant_id"].tolist()
-    return to_data_dicts(rows.drop(columns="split")), ages, train_ids
+    return to_data_dicts(rows.drop(columns="split"), brain_mask=brain_mask), ages, train_ids
 
 
 def slice_count(length: float, fraction: float) -> int:

@@ -29,7 +29,9 @@ def _phantom(args: argparse.Namespace) -> None:
 def _manifest(args: argparse.Namespace) -> None:
     from neonb.data import read_manifest, summarize_manifest, write_manifest
 
-    manifest = read_manifest(args.root, check=args.check)
+    manifest = read_manifest(
+        args.root, images=args.images, brain_mask=args.brain_mask, check=args.check
+    )
     print(summarize_manifest(manifest))
     if args.out:
         print(f"manifest written to {write_manifest(manifest, args.out)}")
@@ -132,12 +134,32 @@ def build_parser() -> argparse.ArgumentParser:
     manifest = commands.add_parser(
         "manifest", help="list the sessions of a dHCP release folder and which are complete"
     )
-    manifest.add_argument("root", type=Path, help="[REQUIRED] dHCP release (or synthetic) folder")
+    manifest.add_argument(
+        "root",
+        type=Path,
+        help="[REQUIRED] dHCP release folder, its derivatives/dhcp_anat_pipeline, or a "
+        "synthetic cohort",
+    )
     manifest.add_argument("--out", type=Path, help="[OPTIONAL] write the manifest to this TSV")
+    manifest.add_argument(
+        "--images",
+        choices=("restore", "plain"),
+        default="restore",
+        help="[OPTIONAL] which T1w/T2w pair: the bias-corrected desc-restore images (default) "
+        "or the plain _T1w/_T2w, as the paper's authors used",
+    )
+    manifest.add_argument(
+        "--brain-mask",
+        choices=("ignore", "apply"),
+        default="ignore",
+        help="[OPTIONAL] 'apply': a session needs its desc-brain_mask (checked with --check); "
+        "'ignore' (default): the mask is listed but not required",
+    )
     manifest.add_argument(
         "--check",
         action="store_true",
-        help="[OPTIONAL] also open every image: shapes, affines, labels 0-9, no NaN (slow)",
+        help="[OPTIONAL] also open every image: shapes, affines, labels 0-9, binary brain "
+        "masks, no NaN (slow)",
     )
     manifest.set_defaults(handler=_manifest)
 

@@ -1,23 +1,40 @@
 """Read a dHCP third-release anatomical folder into a manifest of sessions.
 
-Richter & Fetit (2022, §3.1) start from the 783 scans of the developing Human Connectome
+Richter & Fetit (2022, §3.1) start from the scans of the developing Human Connectome
 Project's third release and keep the 709 "complete data units": sessions that have a T1w,
 a T2w, a drawem9 segmentation and their minimal metadata (the scan age). This module does
-that bookkeeping. :func:`read_manifest` walks a release folder laid out as the dHCP
-distributes it::
+that bookkeeping. :func:`read_manifest` walks a release laid out as the dHCP distributes it
+(887 neonatal sessions of 783 participants)::
 
-    ROOT/participants.tsv                     participant_id, birth_age, sex (or gender)
-    ROOT/combined.tsv                         optional: one row per session, fills gaps
-    ROOT/sub-<id>/sub-<id>_sessions.tsv       session_id, scan_age
-    ROOT/sub-<id>/ses-<ses>/anat/sub-<id>_ses-<ses>_desc-restore_T2w.nii.gz
-    ROOT/sub-<id>/ses-<ses>/anat/sub-<id>_ses-<ses>_desc-restore_space-T2w_T1w.nii.gz
-    ROOT/sub-<id>/ses-<ses>/anat/sub-<id>_ses-<ses>_desc-drawem9_dseg.nii.gz
+    ROOT/participants.tsv                       participant_id, birth_age, sex (or gender)
+    ROOT/combined.tsv                           optional: one row per session, fills gaps
+    ROOT/sub-<id>/sub-<id>_sessions.tsv         session_id, scan_age
+    ROOT/derivatives/dhcp_anat_pipeline/sub-<id>/ses-<ses>/anat/
+        sub-<id>_ses-<ses>_T2w.nii.gz                  T2w, as reconstructed
+        sub-<id>_ses-<ses>_desc-restore_T2w.nii.gz     T2w, bias-corrected
+        sub-<id>_ses-<ses>_T1w.nii.gz                  T1w on the T2w grid
+        sub-<id>_ses-<ses>_desc-restore_T1w.nii.gz     T1w on the T2w grid, bias-corrected
+        sub-<id>_ses-<ses>_desc-drawem9_dseg.nii.gz    drawem9 tissue labels 0-9
+        sub-<id>_ses-<ses>_desc-brain_mask.nii.gz      brain mask, 0 and 1
 
-and returns one row per session with the reason it is incomplete, if it is. With
-``check=True`` every image is also opened and checked in the spirit of nnU-Net's
+``ROOT`` may also be the ``derivatives/dhcp_anat_pipeline`` folder itself, with the tables
+next to its ``sub-*`` folders (the layout :mod:`neonb.phantom` writes) or two levels up;
+``sub-<id>_sessions.tsv`` may sit next to the images or in ``ROOT/sub-<id>/``.
+
+Which images a session's row names is a parameter, ``images``: ``"restore"`` (the
+bias-corrected ``desc-restore`` pair; also accepted under the older name
+``desc-restore_space-T2w_T1w``) or ``"plain"`` (``_T1w``/``_T2w``, what the paper's authors
+extracted). T1w and T2w are always of one kind: a session lacking either image of the chosen
+kind is incomplete, never filled in with the other kind. The brain mask is read into its
+own column; ``brain_mask="apply"`` makes it a required image, and :func:`to_data_dicts`
+then hands it to the transforms, which zero the image outside it.
+
+:func:`read_manifest` returns one row per session with the reason it is incomplete, if it
+is. With ``check=True`` every image is also opened and checked in the spirit of nnU-Net's
 ``verify_dataset_integrity``: each problem is recorded against its session, naming the
 file, and nothing is raised for a bad image. The per-image checks (:func:`load_nifti`,
 :func:`check_geometry`, :func:`check_image_3d`, :func:`check_finite`, :func:`check_labels`,
+:func:`check_binary`,
 :func:`check_same_shape`, :func:`check_same_affine`) raise :class:`~neonb.errors.DataError`
 on their own, so other code can reuse them for single-file messages.
 
@@ -26,9 +43,9 @@ gestational age at birth. An infant is preterm when born before
 :data:`PRETERM_BIRTH_AGE_WEEKS` (37) weeks.
 
 Example:
-    >>> manifest = read_manifest("data/dhcp_rel3", check=True)  # doctest: +SKIP
+    >>> manifest = read_manifest("data/dhcp_rel3", images="plain", check=True)  # doctest: +SKIP
     >>> print(summarize_manifest(manifest))  # doctest: +SKIP
-    found 783 sessions of 688 participants
+    found 887 sessions of 783 participants
     ...
     >>> data_dicts = to_data_dicts(manifest)  # doctest: +SKIP
 """
@@ -67,21 +84,27 @@ StrPath = str | os.PathLike
 
 __all__ = [
     "AFFINE_ATOL_MM",
+    "BRAIN_MASK_POLICIES",
     "MAX_AXIS_VOXELS",
     "MAX_IMAGE_VOXELS",
     "IMAGE_COLUMNS",
+    "IMAGE_KINDS",
     "MANIFEST_COLUMNS",
     "PRETERM_BIRTH_AGE_WEEKS",
     "ManifestSummary",
+    "check_binary",
+    "check_brain_mask_policy",
     "check_finite",
     "check_geometry",
     "geometry_warnings",
     "check_image_3d",
+    "check_image_kind",
     "check_labels",
     "check_same_affine",
     "check_same_shape",
     "check_session",
     "find_session_images",
+    "image_suffixes",
     "load_manifest",
     "load_nifti",
     "normalise_participant_id",
@@ -109,27 +132,56 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "t1w",
     "t2w",
     "dseg",
+    "brain_mask",
     "complete",
     "reason",
 )
 """Columns of a manifest, in order."""
 
-IMAGE_COLUMNS: tuple[str, ...] = ("t1w", "t2w", "dseg")
-"""Manifest columns that hold image paths; also the keys of :func:`check_session`."""
+OPTIONAL_MANIFEST_COLUMNS: tuple[str, ...] = ("brain_mask",)
+"""Manifest columns a table written before neonb read brain masks may lack (read as ``""``)."""
 
-DISPLAY_NAMES: dict[str, str] = {"t1w": "T1w", "t2w": "T2w", "dseg": "dseg"}
-"""How each image is named in reasons (the BIDS suffix)."""
+IMAGE_COLUMNS: tuple[str, ...] = ("t1w", "t2w", "dseg", "brain_mask")
+"""Manifest columns that hold image paths; also the keys :func:`check_session` knows."""
 
-FILENAME_SUFFIXES: dict[str, tuple[str, ...]] = {
-    "t1w": ("desc-restore_space-T2w_T1w", "T1w"),
-    "t2w": ("desc-restore_T2w", "T2w"),
-    "dseg": ("desc-drawem9_dseg",),
+REQUIRED_IMAGES: tuple[str, ...] = ("t1w", "t2w", "dseg")
+"""Images every complete session has; ``brain_mask="apply"`` adds ``"brain_mask"``."""
+
+DISPLAY_NAMES: dict[str, str] = {
+    "t1w": "T1w",
+    "t2w": "T2w",
+    "dseg": "dseg",
+    "brain_mask": "brain mask",
 }
-"""Accepted name endings per image, preferred first: the bias-corrected ``desc-restore``
-images are what the paper trains on, the plain names are older or hand-made copies."""
+"""How each image is named in reasons."""
+
+IMAGE_KINDS: tuple[str, ...] = ("restore", "plain")
+"""Values of ``images``: the bias-corrected ``desc-restore`` pair, or the plain one."""
+
+BRAIN_MASK_POLICIES: tuple[str, ...] = ("ignore", "apply")
+"""Values of ``brain_mask``: read the mask but do not use it, or require and apply it."""
+
+INTENSITY_SUFFIXES: dict[str, dict[str, tuple[str, ...]]] = {
+    "restore": {
+        "t1w": ("desc-restore_T1w", "desc-restore_space-T2w_T1w"),
+        "t2w": ("desc-restore_T2w",),
+    },
+    "plain": {"t1w": ("T1w",), "t2w": ("T2w",)},
+}
+"""Accepted name endings of the T1w and T2w of each kind, preferred (the release's) first.
+``desc-restore_space-T2w_T1w`` is the name neonb wrote before it followed the release."""
+
+LABEL_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "dseg": ("desc-drawem9_dseg",),
+    "brain_mask": ("desc-brain_mask",),
+}
+"""Accepted name endings of the drawem9 labels and the brain mask."""
 
 NIFTI_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii")
 """Accepted file extensions, preferred first."""
+
+DERIVATIVES_DIR = Path("derivatives", "dhcp_anat_pipeline")
+"""Where a release folder keeps the anatomical pipeline's ``sub-*/ses-*/anat`` images."""
 
 REFERENCE_IMAGE = "t2w"
 """Image whose grid the others must share: drawem9 is computed on the T2w (paper §3.1)."""
@@ -142,7 +194,10 @@ AFFINE_ATOL_MM = 1e-3
 
 PARTICIPANTS_TSV = "participants.tsv"
 COMBINED_TSV = "combined.tsv"
-RELEASE_HINT = "expected the dHCP release folder that holds participants.tsv and sub-*/"
+RELEASE_HINT = (
+    "expected the dHCP release folder (participants.tsv, derivatives/dhcp_anat_pipeline/"
+    "sub-*/) or its derivatives/dhcp_anat_pipeline folder"
+)
 REASON_SEPARATOR = "; "
 TSV_MISSING = "n/a"
 """How a manifest TSV spells a missing value (the BIDS convention)."""
@@ -216,21 +271,67 @@ def _strip_prefix(text: str, prefix: str) -> str:
     return text[len(prefix) :] if text.startswith(prefix) else text
 
 
+def check_image_kind(images: object) -> str:
+    """Return ``images`` if it is one of :data:`IMAGE_KINDS`, else raise a ConfigError."""
+    if images not in IMAGE_KINDS:
+        raise ConfigError(
+            f"images must be one of {list(IMAGE_KINDS)} (bias-corrected desc-restore images, "
+            f"or the plain T1w/T2w), but found {images!r}"
+        )
+    return str(images)
+
+
+def check_brain_mask_policy(brain_mask: object) -> str:
+    """Return ``brain_mask`` if it is one of :data:`BRAIN_MASK_POLICIES`, else raise."""
+    if brain_mask not in BRAIN_MASK_POLICIES:
+        raise ConfigError(
+            f"brain_mask must be one of {list(BRAIN_MASK_POLICIES)}, but found {brain_mask!r}"
+        )
+    return str(brain_mask)
+
+
+def image_suffixes(images: str = "restore") -> dict[str, tuple[str, ...]]:
+    """Accepted name endings of every image of a session, preferred first.
+
+    Args:
+        images: ``"restore"`` or ``"plain"`` (:data:`IMAGE_KINDS`): which T1w and T2w.
+
+    Returns:
+        ``{"t1w": (...), "t2w": (...), "dseg": (...), "brain_mask": (...)}``, e.g.
+        ``("desc-restore_T1w", "desc-restore_space-T2w_T1w")`` for the restored T1w.
+
+    Raises:
+        ConfigError: when ``images`` is not one of :data:`IMAGE_KINDS`.
+    """
+    return {**INTENSITY_SUFFIXES[check_image_kind(images)], **LABEL_SUFFIXES}
+
+
 def session_filename(
-    participant_id: str, session_id: str, image: str, extension: str = ".nii.gz"
+    participant_id: str,
+    session_id: str,
+    image: str,
+    extension: str = ".nii.gz",
+    *,
+    images: str = "restore",
 ) -> str:
-    """The preferred dHCP file name of one image of a session.
+    """The dHCP release's file name of one image of a session.
 
     Args:
         participant_id: bare or ``sub-`` prefixed participant id.
         session_id: bare or ``ses-`` prefixed session id.
-        image: one of :data:`IMAGE_COLUMNS` (``"t1w"``, ``"t2w"``, ``"dseg"``).
+        image: one of :data:`IMAGE_COLUMNS` (``"t1w"``, ``"t2w"``, ``"dseg"``,
+            ``"brain_mask"``).
         extension: ``".nii.gz"`` or ``".nii"``.
+        images: ``"restore"`` or ``"plain"``: the kind of T1w and T2w.
 
     Returns:
-        For example ``"sub-CC1_ses-7_desc-restore_T2w.nii.gz"``.
+        For example ``"sub-CC1_ses-7_desc-restore_T2w.nii.gz"``, or
+        ``"sub-CC1_ses-7_T2w.nii.gz"`` with ``images="plain"``.
+
+    Raises:
+        ConfigError: when ``images`` is not one of :data:`IMAGE_KINDS`.
     """
-    return _filename(participant_id, session_id, FILENAME_SUFFIXES[image][0], extension)
+    return _filename(participant_id, session_id, image_suffixes(images)[image][0], extension)
 
 
 def _filename(participant_id: str, session_id: str, suffix: str, extension: str) -> str:
@@ -239,33 +340,39 @@ def _filename(participant_id: str, session_id: str, suffix: str, extension: str)
     return f"sub-{pid}_ses-{sid}_{suffix}{extension}"
 
 
-def _anat_dir(root: Path, participant_id: str, session_id: str) -> Path:
-    return root / f"sub-{participant_id}" / f"ses-{session_id}" / "anat"
-
-
 def find_session_images(
-    anat_dir: StrPath, participant_id: str, session_id: str
+    anat_dir: StrPath, participant_id: str, session_id: str, *, images: str = "restore"
 ) -> dict[str, Path | None]:
-    """Find the T1w, T2w and dseg files of one session, preferring ``desc-restore`` names.
+    """Find the T1w, T2w, dseg and brain mask files of one session.
 
     Args:
         anat_dir: the session's ``anat`` folder.
         participant_id: bare or prefixed participant id.
         session_id: bare or prefixed session id.
+        images: ``"restore"`` or ``"plain"``: which T1w and T2w to look for. The other
+            kind is never returned in their place.
 
     Returns:
-        ``{"t1w": path or None, "t2w": ..., "dseg": ...}``; ``None`` where no accepted name
-        (:data:`FILENAME_SUFFIXES` x :data:`NIFTI_EXTENSIONS`) exists.
+        ``{"t1w": path or None, "t2w": ..., "dseg": ..., "brain_mask": ...}``; ``None``
+        where no accepted name (:func:`image_suffixes` x :data:`NIFTI_EXTENSIONS`) exists.
+
+    Raises:
+        ConfigError: when ``images`` is not one of :data:`IMAGE_KINDS`.
     """
     anat_dir = Path(anat_dir)
+    suffixes = image_suffixes(images)
+    try:
+        present = {entry.name for entry in os.scandir(anat_dir) if entry.is_file()}
+    except OSError:  # no such folder, or not readable: nothing found
+        present = set()
     found: dict[str, Path | None] = {}
-    for image, suffixes in FILENAME_SUFFIXES.items():
-        candidates = (
-            anat_dir / _filename(participant_id, session_id, suffix, extension)
-            for suffix in suffixes
+    for image, endings in suffixes.items():
+        names = (
+            _filename(participant_id, session_id, ending, extension)
+            for ending in endings
             for extension in NIFTI_EXTENSIONS
         )
-        found[image] = next((path for path in candidates if path.is_file()), None)
+        found[image] = next((anat_dir / name for name in names if name in present), None)
     return found
 
 
@@ -692,6 +799,28 @@ def check_labels(image: SpatialImage, labels: Iterable[int] = tuple(DRAWEM9)) ->
         )
 
 
+def check_binary(image: SpatialImage) -> None:
+    """Raise when a mask holds a voxel value other than 0 and 1.
+
+    Raises:
+        DataError: naming the image's file, how many voxels are neither 0 nor 1 and up to
+            :data:`MAX_VALUES_SHOWN` of their values, e.g. "is not binary: holds values other
+            than 0 and 1 in 2 voxels (e.g. 2, 255)".
+    """
+    data = np.asanyarray(image.dataobj)
+    if not np.issubdtype(data.dtype, np.number):
+        raise DataError(_image_name(image), f"has non-numeric voxels of type {data.dtype}")
+    invalid = (data != 0) & (data != 1)
+    n_invalid = int(invalid.sum())
+    if n_invalid:
+        shown = ", ".join(f"{value:g}" for value in np.unique(data[invalid])[:MAX_VALUES_SHOWN])
+        raise DataError(
+            _image_name(image),
+            f"is not binary: holds values other than 0 and 1 in {n_invalid} "
+            f"voxel{'s' if n_invalid != 1 else ''} (e.g. {shown})",
+        )
+
+
 def _describe_labels(allowed: np.ndarray) -> str:
     """``0-9`` for a contiguous range, else the list."""
     if len(allowed) > 1 and np.array_equal(allowed, np.arange(allowed[0], allowed[-1] + 1)):
@@ -746,6 +875,7 @@ IMAGE_CHECKS: dict[str, tuple[tuple[str, _ImageCheck], ...]] = {
     "t1w": (("not 3D", check_image_3d), ("not finite", check_finite)),
     "t2w": (("not 3D", check_image_3d), ("not finite", check_finite)),
     "dseg": (("not 3D", check_image_3d), ("bad labels", check_labels)),
+    "brain_mask": (("not 3D", check_image_3d), ("not binary", check_binary)),
 }
 """Per-image checks run by :func:`check_session`: (reason category, check) pairs."""
 
@@ -758,13 +888,14 @@ def check_session(paths: Mapping[str, StrPath | None]) -> list[str]:
     readable image) with :func:`check_same_shape` and :func:`check_same_affine`.
 
     Args:
-        paths: ``{"t1w": ..., "t2w": ..., "dseg": ...}``; a missing, ``None`` or empty
-            entry is skipped (a manifest reports missing files itself).
+        paths: ``{"t1w": ..., "t2w": ..., "dseg": ..., "brain_mask": ...}``; a missing,
+            ``None`` or empty entry is skipped (a manifest reports missing files itself).
 
     Returns:
         Reasons in the manifest's wording, ``"<image> <problem>: <path>: <detail>"``, for
-        example ``"T2w unreadable: /data/sub-1_ses-1_T2w.nii.gz: truncated: ..."`` or
-        ``"T1w shape mismatch: ..."``; empty when all is well. Never raises for a bad file.
+        example ``"T2w unreadable: /data/sub-1_ses-1_T2w.nii.gz: truncated: ..."``,
+        ``"T1w shape mismatch: ..."`` or ``"brain mask not binary: ..."``; empty when all
+        is well. Never raises for a bad file.
     """
     reasons: list[str] = []
     images: dict[str, SpatialImage] = {}
@@ -919,17 +1050,19 @@ def _is_missing(text: object) -> bool:
 def _participant_values(table: pd.DataFrame) -> dict[str, dict[str, str]]:
     """``{participant_id: {"birth_age": text, "sex": text}}``; first row wins, gaps stay ''."""
     sex_column = next((c for c in ("sex", "gender") if c in table.columns), None)
+    birth_column = "birth_age" if "birth_age" in table.columns else None
     values: dict[str, dict[str, str]] = {}
     for _, row in table.iterrows():
         pid = normalise_participant_id(row["participant_id"])
         entry = values.setdefault(pid, {"birth_age": "", "sex": ""})
-        for key, column in (("birth_age", "birth_age"), ("sex", sex_column)):
+        for key, column in (("birth_age", birth_column), ("sex", sex_column)):
             if column is not None and _is_missing(entry[key]) and not _is_missing(row[column]):
                 entry[key] = str(row[column]).strip()
     return values
 
 
-def _read_release_tables(root: Path) -> _ReleaseTables:
+def _read_release_tables(layout: _Layout) -> _ReleaseTables:
+    root = layout.tables_root
     participants_path = root / PARTICIPANTS_TSV
     participants = read_tsv(participants_path)
     require_columns(participants, ["participant_id"], participants_path)
@@ -951,13 +1084,22 @@ def _read_release_tables(root: Path) -> _ReleaseTables:
     return tables
 
 
-def _read_sessions_table(subject_dir: Path, participant_id: str) -> _SessionsTable:
-    """Read ``sub-<id>_sessions.tsv``; a broken table is a per-subject problem, not fatal."""
-    path = subject_dir / f"sub-{participant_id}_sessions.tsv"
-    result = _SessionsTable(path)
-    if not path.is_file():
-        result.problem = f"{path} not found"
+def _read_sessions_table(layout: _Layout, participant_id: str) -> _SessionsTable:
+    """Read ``sub-<id>_sessions.tsv``; a broken table is a per-subject problem, not fatal.
+
+    The first of :meth:`_Layout.sessions_tsv_candidates` that exists is read.
+    """
+    candidates = layout.sessions_tsv_candidates(participant_id)
+    path = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if path is None:
+        result = _SessionsTable(candidates[0])
+        result.problem = (
+            f"{candidates[0]} not found"
+            if len(candidates) == 1
+            else f"neither {' nor '.join(map(str, candidates))} found"
+        )
         return result
+    result = _SessionsTable(path)
     try:
         table = read_tsv(path)
         require_columns(table, ["session_id"], path)
@@ -981,17 +1123,54 @@ def _read_sessions_table(subject_dir: Path, participant_id: str) -> _SessionsTab
 # --------------------------------------------------------------------------------------
 
 
-def _check_release_root(root: StrPath) -> Path:
+@dataclass(frozen=True)
+class _Layout:
+    """Where a release keeps its images and its tables.
+
+    Attributes:
+        root: the folder the user gave.
+        anat_root: the folder holding ``sub-*/ses-*/anat``.
+        tables_root: the folder holding ``participants.tsv`` (and ``combined.tsv``).
+        subject_roots: folders whose ``sub-<id>/`` may hold ``sub-<id>_sessions.tsv``,
+            in the order they are asked.
+    """
+
+    root: Path
+    anat_root: Path
+    tables_root: Path
+    subject_roots: tuple[Path, ...]
+
+    def sessions_tsv_candidates(self, participant_id: str) -> list[Path]:
+        name = f"sub-{participant_id}"
+        return [folder / name / f"{name}_sessions.tsv" for folder in self.subject_roots]
+
+
+def _release_layout(root: StrPath) -> _Layout:
+    """Find the images and tables of a release folder or of its derivatives folder.
+
+    ``root/derivatives/dhcp_anat_pipeline`` holds the images when it exists (tables in
+    ``root``, else next to the images); otherwise ``root`` does, with its tables in
+    ``root`` or two levels up (``root`` being ``RELEASE/derivatives/dhcp_anat_pipeline``).
+    """
     root = Path(os.path.abspath(os.path.expanduser(root)))
     if not root.exists():
         raise DataError(root, "folder not found", hint=RELEASE_HINT)
     if not root.is_dir():
         raise DataError(root, "is a file, not a folder", hint=RELEASE_HINT)
-    if not (root / PARTICIPANTS_TSV).is_file():
+    derivatives = root / DERIVATIVES_DIR
+    if derivatives.is_dir():
+        anat_root, table_candidates = derivatives, [root, derivatives]
+    else:
+        anat_root, table_candidates = root, [root, root.parent.parent]
+    tables_root = next(
+        (folder for folder in table_candidates if (folder / PARTICIPANTS_TSV).is_file()), None
+    )
+    if tables_root is None:
         raise DataError(root / PARTICIPANTS_TSV, "file not found", hint=RELEASE_HINT)
-    if not _subject_dirs(root):
-        raise DataError(root, "holds no sub-* folders", hint=RELEASE_HINT)
-    return root
+    if not _subject_dirs(anat_root):
+        raise DataError(anat_root, "holds no sub-* folders", hint=RELEASE_HINT)
+    subject_roots = tuple(dict.fromkeys([anat_root, root, tables_root]))
+    return _Layout(root, anat_root, tables_root, subject_roots)
 
 
 def _subject_dirs(root: Path) -> list[Path]:
@@ -1074,22 +1253,26 @@ def _session_ids(subject_dir: Path, table: _SessionsTable) -> list[str]:
 
 
 def _session_row(
-    root: Path,
+    layout: _Layout,
     participant_id: str,
     session_id: str,
     table: _SessionsTable,
     tables: _ReleaseTables,
+    *,
+    images: str,
+    required: tuple[str, ...],
 ) -> dict[str, Any]:
     reasons: list[str] = []
-    session_dir = root / f"sub-{participant_id}" / f"ses-{session_id}"
+    session_dir = layout.anat_root / f"sub-{participant_id}" / f"ses-{session_id}"
     paths = dict.fromkeys(IMAGE_COLUMNS, "")
     if session_dir.is_dir():
-        found = find_session_images(session_dir / "anat", participant_id, session_id)
+        anat_dir = session_dir / "anat"
+        found = find_session_images(anat_dir, participant_id, session_id, images=images)
         for key in IMAGE_COLUMNS:
-            if found[key] is None:
-                reasons.append(f"missing {DISPLAY_NAMES[key]}")
-            else:
+            if found[key] is not None:
                 paths[key] = str(found[key])
+            elif key in required:
+                reasons.append(_missing_image(anat_dir, participant_id, session_id, key, images))
     else:
         reasons.append(f"missing session folder: {session_dir} (listed in {table.path})")
     scan_age, age_reason = _scan_age(table, session_id, tables, participant_id)
@@ -1107,10 +1290,27 @@ def _session_row(
     }
 
 
-def _check_images(rows: list[dict[str, Any]], *, workers: int, progress: bool) -> list[list[str]]:
-    """:func:`check_session` on every row that has at least one image file."""
-    todo = [i for i, row in enumerate(rows) if any(row[key] for key in IMAGE_COLUMNS)]
-    jobs = [{key: rows[i][key] for key in IMAGE_COLUMNS} for i in todo]
+def _missing_image(
+    anat_dir: Path, participant_id: str, session_id: str, key: str, images: str
+) -> str:
+    """``"missing T1w: <anat>/sub-A_ses-1_desc-restore_T1w.nii.gz not found"``, plus a hint
+    when the other kind of the image is there."""
+    expected = anat_dir / session_filename(participant_id, session_id, key, images=images)
+    reason = f"missing {DISPLAY_NAMES[key]}: {expected} not found"
+    other = next((kind for kind in IMAGE_KINDS if kind != images), None)
+    if key in INTENSITY_SUFFIXES[images] and other is not None:
+        elsewhere = find_session_images(anat_dir, participant_id, session_id, images=other)
+        if elsewhere[key] is not None:
+            reason += f" (there is {elsewhere[key].name}, read with images={other!r})"
+    return reason
+
+
+def _check_images(
+    rows: list[dict[str, Any]], keys: tuple[str, ...], *, workers: int, progress: bool
+) -> list[list[str]]:
+    """:func:`check_session` on the images ``keys`` of every row that has one of them."""
+    todo = [i for i, row in enumerate(rows) if any(row[key] for key in keys)]
+    jobs = [{key: rows[i][key] for key in keys} for i in todo]
     bar = {"total": len(jobs), "desc": "checking images", "unit": "session"}
     if workers == 1:
         results = [check_session(job) for job in tqdm(jobs, disable=not progress, **bar)]
@@ -1124,16 +1324,23 @@ def _check_images(rows: list[dict[str, Any]], *, workers: int, progress: bool) -
 
 
 def read_manifest(
-    root: StrPath, *, check: bool = False, progress: bool = True, workers: int = 1
+    root: StrPath,
+    *,
+    images: str = "restore",
+    brain_mask: str = "ignore",
+    check: bool = False,
+    progress: bool = True,
+    workers: int = 1,
 ) -> pd.DataFrame:
     """List every session of a dHCP release folder and whether it is a complete unit.
 
     A session is listed when its ``sub-<id>/ses-<ses>`` folder exists or when its
     subject's ``sub-<id>_sessions.tsv`` names it. Participants in ``participants.tsv`` or
     sessions in ``combined.tsv`` without a folder are not listed, so a partial download
-    gives a manifest of what was downloaded. A session is complete when it has a T1w, a
-    T2w, a drawem9 dseg and a scan age, its birth age (if given) is a number, and, with
-    ``check=True``, every image passes :func:`check_session`.
+    gives a manifest of what was downloaded. A session is complete when it has a T1w and a
+    T2w of the chosen kind, a drawem9 dseg (and a brain mask with ``brain_mask="apply"``)
+    and a scan age, its birth age (if given) is a number, and, with ``check=True``, every
+    image it uses passes :func:`check_session`.
 
     Metadata come from ``sub-<id>_sessions.tsv`` (scan age) and ``participants.tsv``
     (birth age, ``sex`` or dHCP's ``gender``); ``combined.tsv``, when present, fills what
@@ -1142,7 +1349,17 @@ def read_manifest(
     target of the age head; :func:`summarize_manifest` counts these sessions.
 
     Args:
-        root: the release folder holding ``participants.tsv`` and ``sub-*/``.
+        root: the release folder (holding ``participants.tsv`` and
+            ``derivatives/dhcp_anat_pipeline/sub-*/``), or a folder holding ``sub-*/``
+            itself with ``participants.tsv`` next to it or two levels up; see the module
+            notes.
+        images: ``"restore"`` for the bias-corrected ``desc-restore`` T1w and T2w,
+            ``"plain"`` for ``_T1w``/``_T2w`` (what the paper's authors extracted). A
+            session lacking either image of this kind is incomplete.
+        brain_mask: ``"ignore"``: the ``brain_mask`` column names the mask when there is
+            one, and a session without one stays complete; ``"apply"``: the mask is a
+            required image (and checked with ``check=True``), to be applied to the images
+            (:func:`to_data_dicts`).
         check: also open and check every image (slow: about a second per image of the
             real release). Problems become reasons and never raise.
         progress: show a tqdm progress bar while checking.
@@ -1153,36 +1370,51 @@ def read_manifest(
         with the columns :data:`MANIFEST_COLUMNS`: ``participant_id``, ``session_id``
         (bare ids, ``string``), ``scan_age`` (weeks PMA) and ``birth_age`` (weeks GA,
         ``float64``, NaN when unknown), ``sex`` (``string``, NA when unknown), ``preterm``
-        (``boolean``: birth age < 37 weeks, NA when unknown), ``t1w``, ``t2w``, ``dseg``
-        (absolute paths, ``""`` when missing), ``complete`` (``bool``) and ``reason``
-        (``""`` or every problem joined by ``"; "``).
+        (``boolean``: birth age < 37 weeks, NA when unknown), ``t1w``, ``t2w``, ``dseg``,
+        ``brain_mask`` (absolute paths, ``""`` when missing), ``complete`` (``bool``) and
+        ``reason`` (``""`` or every problem joined by ``"; "``, e.g. ``"missing T1w:
+        .../sub-A_ses-1_desc-restore_T1w.nii.gz not found"``).
 
     Raises:
-        DataError: when ``root`` is not a folder, holds no ``participants.tsv`` or no
-            ``sub-*`` folder, or when ``participants.tsv`` / ``combined.tsv`` cannot be
+        DataError: when ``root`` is not a folder, no ``participants.tsv`` or no ``sub-*``
+            folder is found, or when ``participants.tsv`` / ``combined.tsv`` cannot be
             read or lack their id columns.
-        ConfigError: when ``workers`` is not a positive integer.
+        ConfigError: when ``images``, ``brain_mask`` or ``workers`` is not one of the
+            accepted values.
 
     Example:
-        >>> manifest = read_manifest("data/dhcp_rel3")  # doctest: +SKIP
+        >>> manifest = read_manifest("data/dhcp_rel3", images="plain")  # doctest: +SKIP
         >>> manifest.loc[~manifest.complete, "reason"].head()  # doctest: +SKIP
     """
+    images = check_image_kind(images)
+    required = REQUIRED_IMAGES
+    if check_brain_mask_policy(brain_mask) == "apply":
+        required += ("brain_mask",)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers must be a positive integer, but found {workers!r}")
-    root = _check_release_root(root)
-    tables = _read_release_tables(root)
+    layout = _release_layout(root)
+    tables = _read_release_tables(layout)
     rows = []
-    for subject_dir in _subject_dirs(root):
+    for subject_dir in _subject_dirs(layout.anat_root):
         participant_id = normalise_participant_id(subject_dir.name)
-        table = _read_sessions_table(subject_dir, participant_id)
+        table = _read_sessions_table(layout, participant_id)
         for session_id in _session_ids(subject_dir, table):
-            rows.append(_session_row(root, participant_id, session_id, table, tables))
+            rows.append(
+                _session_row(
+                    layout,
+                    participant_id,
+                    session_id,
+                    table,
+                    tables,
+                    images=images,
+                    required=required,
+                )
+            )
     rows.sort(key=lambda r: (_natural_key(r["participant_id"]), _natural_key(r["session_id"])))
     if check:
-        for row, problems in zip(
-            rows, _check_images(rows, workers=workers, progress=progress), strict=True
-        ):
-            row["reasons"] += problems
+        problems = _check_images(rows, required, workers=workers, progress=progress)
+        for row, found in zip(rows, problems, strict=True):
+            row["reasons"] += found
     for row in rows:
         reasons = row.pop("reasons")
         row["complete"] = not reasons
@@ -1201,7 +1433,7 @@ def _one_line(reason: str) -> str:
 def _with_manifest_dtypes(table: pd.DataFrame) -> pd.DataFrame:
     """Give the manifest columns the same dtypes whatever pandas version built them."""
     table = table.copy()
-    for column in ("participant_id", "session_id", "t1w", "t2w", "dseg", "reason"):
+    for column in ("participant_id", "session_id", *IMAGE_COLUMNS, "reason"):
         table[column] = table[column].fillna("").astype("string")
     table["sex"] = table["sex"].astype("string")
     for column in ("scan_age", "birth_age"):
@@ -1241,6 +1473,7 @@ class ManifestSummary:
             PMA; NaN when there are none.
         excluded: sessions per reason category; a session excluded for two reasons
             counts under both.
+        n_brain_mask: complete sessions that have a brain mask.
     """
 
     n_sessions: int
@@ -1251,6 +1484,7 @@ class ManifestSummary:
     n_birth_age_unknown: int
     scan_age_weeks: tuple[float, float, float, float]
     excluded: dict[str, int]
+    n_brain_mask: int = 0
 
     def __str__(self) -> str:
         lines = [
@@ -1264,6 +1498,9 @@ class ManifestSummary:
             lines.append(
                 f"scan age of complete sessions: median {median:.2f}, mean {mean:.2f}, "
                 f"range {low:.2f}-{high:.2f} weeks PMA"
+            )
+            lines.append(
+                f"brain mask: {self.n_brain_mask} of {self.n_complete} complete sessions have one"
             )
         lines.append(f"excluded: {self.n_sessions - self.n_complete} sessions")
         lines += [f"  {category}: {count}" for category, count in self.excluded.items()]
@@ -1283,7 +1520,7 @@ def summarize_manifest(manifest: pd.DataFrame) -> ManifestSummary:
     Raises:
         DataError: when ``manifest`` lacks manifest columns.
     """
-    require_columns(manifest, MANIFEST_COLUMNS, "<manifest table>")
+    manifest = _with_optional_columns(manifest)
     complete = manifest[manifest["complete"].astype(bool)]
     ages = complete["scan_age"].astype("float64")
     categories = Counter(
@@ -1305,29 +1542,46 @@ def summarize_manifest(manifest: pd.DataFrame) -> ManifestSummary:
             else (math.nan,) * 4
         ),
         excluded=excluded,
+        n_brain_mask=int((complete["brain_mask"].fillna("").astype(str) != "").sum()),
     )
 
 
-def session_record(row: Mapping[str, Any] | pd.Series) -> dict[str, Any]:
+def _with_optional_columns(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Check the manifest columns, adding :data:`OPTIONAL_MANIFEST_COLUMNS` as ``""``."""
+    required = [c for c in MANIFEST_COLUMNS if c not in OPTIONAL_MANIFEST_COLUMNS]
+    require_columns(manifest, required, "<manifest table>")
+    missing = [c for c in OPTIONAL_MANIFEST_COLUMNS if c not in manifest.columns]
+    return manifest.assign(**dict.fromkeys(missing, "")) if missing else manifest
+
+
+def session_record(
+    row: Mapping[str, Any] | pd.Series, *, brain_mask: str = "ignore"
+) -> dict[str, Any]:
     """Turn one complete manifest row into a MONAI-style data dictionary.
 
     Args:
         row: a manifest row (a ``Series`` from ``iterrows()`` or a ``dict``).
+        brain_mask: ``"apply"`` adds the row's brain mask under ``"brain_mask"``, so the
+            transforms zero the images outside it; ``"ignore"`` leaves it out.
 
     Returns:
         ``{"t1w": path, "t2w": path, "label": dseg path, "scan_age": weeks PMA (float),
-        "participant_id": str, "session_id": str}``, the keys neonb's transforms use.
+        "participant_id": str, "session_id": str}`` (plus ``"brain_mask": path``), the
+        keys neonb's transforms use.
 
     Raises:
-        DataError: when the row is not a complete session.
+        DataError: when the row is not a complete session, or has no brain mask to apply.
+        ConfigError: when ``brain_mask`` is not one of :data:`BRAIN_MASK_POLICIES`.
     """
+    apply_mask = check_brain_mask_policy(brain_mask) == "apply"
+    session = f"sub-{row['participant_id']}/ses-{row['session_id']}"
     if not bool(row["complete"]):
         raise DataError(
-            f"sub-{row['participant_id']}/ses-{row['session_id']}",
+            session,
             f"is not a complete session ({row['reason']})",
             hint="keep only rows with complete == True, or use to_data_dicts",
         )
-    return {
+    record = {
         "t1w": str(row["t1w"]),
         "t2w": str(row["t2w"]),
         "label": str(row["dseg"]),
@@ -1335,17 +1589,37 @@ def session_record(row: Mapping[str, Any] | pd.Series) -> dict[str, Any]:
         "participant_id": str(row["participant_id"]),
         "session_id": str(row["session_id"]),
     }
+    if apply_mask:
+        mask = row.get("brain_mask")
+        if _is_missing(mask) or pd.isna(mask):
+            raise DataError(
+                session,
+                "has no brain mask to apply",
+                hint="read the manifest with brain_mask='apply', which makes such "
+                "sessions incomplete",
+            )
+        record["brain_mask"] = str(mask)
+    return record
 
 
-def to_data_dicts(manifest: pd.DataFrame) -> list[dict[str, Any]]:
+def to_data_dicts(manifest: pd.DataFrame, *, brain_mask: str = "ignore") -> list[dict[str, Any]]:
     """:func:`session_record` of every complete row, in manifest order.
 
+    Args:
+        manifest: a table from :func:`read_manifest` or :func:`load_manifest`.
+        brain_mask: ``"apply"`` gives every record its ``"brain_mask"`` path, so that
+            :func:`neonb.transforms.preprocessing_transforms` zeroes the images outside
+            the brain; ``"ignore"`` (the default) leaves masks out.
+
     Raises:
-        DataError: when ``manifest`` lacks manifest columns.
+        DataError: when ``manifest`` lacks manifest columns, or with ``"apply"`` when a
+            complete row has no brain mask.
+        ConfigError: when ``brain_mask`` is not one of :data:`BRAIN_MASK_POLICIES`.
     """
-    require_columns(manifest, MANIFEST_COLUMNS, "<manifest table>")
+    check_brain_mask_policy(brain_mask)
+    manifest = _with_optional_columns(manifest)
     complete = manifest[manifest["complete"].astype(bool)]
-    return [session_record(row) for _, row in complete.iterrows()]
+    return [session_record(row, brain_mask=brain_mask) for _, row in complete.iterrows()]
 
 
 def write_manifest(manifest: pd.DataFrame, path: StrPath) -> Path:
@@ -1380,7 +1654,8 @@ def load_manifest(path: StrPath) -> pd.DataFrame:
         path: a manifest TSV.
 
     Returns:
-        The manifest; extra columns are kept as text after the standard ones.
+        The manifest; extra columns are kept as text after the standard ones. A manifest
+        written before the ``brain_mask`` column existed gets it, empty.
 
     Raises:
         DataError: naming ``path`` when it is missing or unreadable, lacks a manifest
@@ -1388,7 +1663,10 @@ def load_manifest(path: StrPath) -> pd.DataFrame:
     """
     path = Path(path)
     table = read_tsv(path)
-    require_columns(table, MANIFEST_COLUMNS, path)
+    require_columns(
+        table, [c for c in MANIFEST_COLUMNS if c not in OPTIONAL_MANIFEST_COLUMNS], path
+    )
+    table = _with_optional_columns(table)
     parsed = table.copy()
     for column in ("scan_age", "birth_age"):
         parsed[column] = _parse_float_column(table[column], column, path)

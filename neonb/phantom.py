@@ -2,8 +2,9 @@
 
 The third dHCP release (Makropoulos et al., 2018), on which Richter & Fetit (2022) trained,
 needs a data-use agreement. So that every notebook runs without it, this module draws a
-*phantom* cohort: T1- and T2-weighted volumes with a ``drawem9`` segmentation, written in
-the folder layout of the release, with scan ages distributed like the 709 complete dHCP
+*phantom* cohort: T1- and T2-weighted volumes, plain and bias-corrected, with a ``drawem9``
+segmentation and a brain mask, written with the file names of the release's
+``derivatives/dhcp_anat_pipeline`` folder, with scan ages distributed like the 709 complete dHCP
 sessions the paper used (§3.1): 26.7-45.1 weeks post-menstrual age (PMA), negatively
 skewed, median about 40.6 and mean about 39.6 weeks, about 21 % born preterm.
 
@@ -26,7 +27,11 @@ Intensities follow neonatal contrast: on T2w, fluid is brightest and unmyelinate
 matter brighter than cortex; on T1w the order is roughly inverted. Myelination, rising with
 age, darkens white matter on T2w and brightens it on T1w, so the T1w white/grey order flips
 between 28 and 44 weeks. Partial-volume blur, a smooth bias field, Rician noise and a
-per-subject scanner scale complete the images.
+per-subject scanner scale complete the images. These are the bias-corrected images
+(``desc-restore``; the correction leaves a mild residual field, as N4 does); the plain ones are
+them times a stronger smooth field of the scanner (:meth:`PhantomSubject.uncorrected`). The
+brain mask is made from the labels as the dHCP pipeline makes its own
+(:func:`brain_mask_from_labels`).
 
 Anatomy depends only on the seed and the ages, not on the voxel size: all random shape
 parameters are drawn before the grid is known, and the noise last. The largest heads of the
@@ -49,6 +54,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import logging
@@ -293,25 +299,43 @@ PV_SIGMA_VOXELS = 0.6
 """Partial-volume blur (Gaussian SD in voxels)."""
 BIAS_SPACING_MM, BIAS_SD = 60.0, 0.75
 """Control-point spacing and log-coefficient SD of the bias field; the smooth field varies
-by about +-15 % over the head (SD 7 %)."""
+by about +-15 % over the head (SD 7 %). It is the residual field of the bias-corrected
+images."""
+SCANNER_BIAS_SPACING_MM, SCANNER_BIAS_SD = 80.0, 1.2
+"""Control-point spacing and log-coefficient SD of the field that the plain (uncorrected)
+images carry on top; scaled to a geometric mean of 1 over the grid, it varies by about
++-15 to +-50 % over the head (log SD 0.07-0.19)."""
 SNR_RANGE = (20.0, 30.0)
 """Signal-to-noise ratio of white matter, per image."""
 SCANNER_SCALE_RANGE = (500.0, 2000.0)
 """Arbitrary scanner units: each image is multiplied by a factor drawn from this range."""
 
 # --- files -----------------------------------------------------------------------------------
-PHANTOM_VERSION = 1
-"""Bumped whenever the generator changes the images it writes for a given seed."""
+PHANTOM_VERSION = 2
+"""Bumped whenever the generator changes the files it writes for a given seed (2: the plain
+images and the brain mask, and the release's name of the restored T1w)."""
 DATASET_NAME = "neonb synthetic neonatal cohort"
 BIDS_VERSION = "1.8.0"
+MODALITIES = ("t2w", "t1w")
+"""The intensity images, in the order their random parameters are drawn."""
 SUFFIXES = {
-    "t2w": "desc-restore_T2w.nii.gz",
-    "t1w": "desc-restore_space-T2w_T1w.nii.gz",
+    "t2w": "T2w.nii.gz",
+    "restore_t2w": "desc-restore_T2w.nii.gz",
+    "t1w": "T1w.nii.gz",
+    "restore_t1w": "desc-restore_T1w.nii.gz",
     "dseg": "desc-drawem9_dseg.nii.gz",
+    "brain_mask": "desc-brain_mask.nii.gz",
 }
-"""File name endings, after ``sub-<id>_ses-<id>_``, as in the dHCP third release."""
+"""File name endings, after ``sub-<id>_ses-<id>_``, as in the dHCP third release's
+``derivatives/dhcp_anat_pipeline``: plain and bias-corrected (``desc-restore``) T2w and T1w
+(on the T2w grid), drawem9 labels and the brain mask."""
+MASK_EXCLUDED_LABELS = (OUTSIDE, CSF, NON_BRAIN)
+MASK_DILATIONS, MASK_EROSIONS = 3, 2
+"""The dHCP pipeline's brain mask: tissue labels without CSF and non-brain tissue, dilated three
+times and eroded twice with a 3 x 3 x 3 box, holes filled (``fslmaths -dilD x3 -ero x2``,
+``mirtk fill-holes``)."""
 PARTICIPANT_PREFIX = "SYN"
-_AGES_STREAM, _SESSION_STREAM = 0, 1
+_AGES_STREAM, _SESSION_STREAM, _SCANNER_BIAS_STREAM = 0, 1, 2
 _TMP_PREFIX = ".neonb-"
 
 
@@ -320,9 +344,9 @@ class PhantomSubject:
     """One synthetic session: two images, their segmentation and its ages.
 
     Attributes:
-        t1w: T1-weighted image, float32, shape ``(X, Y, Z)``, arbitrary scanner units,
-            exactly 0 where ``dseg == 0``.
-        t2w: T2-weighted image, float32, shape ``(X, Y, Z)``, same conventions.
+        t1w: bias-corrected T1-weighted image (``desc-restore``), float32, shape
+            ``(X, Y, Z)``, arbitrary scanner units, exactly 0 where ``dseg == 0``.
+        t2w: bias-corrected T2-weighted image, float32, shape ``(X, Y, Z)``, same conventions.
         dseg: drawem9 labels 0-9 (:data:`neonb.labels.DRAWEM9`), uint8, shape ``(X, Y, Z)``.
         affine: 4 x 4 voxel-to-world matrix, RAS+, mm, shared by the three arrays.
         scan_age: post-menstrual age at scan, weeks.
@@ -344,9 +368,31 @@ class PhantomSubject:
         x, y, z = self.dseg.shape
         return x, y, z
 
+    @functools.cached_property
+    def brain_mask(self) -> np.ndarray:
+        """The brain mask, uint8 0/1, shape ``(X, Y, Z)`` (:func:`brain_mask_from_labels`)."""
+        return brain_mask_from_labels(self.dseg)
+
     def to_nifti(self) -> dict[str, nib.Nifti1Image]:
-        """The three volumes as NIfTI-1 images keyed ``"t1w"``, ``"t2w"``, ``"dseg"``."""
-        return {key: _nifti(getattr(self, key), self.affine) for key in SUFFIXES}
+        """The bias-corrected images, labels and brain mask as NIfTI-1 images keyed
+        ``"t1w"``, ``"t2w"``, ``"dseg"`` and ``"brain_mask"``."""
+        keys = ("t1w", "t2w", "dseg", "brain_mask")
+        return {key: _nifti(getattr(self, key), self.affine) for key in keys}
+
+    def uncorrected(self, seed: int | np.random.Generator = 0) -> dict[str, np.ndarray]:
+        """The T1w and T2w before bias correction: each times a smooth scanner field.
+
+        Args:
+            seed: seed or generator of the fields (one per image, drawn T2w first).
+
+        Returns:
+            ``{"t1w": ..., "t2w": ...}``, float32, shape ``(X, Y, Z)``; 0 where the
+            bias-corrected image is 0, which they equal divided by their field
+            (:func:`scanner_bias_field`).
+        """
+        rng = _as_generator(seed)
+        fields = {key: scanner_bias_field(self.shape, self.voxel_size, rng) for key in MODALITIES}
+        return {key: getattr(self, key) * fields[key] for key in ("t1w", "t2w")}
 
 
 # =============================================================================================
@@ -708,7 +754,7 @@ def _draw_appearance(scan_age: float, rng: np.random.Generator) -> _Appearance:
         factors = np.exp(_clipped_normal(rng, CONTRAST_SD, len(table)))
         jitter[key] = dict(zip(table, factors.tolist(), strict=True))
     shape = tuple(len(n) for n in _control_nodes(BIAS_SPACING_MM))
-    bias = {key: rng.normal(0.0, BIAS_SD, shape) for key in SUFFIXES if key != "dseg"}
+    bias = {key: rng.normal(0.0, BIAS_SD, shape) for key in MODALITIES}
     snr = {key: float(rng.uniform(*SNR_RANGE)) for key in bias}
     scanner = {key: float(rng.uniform(*SCANNER_SCALE_RANGE)) for key in bias}
     return _Appearance(
@@ -1152,6 +1198,61 @@ def _acquire(
     return image
 
 
+def brain_mask_from_labels(dseg: np.ndarray) -> np.ndarray:
+    """A brain mask made from drawem9 labels as the dHCP structural pipeline makes its own.
+
+    Voxels of brain tissue and ventricles (labels other than 0, CSF 1 and non-brain 4) are
+    dilated :data:`MASK_DILATIONS` times and eroded :data:`MASK_EROSIONS` times with a
+    3 x 3 x 3 box, and enclosed holes are filled: a closed brain outline about one voxel
+    wider than the tissue, holding the CSF of the fissures and sulci nearby.
+
+    Args:
+        dseg: drawem9 labels, shape ``(X, Y, Z)``.
+
+    Returns:
+        uint8 mask, 1 in the brain and 0 outside, shape ``(X, Y, Z)``.
+    """
+    tissue = ~np.isin(dseg, MASK_EXCLUDED_LABELS)
+    mask = np.zeros(dseg.shape, dtype=np.uint8)
+    if not tissue.any():
+        return mask
+    # work in the tissue's bounding box, with room for the dilation
+    margin = MASK_DILATIONS + 1
+    box = tuple(
+        slice(max(int(idx.min()) - margin, 0), int(idx.max()) + margin + 1)
+        for idx in np.nonzero(tissue)
+    )
+    # k passes of a 3 x 3 x 3 box are one pass of a (2k + 1)-wide box, which is separable
+    closed = ndimage.maximum_filter(
+        tissue[box].view(np.uint8), size=2 * MASK_DILATIONS + 1, mode="constant", cval=0
+    )
+    closed = ndimage.minimum_filter(closed, size=2 * MASK_EROSIONS + 1, mode="constant", cval=1)
+    mask[box] = ndimage.binary_fill_holes(closed)
+    return mask
+
+
+def scanner_bias_field(
+    shape: Sequence[int], voxel_size: float, rng: np.random.Generator
+) -> np.ndarray:
+    """A smooth positive multiplicative field: what bias correction takes out of an image.
+
+    Args:
+        shape: grid shape ``(X, Y, Z)`` in voxels.
+        voxel_size: isotropic voxel size in mm; the field is defined in mm, so the same draw
+            gives nearly the same field at any voxel size.
+        rng: generator of the control coefficients.
+
+    Returns:
+        float32 field, shape ``shape``, with geometric mean 1 over the grid (log SD 0.07-0.19
+        over the head).
+    """
+    nodes = _control_nodes(SCANNER_BIAS_SPACING_MM)
+    coeffs = rng.normal(0.0, SCANNER_BIAS_SD, tuple(len(n) for n in nodes))
+    field = _smooth_field(coeffs, SCANNER_BIAS_SPACING_MM, shape, voxel_size)
+    field -= field.mean(dtype=np.float64)
+    return np.exp(field, out=field)
+
+
 def make_subject(
     scan_age: float,
     *,
@@ -1226,18 +1327,28 @@ def write_cohort(
 ) -> Path:
     """Write a synthetic cohort of ``n`` sessions in the dHCP third-release layout.
 
-    The layout is::
+    The layout is that of the release's ``derivatives/dhcp_anat_pipeline`` folder, with the
+    tables next to the images (what :func:`neonb.data.read_manifest` reads)::
 
         ROOT/dataset_description.json        BIDS; "neonb_phantom" holds n, seed, voxel_size
         ROOT/participants.tsv                participant_id, birth_age, sex
         ROOT/sub-<id>/sub-<id>_sessions.tsv  session_id, scan_age
+        ROOT/sub-<id>/ses-<id>/anat/sub-<id>_ses-<id>_T2w.nii.gz
         ROOT/sub-<id>/ses-<id>/anat/sub-<id>_ses-<id>_desc-restore_T2w.nii.gz
-        ROOT/sub-<id>/ses-<id>/anat/sub-<id>_ses-<id>_desc-restore_space-T2w_T1w.nii.gz
+        ROOT/sub-<id>/ses-<id>/anat/sub-<id>_ses-<id>_T1w.nii.gz
+        ROOT/sub-<id>/ses-<id>/anat/sub-<id>_ses-<id>_desc-restore_T1w.nii.gz
         ROOT/sub-<id>/ses-<id>/anat/sub-<id>_ses-<id>_desc-drawem9_dseg.nii.gz
+        ROOT/sub-<id>/ses-<id>/anat/sub-<id>_ses-<id>_desc-brain_mask.nii.gz
+
+    The ``desc-restore`` images are :class:`PhantomSubject`'s; the plain ones are them times
+    a smooth scanner field (:meth:`PhantomSubject.uncorrected`), drawn from a stream of its
+    own so the restored images do not depend on it. The brain mask is
+    :func:`brain_mask_from_labels` of the labels.
 
     As in dHCP, the tables hold bare labels (``SYN0001``, ``1``) and the paths prefixed ones
     (``sub-SYN0001``, ``ses-1``). Ages are in weeks PMA (:func:`cohort_table`). Images are
-    gzipped NIfTI-1 (float32, dseg uint8) with one RAS+ affine (:func:`grid_affine`).
+    gzipped NIfTI-1 (float32; dseg and brain mask uint8) with one RAS+ affine
+    (:func:`grid_affine`).
 
     Every file is written under a temporary name and renamed, so an interrupted run leaves
     only complete files; running again completes the cohort. The same arguments always give
@@ -1301,9 +1412,19 @@ def _write_session(root: Path, row, seed: int, voxel_size: float) -> None:
         np.random.SeedSequence(seed, spawn_key=(_SESSION_STREAM, int(row.session_seed)))
     )
     subject = make_subject(row.scan_age, voxel_size=voxel_size, seed=rng, birth_age=row.birth_age)
-    for key, image in subject.to_nifti().items():
+    scanner = np.random.default_rng(
+        np.random.SeedSequence(seed, spawn_key=(_SCANNER_BIAS_STREAM, int(row.session_seed)))
+    )
+    arrays = {
+        **{f"restore_{key}": getattr(subject, key) for key in MODALITIES},
+        **subject.uncorrected(scanner),
+        "dseg": subject.dseg,
+        "brain_mask": subject.brain_mask,
+    }
+    for key, path in paths.items():
+        image = _nifti(arrays[key], subject.affine)
         data = gzip.compress(image.to_bytes(), compresslevel=GZIP_LEVEL, mtime=0)
-        _atomic_write(paths[key], data)
+        _atomic_write(path, data)
 
 
 def _write_tables(root: Path, table: pd.DataFrame) -> None:

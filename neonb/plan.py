@@ -181,9 +181,10 @@ def _volume_shape(manifest: pd.DataFrame) -> tuple[int, ...]:
 class _Planner:
     """Collects the rows of each chapter; one method per chapter."""
 
-    def __init__(self, params: Mapping[str, Mapping[str, Any]], manifest, tables, shape):
+    def __init__(self, params: Mapping[str, Mapping[str, Any]], cohort, tables, shape):
         self.params = params
-        self.manifest = manifest
+        self.cohort = cohort
+        self.manifest = cohort.manifest
         self.tables = tables
         self.shape = shape
         self.sets: list[dict[str, Any]] = []
@@ -198,8 +199,7 @@ class _Planner:
 
     def chapter(self, name: str, runs: list[dict[str, Any]], config: Any | None) -> None:
         self.runs += runs
-        hours = [r["t4_hours"] for r in runs]
-        known = runs and all(h is not None for h in hours)
+        hours = [r["t4_hours"] for r in runs if r["t4_hours"] is not None]
         self.chapters.append(
             {
                 "chapter": name,
@@ -210,7 +210,7 @@ class _Planner:
                     if config is not None
                     else None
                 ),
-                "t4_hours": round(sum(hours), 1) if known else None,
+                "t4_hours": round(sum(hours), 1) if hours else None,
             }
         )
 
@@ -261,7 +261,8 @@ class _Planner:
         if any(changes.get("head", {}).get("staged") for changes in p.get("variants", {}).values()):
             self.notes.append(
                 f"{name}: the staged variant's head trains on cached features (one forward "
-                "pass of the baseline per volume); its GPU time is not estimated"
+                "pass of the baseline per volume); its GPU time is not estimated, nor counted "
+                "in the chapter's t4_hours"
             )
 
     def budgeting(self, name: str, p: Mapping[str, Any]) -> None:
@@ -269,7 +270,9 @@ class _Planner:
         from neonb.splits import PIPELINE_SETS
 
         results = Path(p["results_dir"]) / "03_budgeting"
-        records, ages, train_ids = budgeting.budget_pool(self.manifest, self.tables["pipeline"])
+        records, ages, train_ids = budgeting.budget_pool(
+            self.manifest, self.tables["pipeline"], brain_mask=self.cohort.brain_mask
+        )
         extents = budgeting.cached_extents(records, results / "extents.tsv")
         plan = budgeting.plan_budget(
             ages,
@@ -397,13 +400,15 @@ def plan_study(
             n=study.get("n_subjects", 60),
             seed=study.get("seed", 0),
             voxel_size=study.get("voxel_size", 1.5),
+            images=study.get("images", "restore"),
+            brain_mask=study.get("brain_mask", "ignore"),
         )
         results = Path(study["results_dir"])
         tables = ensure_study_splits(results, cohort.manifest, SplitSizes.from_params(study))
         shape = _volume_shape(cohort.manifest)
     except NeonbError as err:
         raise ConfigError(f"{first}: {err}") from None
-    planner = _Planner(params, cohort.manifest, tables, shape)
+    planner = _Planner(params, cohort, tables, shape)
     failures = []
     for name, p in params.items():
         method: Callable[[str, Mapping[str, Any]], None] = getattr(planner, CHAPTER_PLANNERS[name])

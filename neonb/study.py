@@ -48,8 +48,8 @@ class NotebookError(NeonbError):
 
 MAX_IMPLICIT_SYNTHETIC_VOXELS = 2_000_000_000
 """Largest synthetic cohort (sessions × voxels) generated without being asked for by name."""
-SYNTHETIC_BYTES_PER_VOXEL = 2.2
-"""Disk use of the cohort's three gzipped images, per voxel (measured on the demo cohort)."""
+SYNTHETIC_BYTES_PER_VOXEL = 4.8
+"""Disk use of the cohort's six gzipped images, per voxel (measured at 0.5 mm)."""
 
 
 def synthetic_cohort_dir(base: str | os.PathLike, *, n: int, seed: int, voxel_size: float) -> Path:
@@ -77,7 +77,7 @@ def resolve_data_root(
     Raises:
         DataError: if ``data_root`` is given but is not a folder.
         ConfigError: if no ``data_root`` is given and the synthetic cohort would exceed
-            :data:`MAX_IMPLICIT_SYNTHETIC_VOXELS` (the paper's scale: about 28 GB).
+            :data:`MAX_IMPLICIT_SYNTHETIC_VOXELS` (the paper's scale: about 62 GB).
     """
     if data_root:
         root = Path(data_root).expanduser()
@@ -113,11 +113,24 @@ class Cohort:
         manifest: one row per session (:func:`neonb.data.read_manifest`).
         description: what the data is, for table headings: ``"dHCP"`` or
             ``"synthetic cohort, 1.5 mm"``.
+        brain_mask: ``"apply"`` or ``"ignore"``: whether the records of :meth:`records`
+            carry the brain mask for the transforms to apply.
     """
 
     root: Path
     manifest: pd.DataFrame
     description: str
+    brain_mask: str = "ignore"
+
+    def records(self, sessions: pd.DataFrame) -> list[dict[str, Any]]:
+        """Training records (MONAI data dicts) of ``sessions``, rows of :attr:`manifest`.
+
+        The one way the chapters turn sessions into records, so the brain-mask setting
+        reaches every one (:func:`neonb.data.to_data_dicts`).
+        """
+        from neonb.data import to_data_dicts
+
+        return to_data_dicts(sessions, brain_mask=self.brain_mask)
 
 
 def open_cohort(
@@ -127,14 +140,32 @@ def open_cohort(
     n: int = 60,
     seed: int = 0,
     voxel_size: float = 1.5,
+    images: str = "restore",
+    brain_mask: str = "ignore",
 ) -> Cohort:
     """Resolve the data root (:func:`resolve_data_root`) and read its manifest.
 
     Every chapter starts here with its ``study.yaml`` parameters, so all of them read the
     same sessions.
-    """
-    from neonb.data import read_manifest
 
+    Args:
+        data_root: the dHCP release (or its ``derivatives/dhcp_anat_pipeline``); empty or
+            ``None`` for the synthetic cohort.
+        synthetic_base, n, seed, voxel_size: the synthetic cohort (see
+            :func:`resolve_data_root`).
+        images: ``"restore"`` (bias-corrected) or ``"plain"`` T1w/T2w pair
+            (:func:`neonb.data.read_manifest`).
+        brain_mask: ``"apply"`` makes the brain mask a required image, and the records of
+            :meth:`Cohort.records` carry it for the transforms to apply; ``"ignore"`` lists
+            masks without using them.
+
+    Raises:
+        ConfigError: when ``images`` or ``brain_mask`` is not an accepted value.
+    """
+    from neonb.data import check_brain_mask_policy, check_image_kind, read_manifest
+
+    check_image_kind(images)
+    check_brain_mask_policy(brain_mask)
     root = resolve_data_root(
         data_root,
         synthetic_base=synthetic_base,
@@ -144,7 +175,8 @@ def open_cohort(
         progress=False,
     )
     description = "dHCP" if data_root else f"synthetic cohort, {voxel_size:g} mm"
-    return Cohort(root, read_manifest(root, progress=False), description)
+    manifest = read_manifest(root, images=images, brain_mask=brain_mask, progress=False)
+    return Cohort(root, manifest, description, brain_mask)
 
 
 def load_params(params_dir: str | os.PathLike, notebook: str) -> dict[str, Any] | None:

@@ -5,13 +5,19 @@ z-normalise each channel, cut 128³ patches and augment them with random flips, 
 deformation, Gaussian noise, Gaussian smoothing, intensity scaling and intensity shifting, each
 applied with some probability. This module builds those chains from MONAI transforms (the ``d``
 suffix: they map over the keys of a sample dict); the only transforms of its own are
-:class:`LoadVolumed` (MONAI's loader does not take arrays) and :class:`EnsureAnnotationd`.
+:class:`LoadVolumed` (MONAI's loader does not take arrays), :class:`EnsureAnnotationd` and
+:class:`ApplyBrainMaskd` (MONAI's ``MaskIntensity`` for samples that may lack a mask).
 
 Data contract. A sample is a dict::
 
     {"t1w": path_or_array, "t2w": path_or_array, "label": path_or_array,
      "scan_age": float (weeks PMA), "participant_id": str, "session_id": str,
-     "annotation": path_or_array (optional)}
+     "annotation": path_or_array (optional), "brain_mask": path_or_array (optional)}
+
+A sample with a ``brain_mask`` (:func:`neonb.data.to_data_dicts` with
+``brain_mask="apply"``) has its image channels zeroed outside the mask before cropping and
+normalising, so the crop is the brain's bounding box and the z-scores are over the brain;
+the label is not masked. The mask is then dropped.
 
 After :func:`preprocessing_transforms` it holds, besides the untouched metadata:
 
@@ -71,6 +77,7 @@ from monai.transforms import (
     Identityd,
     LoadImage,
     MapTransform,
+    MaskIntensity,
     NormalizeIntensityd,
     OneOf,
     Rand3DElasticd,
@@ -88,6 +95,7 @@ from neonb.errors import ConfigError, DataError
 from neonb.models import ModelConfig, check_patch_size
 
 __all__ = [
+    "ApplyBrainMaskd",
     "AugmentationConfig",
     "EnsureAnnotationd",
     "LoadVolumed",
@@ -104,6 +112,9 @@ MODALITY_KEYS: tuple[str, str] = ("t1w", "t2w")
 
 REQUIRED_KEYS: tuple[str, str, str] = (*MODALITY_KEYS, "label")
 """Image keys (paths or arrays) every raw sample has; ``annotation`` is optional."""
+
+BRAIN_MASK_KEY = "brain_mask"
+"""Optional key of a sample's brain mask (0 outside the brain); dropped after masking."""
 
 SPATIAL_KEYS: tuple[str, str, str] = ("image", "label", "annotation")
 """Keys moved by every spatial transform after pre-processing."""
@@ -313,12 +324,40 @@ class EnsureAnnotationd(MapTransform):
         return d
 
 
+class ApplyBrainMaskd(MapTransform):
+    """Zero every channel of ``image`` outside the brain mask, then drop the mask.
+
+    The skull stripping of the paper's "skull-stripped" scans (§4.1.1), made a choice: a
+    sample gets it only when it carries a mask. Voxels where the mask is > 0 keep their
+    values exactly (MONAI's ``MaskIntensity``); a single-channel mask ``(1, X, Y, Z)`` applies
+    to every channel. A sample without ``mask_key`` (or with ``None``) passes unchanged.
+
+    Args:
+        keys: keys of the images to mask, each ``(C, X, Y, Z)``.
+        mask_key: key of the loaded mask, ``(1, X, Y, Z)`` on the same grid.
+    """
+
+    def __init__(self, keys: Sequence[str] | str = "image", mask_key: str = BRAIN_MASK_KEY) -> None:
+        super().__init__(keys)
+        self.mask_key = mask_key
+        self.mask = MaskIntensity(mask_data=None)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        mask = d.pop(self.mask_key, None)
+        if mask is not None:
+            for key in self.key_iterator(d):
+                d[key] = self.mask(d[key], mask_data=mask)
+        return d
+
+
 def preprocessing_transforms(*, crop: bool = True, keep_box: bool = False) -> Compose:
     """Deterministic pre-processing of a raw sample (§3.2.1), safe to cache.
 
     Steps: load the volumes (:class:`LoadVolumed`), create the annotation mask when missing
     (:class:`EnsureAnnotationd`), concatenate T1w and T2w into ``image`` (``ConcatItemsd``, the
-    ``t1w``/``t2w`` keys are then dropped), crop ``image``, ``label`` and ``annotation`` to the
+    ``t1w``/``t2w`` keys are then dropped), zero ``image`` outside the brain when the sample has
+    a ``brain_mask`` (:class:`ApplyBrainMaskd`), crop ``image``, ``label`` and ``annotation`` to the
     bounding box of the voxels that are non-zero in any channel of ``image`` (``CropForegroundd``),
     z-normalise each channel over its non-zero voxels (``NormalizeIntensityd``; zeros stay 0), and
     make float32 tensors (``EnsureTyped``).
@@ -335,10 +374,11 @@ def preprocessing_transforms(*, crop: bool = True, keep_box: bool = False) -> Co
         ``annotation`` ``(1, X, Y, Z)``; other keys pass through.
     """
     transforms: list[Any] = [
-        LoadVolumed(REQUIRED_KEYS, optional_keys=("annotation",)),
+        LoadVolumed(REQUIRED_KEYS, optional_keys=("annotation", BRAIN_MASK_KEY)),
         EnsureAnnotationd(),
         ConcatItemsd(keys=list(MODALITY_KEYS), name="image", dim=0),
         DeleteItemsd(keys=list(MODALITY_KEYS)),
+        ApplyBrainMaskd("image"),
     ]
     if crop:
         transforms.append(

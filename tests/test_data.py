@@ -2,6 +2,8 @@
 
 Every session of the fixture release trips at most one problem, so each test can assert
 the exact reason of each row (nnU-Net's lesson: test every check with data that trips it).
+The names are those of the dHCP third release's ``derivatives/dhcp_anat_pipeline``; the
+release's own layout and counts are tested on :mod:`tests.release_fixture`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 
 from neonb.data import (
     MANIFEST_COLUMNS,
+    check_binary,
     check_finite,
     check_image_3d,
     check_labels,
@@ -37,7 +40,9 @@ from neonb.errors import ConfigError, DataError
 
 SHAPE = (6, 7, 8)
 AFFINE = np.diag([0.5, 0.5, 0.5, 1.0])
-RESTORE = {"t1w": "desc-restore_space-T2w_T1w", "t2w": "desc-restore_T2w"}
+RESTORE = {"t1w": "desc-restore_T1w", "t2w": "desc-restore_T2w"}
+LEGACY = {"t1w": "desc-restore_space-T2w_T1w", "t2w": "desc-restore_T2w"}
+"""The bias-corrected pair under the T1w name neonb used before it followed the release."""
 PLAIN = {"t1w": "T1w", "t2w": "T2w"}
 NOT_GZIP = b"this is not gzip data at all" * 4
 
@@ -53,6 +58,10 @@ def _intensity(rng: np.random.Generator, shape: tuple[int, ...] = SHAPE) -> np.n
 
 def _labels(rng: np.random.Generator, shape: tuple[int, ...] = SHAPE) -> np.ndarray:
     return rng.integers(0, 10, shape).astype(np.int16)
+
+
+def _mask(rng: np.random.Generator, shape: tuple[int, ...] = SHAPE) -> np.ndarray:
+    return rng.integers(0, 2, shape).astype(np.uint8)
 
 
 def _save(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
@@ -76,16 +85,18 @@ def _session(
     dseg_ext: str = ".nii.gz",
     skip: tuple[str, ...] = (),
 ) -> dict[str, Path]:
-    """Write a consistent T1w, T2w and dseg for one session; return their paths."""
+    """Write a consistent T1w, T2w, dseg and brain mask for one session; return their paths."""
     anat = root / f"sub-{pid}" / f"ses-{sid}" / "anat"
     paths = {
         "t1w": anat / f"sub-{pid}_ses-{sid}_{names['t1w']}.nii.gz",
         "t2w": anat / f"sub-{pid}_ses-{sid}_{names['t2w']}.nii.gz",
         "dseg": anat / f"sub-{pid}_ses-{sid}_desc-drawem9_dseg{dseg_ext}",
+        "brain_mask": anat / f"sub-{pid}_ses-{sid}_desc-brain_mask.nii.gz",
     }
+    draw = {"dseg": _labels, "brain_mask": _mask}
     for key, path in paths.items():
         if key not in skip:
-            _save(path, _labels(rng) if key == "dseg" else _intensity(rng))
+            _save(path, draw.get(key, _intensity)(rng))
     return paths
 
 
@@ -113,16 +124,17 @@ def _build_release(root: Path) -> dict[str, dict[str, Path]]:
     }
     sessions |= {f"CC00{i}": [(f"{i}001", "40.0")] for i in range(3, 10)}
     sessions["CC011"] = [("11001", "42.0")]
+    sessions["CC013"] = [("13001", "39.0")]
     for pid, rows in sessions.items():
         _tsv(
             root / f"sub-{pid}" / f"sub-{pid}_sessions.tsv",
             [{"session_id": sid, "scan_age": age, "radiology_score": "1"} for sid, age in rows],
         )
     images = {"CC001/1001": _session(root, "CC001", "1001", rng)}
-    # a plain-named copy next to the desc-restore one must not be picked
-    _session(root, "CC001", "1001", rng, names=PLAIN)
+    # the release's plain pair next to the desc-restore one: each kind reads its own
+    images["CC001/1001 plain"] = _session(root, "CC001", "1001", rng, names=PLAIN)
     images["CC002/900"] = _session(root, "CC002", "900", rng)
-    images["CC002/1000"] = _session(root, "CC002", "1000", rng, names=PLAIN, dseg_ext=".nii")
+    images["CC002/1000"] = _session(root, "CC002", "1000", rng, names=LEGACY, dseg_ext=".nii")
     images["CC003/3001"] = _session(root, "CC003", "3001", rng, skip=("t1w",))
     images["CC004/4001"] = _session(root, "CC004", "4001", rng)
     images["CC004/4001"]["t2w"].write_bytes(NOT_GZIP)
@@ -145,8 +157,11 @@ def _build_release(root: Path) -> dict[str, dict[str, Path]]:
     _save(images["CC009/9001"]["t2w"], t2w)
     for sid in ("10001", "10002", "10004"):  # 10002 has no row; 10003 has no folder
         images[f"CC010/{sid}"] = _session(root, "CC010", sid, rng)
-    images["CC011/11001"] = _session(root, "CC011", "11001", rng)
+    images["CC011/11001"] = _session(root, "CC011", "11001", rng, skip=("brain_mask",))
     images["CC012/12001"] = _session(root, "CC012", "12001", rng)  # no sessions.tsv at all
+    # a bias-corrected T2w with only a plain T1w: never paired across kinds
+    images["CC013/13001"] = _session(root, "CC013", "13001", rng, skip=("t1w",))
+    images["CC013/13001 plain"] = _session(root, "CC013", "13001", rng, names=PLAIN, skip=("t2w",))
     return images
 
 
@@ -177,11 +192,24 @@ def _sessions_tsv(root: Path, pid: str) -> Path:
     return root / f"sub-{pid}" / f"sub-{pid}_sessions.tsv"
 
 
+def _anat(root: Path, key: str) -> Path:
+    pid, sid = key.split("/")
+    return root / f"sub-{pid}" / f"ses-{sid}" / "anat"
+
+
 def _expected_reasons(root: Path) -> dict[str, str]:
     """Reasons without image checks; every other session is complete."""
     cc010 = _sessions_tsv(root, "CC010")
+    cc013 = _anat(root, "CC013/13001")
     return {
-        "CC003/3001": "missing T1w",
+        "CC003/3001": (
+            f"missing T1w: {_anat(root, 'CC003/3001')}/sub-CC003_ses-3001_desc-restore_T1w.nii.gz"
+            " not found"
+        ),
+        "CC013/13001": (
+            f"missing T1w: {cc013}/sub-CC013_ses-13001_desc-restore_T1w.nii.gz not found "
+            "(there is sub-CC013_ses-13001_T1w.nii.gz, read with images='plain')"
+        ),
         "CC010/10001": f"missing scan age: scan_age is 'n/a' in {cc010}",
         "CC010/10002": f"missing scan age: no row for session 10002 in {cc010}",
         "CC010/10003": (
@@ -217,6 +245,7 @@ def test_manifest_lists_every_session_in_order(manifest):
         "CC010/10004",
         "CC011/11001",
         "CC012/12001",
+        "CC013/13001",
     ]
     # participants.tsv lists CC099, which has no folder: not a session of this download
     assert "CC099" not in set(manifest.participant_id)
@@ -227,7 +256,8 @@ def test_manifest_dtypes(manifest):
     assert manifest["birth_age"].dtype == "float64"
     assert manifest["preterm"].dtype == "boolean"
     assert manifest["complete"].dtype == bool
-    for column in ("participant_id", "session_id", "sex", "t1w", "t2w", "dseg", "reason"):
+    columns = ("participant_id", "session_id", "sex", "t1w", "t2w", "dseg", "brain_mask", "reason")
+    for column in columns:
         assert manifest[column].dtype == "string", column
 
 
@@ -281,16 +311,122 @@ def test_parallel_check_gives_the_same_manifest(release, checked):
     pd.testing.assert_frame_equal(parallel, checked)
 
 
-def test_paths_prefer_desc_restore_and_accept_variants(release, manifest):
+def test_paths_of_the_chosen_kind_and_accepted_variants(release, manifest):
     _, images = release
-    for key in ("CC001/1001", "CC002/1000"):  # CC001 also has plain copies on disk
+    for key in ("CC001/1001", "CC002/1000"):  # CC001 also has the plain pair on disk
         row = _row(manifest, key)
-        for column in ("t1w", "t2w", "dseg"):
+        for column in ("t1w", "t2w", "dseg", "brain_mask"):
             assert row[column] == str(images[key][column])
             assert Path(row[column]).is_absolute()
+    # neonb's older name of the bias-corrected T1w is still read
+    assert _row(manifest, "CC002/1000").t1w.endswith("_desc-restore_space-T2w_T1w.nii.gz")
     assert _row(manifest, "CC002/1000").dseg.endswith("_desc-drawem9_dseg.nii")
     assert _row(manifest, "CC003/3001").t1w == ""
-    assert _row(manifest, "CC010/10003")[["t1w", "t2w", "dseg"]].tolist() == ["", "", ""]
+    assert _row(manifest, "CC011/11001").brain_mask == ""  # no mask: complete all the same
+    assert _row(manifest, "CC013/13001").t1w == ""  # only a plain T1w: not paired
+    columns = ["t1w", "t2w", "dseg", "brain_mask"]
+    assert _row(manifest, "CC010/10003")[columns].tolist() == ["", "", "", ""]
+
+
+def test_plain_images_are_read_as_a_pair_of_their_own(release):
+    root, images = release
+    plain = read_manifest(root, images="plain", progress=False)
+    row = _row(plain, "CC001/1001")
+    assert row.complete, row.reason
+    expected = images["CC001/1001 plain"]
+    assert (row.t1w, row.t2w) == (str(expected["t1w"]), str(expected["t2w"]))
+    assert row.t1w.endswith("sub-CC001_ses-1001_T1w.nii.gz")
+    assert row.dseg == str(images["CC001/1001"]["dseg"])  # labels and mask are shared
+    # the restored pair is never taken in place of a missing plain image, nor mixed with it
+    cc013 = _row(plain, "CC013/13001")
+    assert cc013.reason == (
+        f"missing T2w: {_anat(root, 'CC013/13001')}/sub-CC013_ses-13001_T2w.nii.gz not found "
+        "(there is sub-CC013_ses-13001_desc-restore_T2w.nii.gz, read with images='restore')"
+    )
+    assert cc013.t1w == str(images["CC013/13001 plain"]["t1w"]) and cc013.t2w == ""
+    cc002 = _row(plain, "CC002/900")
+    assert reason_categories(cc002.reason) == ["missing T1w", "missing T2w"]
+    assert set(plain.loc[plain.complete, "participant_id"]) == {"CC001"}
+
+
+def test_brain_mask_apply_makes_the_mask_required(release):
+    root, _ = release
+    applied = read_manifest(root, brain_mask="apply", progress=False)
+    row = _row(applied, "CC011/11001")
+    mask = _anat(root, "CC011/11001") / "sub-CC011_ses-11001_desc-brain_mask.nii.gz"
+    assert row.reason == f"missing brain mask: {mask} not found"
+    assert not row.complete
+    expected = set(_expected_reasons(root)) | {"CC011/11001"}
+    assert {
+        f"{r.participant_id}/{r.session_id}" for r in applied.itertuples() if not r.complete
+    } == (expected)
+
+
+def _mask_release(root: Path) -> dict[str, Path]:
+    """Three sessions whose brain masks are good, not binary and on another grid."""
+    rng = np.random.default_rng(6)
+    _tsv(root / "participants.tsv", [{"participant_id": "M", "birth_age": "40"}])
+    _tsv(_sessions_tsv(root, "M"), [{"session_id": s, "scan_age": "41"} for s in "123"])
+    masks = {s: _session(root, "M", s, rng)["brain_mask"] for s in "123"}
+    bad = _mask(rng)
+    bad[0, 0, :3] = (2, 255, 2)
+    _save(masks["2"], bad)
+    _save(masks["3"], _mask(rng, (6, 7, 9)))
+    return masks
+
+
+def test_check_brain_masks_when_they_are_applied(tmp_path):
+    masks = _mask_release(tmp_path)
+    applied = read_manifest(tmp_path, brain_mask="apply", check=True, progress=False)
+    t2w = {s: str(masks[s]).replace("desc-brain_mask", "desc-restore_T2w") for s in "23"}
+    assert applied.reason.tolist() == [
+        "",
+        f"brain mask not binary: {masks['2']}: is not binary: holds values other than 0 and 1 "
+        "in 3 voxels (e.g. 2, 255)",
+        f"brain mask shape mismatch: {masks['3']}: shape (6, 7, 9) differs from (6, 7, 8) of "
+        f"{t2w['3']}",
+    ]
+    # an ignored mask is not a reason to drop a session
+    ignored = read_manifest(tmp_path, check=True, progress=False)
+    assert ignored.complete.all()
+    assert ignored.brain_mask.tolist() == [str(masks[s]) for s in "123"]
+
+
+def test_derivatives_root_finds_tables_two_levels_up(tmp_path):
+    rng = np.random.default_rng(7)
+    anat_root = tmp_path / "derivatives" / "dhcp_anat_pipeline"
+    _tsv(tmp_path / "participants.tsv", [{"participant_id": "A", "birth_age": "33.5"}])
+    _tsv(_sessions_tsv(tmp_path, "A"), [{"session_id": "1", "scan_age": "35.25"}])
+    _tsv(_sessions_tsv(tmp_path, "B"), [{"session_id": "1", "scan_age": "40.0"}])
+    # B's table next to its images wins over the one at the release root
+    _tsv(_sessions_tsv(anat_root, "B"), [{"session_id": "1", "scan_age": "41.5"}])
+    paths = {pid: _session(anat_root, pid, "1", rng) for pid in "AB"}
+    for root in (tmp_path, anat_root):
+        manifest = read_manifest(root, progress=False)
+        assert manifest.complete.all(), manifest.reason.tolist()
+        assert manifest.scan_age.tolist() == [35.25, 41.5]
+        assert manifest.birth_age.iloc[0] == 33.5 and manifest.preterm.iloc[0]
+        assert manifest.t2w.tolist() == [str(paths[pid]["t2w"]) for pid in "AB"]
+
+
+def test_sessions_tsv_searched_in_both_places(tmp_path):
+    anat_root = tmp_path / "derivatives" / "dhcp_anat_pipeline"
+    _tsv(tmp_path / "participants.tsv", [{"participant_id": "A"}])
+    _session(anat_root, "A", "1", np.random.default_rng(8))
+    row = read_manifest(tmp_path, progress=False).iloc[0]
+    assert row.reason == (
+        f"missing scan age: neither {_sessions_tsv(anat_root, 'A')} nor "
+        f"{_sessions_tsv(tmp_path, 'A')} found"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"images": "raw"}, "images must be one of"), ({"brain_mask": True}, "brain_mask must be")],
+)
+def test_bad_image_kind_or_mask_policy_raises(release, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        read_manifest(release[0], progress=False, **kwargs)
 
 
 def test_metadata_and_preterm(manifest):
@@ -404,7 +540,7 @@ def test_bad_root_raises(tmp_path, make_root, message):
     with pytest.raises(DataError, match=message) as info:
         read_manifest(make_root(tmp_path), progress=False)
     if make_root is not _no_participant_id_column:
-        assert "participants.tsv and sub-*/" in str(info.value)  # the hint
+        assert "or its derivatives/dhcp_anat_pipeline folder" in str(info.value)  # the hint
 
 
 def test_bad_workers_raises(release):
@@ -419,9 +555,21 @@ def test_bad_workers_raises(release):
 
 def test_session_filename_and_find(tmp_path):
     assert session_filename("sub-A", "ses-1", "t2w") == "sub-A_ses-1_desc-restore_T2w.nii.gz"
+    assert session_filename("A", "1", "t1w") == "sub-A_ses-1_desc-restore_T1w.nii.gz"
+    assert session_filename("A", "1", "t1w", images="plain") == "sub-A_ses-1_T1w.nii.gz"
+    assert session_filename("A", "1", "brain_mask") == "sub-A_ses-1_desc-brain_mask.nii.gz"
     paths = _session(tmp_path, "A", "1", np.random.default_rng(3), names=PLAIN, skip=("dseg",))
-    found = find_session_images(tmp_path / "sub-A" / "ses-1" / "anat", "A", "1")
-    assert found == {"t1w": paths["t1w"], "t2w": paths["t2w"], "dseg": None}
+    anat = tmp_path / "sub-A" / "ses-1" / "anat"
+    found = find_session_images(anat, "A", "1", images="plain")
+    assert found == {
+        "t1w": paths["t1w"],
+        "t2w": paths["t2w"],
+        "dseg": None,
+        "brain_mask": paths["brain_mask"],
+    }
+    restored = find_session_images(anat, "A", "1")  # the plain pair is not the restored one
+    assert (restored["t1w"], restored["t2w"]) == (None, None)
+    assert find_session_images(tmp_path / "nowhere", "A", "1") == dict.fromkeys(found)
 
 
 @pytest.fixture
@@ -535,6 +683,13 @@ def test_check_labels():
         check_labels(_image(data))
 
 
+def test_check_binary():
+    check_binary(_image(np.array([[[0, 1]]], np.uint8)))
+    check_binary(_image(np.array([[[0.0, 1.0]]], np.float32)))
+    with pytest.raises(DataError, match=r"is not binary: .* in 1 voxel \(e.g. 0.5\)"):
+        check_binary(_image(np.array([[[0.0, 0.5]]], np.float32)))
+
+
 def test_check_same_shape_and_affine():
     reference = _image(np.zeros(SHAPE, np.float32))
     nearly = AFFINE.copy()
@@ -589,16 +744,28 @@ def test_load_manifest_missing_file(tmp_path):
 
 def test_summary(checked):
     summary = summarize_manifest(checked)
-    assert (summary.n_sessions, summary.n_participants) == (16, 12)
+    assert (summary.n_sessions, summary.n_participants) == (17, 13)
     assert (summary.n_complete, summary.n_complete_participants) == (4, 3)
     assert summary.n_preterm == 2  # both sessions of CC002
     assert summary.n_birth_age_unknown == 1  # CC011
+    assert summary.n_brain_mask == 3  # all but CC011
     assert summary.excluded["missing scan age"] == 3
-    assert summary.excluded["missing T1w"] == 1
+    assert summary.excluded["missing T1w"] == 2
     text = str(summary)
-    assert text.startswith("found 16 sessions of 12 participants\ncomplete: 4 sessions")
+    assert text.startswith("found 17 sessions of 13 participants\ncomplete: 4 sessions")
     assert "  missing scan age: 3" in text.splitlines()
-    assert "excluded: 12 sessions" in text
+    assert "brain mask: 3 of 4 complete sessions have one" in text.splitlines()
+    assert "excluded: 13 sessions" in text
+
+
+def test_manifest_without_brain_mask_column_still_loads(checked, tmp_path):
+    path = tmp_path / "manifest.tsv"
+    checked.drop(columns=["brain_mask"]).to_csv(path, sep="\t", index=False)
+    loaded = load_manifest(path)
+    assert list(loaded.columns) == list(MANIFEST_COLUMNS)
+    assert (loaded.brain_mask == "").all()
+    assert summarize_manifest(checked.drop(columns=["brain_mask"])).n_brain_mask == 0
+    assert len(to_data_dicts(checked.drop(columns=["brain_mask"]))) == 4
 
 
 def test_reason_categories():
@@ -623,3 +790,17 @@ def test_data_dicts(manifest, release):
     assert all(type(r["scan_age"]) is float for r in records)
     with pytest.raises(DataError, match=r"sub-CC003/ses-3001: is not a complete session"):
         session_record(_row(manifest, "CC003/3001"))
+
+
+def test_data_dicts_carry_the_brain_mask_only_when_applied(release, manifest):
+    _, images = release
+    assert all("brain_mask" not in r for r in to_data_dicts(manifest))
+    masked = read_manifest(release[0], brain_mask="apply", progress=False)
+    records = to_data_dicts(masked, brain_mask="apply")
+    assert len(records) == int(masked.complete.sum()) == int(manifest.complete.sum()) - 1
+    assert records[0]["brain_mask"] == str(images["CC001/1001"]["brain_mask"])
+    # a manifest read with "ignore" keeps CC011, which has no mask to apply
+    with pytest.raises(DataError, match=r"sub-CC011/ses-11001: has no brain mask to apply"):
+        to_data_dicts(manifest, brain_mask="apply")
+    with pytest.raises(ConfigError, match="brain_mask must be"):
+        to_data_dicts(manifest, brain_mask="yes")

@@ -261,24 +261,87 @@ def test_write_cohort_layout(cohort):
         anat = cohort / sub / f"ses-{row.session_id}" / "anat"
         prefix = f"{sub}_ses-{row.session_id}"
         names = {
+            f"{prefix}_T2w.nii.gz",
             f"{prefix}_desc-restore_T2w.nii.gz",
-            f"{prefix}_desc-restore_space-T2w_T1w.nii.gz",
+            f"{prefix}_T1w.nii.gz",
+            f"{prefix}_desc-restore_T1w.nii.gz",
             f"{prefix}_desc-drawem9_dseg.nii.gz",
+            f"{prefix}_desc-brain_mask.nii.gz",
         }
         assert {p.name for p in anat.iterdir()} == names
 
 
-def test_written_images_share_one_ras_affine(cohort):
+def _anat_images(cohort: Path) -> dict[str, nib.Nifti1Image]:
+    """The images of the cohort's first session, keyed by the name after ``ses-<id>_``."""
     anat = next(cohort.glob("sub-*/ses-*/anat"))
-    images = {path.name.split("_desc-")[1]: nib.load(path) for path in anat.iterdir()}
-    dseg = images.pop("drawem9_dseg.nii.gz")
-    assert dseg.get_data_dtype() == np.uint8
+    return {path.name.split("_", 2)[2]: nib.load(path) for path in anat.iterdir()}
+
+
+def _array(image: nib.Nifti1Image) -> np.ndarray:
+    return np.asarray(image.dataobj)
+
+
+def test_plain_images_are_the_restored_ones_times_a_smooth_field(cohort):
+    images = _anat_images(cohort)
+    head = _array(images["desc-drawem9_dseg.nii.gz"]) > 0
+    fields = []
+    for modality in ("T2w", "T1w"):
+        plain = _array(images[f"{modality}.nii.gz"])
+        restored = _array(images[f"desc-restore_{modality}.nii.gz"])
+        assert np.all(plain[~head] == 0) and np.all(plain[head] > 0)
+        field = plain[head] / restored[head]
+        log_sd = float(np.log(field).std())
+        assert 0.03 < log_sd < 0.4, modality  # they really differ, by a bias-like field
+        fields.append(np.full(plain.shape, np.nan, np.float32))
+        fields[-1][head] = field
+        # smooth: neighbouring voxels differ far less than the field varies over the head
+        step = np.nanmedian(np.abs(np.diff(fields[-1], axis=0)))
+        assert step < 0.3 * np.nanstd(fields[-1])
+    # each image has its own field
+    assert not np.allclose(fields[0][head], fields[1][head], rtol=0.01)
+
+
+def test_scanner_bias_field_is_seeded_smooth_and_positive():
+    shape = phantom.grid_shape(COHORT_VOXEL_MM)
+    first = phantom.scanner_bias_field(shape, COHORT_VOXEL_MM, np.random.default_rng(4))
+    again = phantom.scanner_bias_field(shape, COHORT_VOXEL_MM, np.random.default_rng(4))
+    other = phantom.scanner_bias_field(shape, COHORT_VOXEL_MM, np.random.default_rng(5))
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other)
+    assert first.dtype == np.float32 and first.shape == shape and np.all(first > 0)
+    assert abs(float(np.log(first).mean())) < 1e-4  # geometric mean 1
+
+
+def test_brain_mask_follows_the_dhcp_recipe(young):
+    mask = young.brain_mask
+    assert mask.dtype == np.uint8 and set(np.unique(mask).tolist()) == {0, 1}
+    tissue = ~np.isin(young.dseg, (0, phantom.CSF, phantom.NON_BRAIN))
+    assert np.all(mask[tissue] == 1)  # every tissue voxel, ventricles included
+    assert mask[young.dseg == 0].mean() < 1e-3  # at most where the brainstem leaves the head
+    assert not ndimage.binary_fill_holes(mask).astype(bool)[mask == 0].any()  # no holes
+    # a closed outline about one voxel wider than the tissue: it holds some CSF, little skull
+    assert 0.0 < mask[young.dseg == phantom.CSF].mean() < 1.0
+    assert mask[young.dseg == phantom.NON_BRAIN].mean() < 0.25
+    cube = np.ones((3, 3, 3), bool)
+    assert np.all(ndimage.binary_dilation(tissue, cube, iterations=2)[mask == 1])
+    np.testing.assert_array_equal(phantom.brain_mask_from_labels(young.dseg), mask)
+
+
+def test_written_images_share_one_ras_affine(cohort):
+    images = _anat_images(cohort)
+    dseg = images.pop("desc-drawem9_dseg.nii.gz")
+    mask = images.pop("desc-brain_mask.nii.gz")
+    assert dseg.get_data_dtype() == np.uint8 and mask.get_data_dtype() == np.uint8
     assert set(np.unique(np.asarray(dseg.dataobj)).tolist()) <= set(DRAWEM9)
+    np.testing.assert_array_equal(
+        np.asarray(mask.dataobj), phantom.brain_mask_from_labels(np.asarray(dseg.dataobj))
+    )
+    np.testing.assert_array_equal(mask.affine, dseg.affine)
     for image in images.values():
         assert image.get_data_dtype() == np.float32
         np.testing.assert_array_equal(image.affine, dseg.affine)
         assert np.all(np.asarray(image.dataobj)[np.asarray(dseg.dataobj) == 0] == 0)
-    for image in (*images.values(), dseg):
+    for image in (*images.values(), dseg, mask):
         assert nib.aff2axcodes(image.affine) == ("R", "A", "S")
         assert image.shape == phantom.grid_shape(COHORT_VOXEL_MM)
         assert int(image.header["qform_code"]) > 0 and int(image.header["sform_code"]) > 0

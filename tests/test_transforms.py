@@ -15,6 +15,7 @@ from monai.transforms import Randomizable
 from neonb.errors import ConfigError, DataError
 from neonb.models import ModelConfig
 from neonb.transforms import (
+    ApplyBrainMaskd,
     AugmentationConfig,
     LoadVolumed,
     augmentation_transforms,
@@ -408,3 +409,66 @@ def test_bad_augmentation_config_raises(overrides, match):
 def test_unknown_augmentation_setting_raises():
     with pytest.raises(ConfigError, match="unknown augmentation setting"):
         AugmentationConfig.from_dict({"rotate_prob": 0.2})
+
+
+# --------------------------------------------------------------------------------------
+# Brain mask
+# --------------------------------------------------------------------------------------
+
+BRAIN = (slice(6, 14), slice(5, 18), slice(7, 16))
+"""A brain mask strictly inside the head box, so masking removes head voxels."""
+
+
+def _brain_mask() -> np.ndarray:
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[BRAIN] = 1
+    return mask
+
+
+def test_apply_brain_mask_zeroes_outside_and_keeps_inside():
+    image = MetaTensor(torch.rand(2, *SHAPE) + 1.0, affine=torch.as_tensor(AFFINE))
+    mask = torch.as_tensor(_brain_mask()[None], dtype=torch.float32)
+    out = ApplyBrainMaskd("image")({"image": image.clone(), "brain_mask": mask, "scan_age": 40.0})
+    assert "brain_mask" not in out and out["scan_age"] == 40.0
+    inside = mask[0].bool()
+    for channel in range(2):
+        assert torch.all(out["image"][channel][~inside] == 0)
+        assert torch.equal(out["image"][channel][inside], image[channel][inside])
+    assert isinstance(out["image"], MetaTensor)
+    np.testing.assert_array_equal(out["image"].affine, AFFINE)
+    # a sample without a mask passes unchanged
+    plain = ApplyBrainMaskd("image")({"image": image})
+    assert torch.equal(plain["image"], image)
+
+
+@pytest.mark.parametrize("crop", [True, False])
+def test_preprocessing_applies_the_brain_mask_of_the_sample(sample, tmp_path, crop):
+    masked_sample = {**sample, "brain_mask": _write(tmp_path / "mask.nii.gz", _brain_mask())}
+    out = preprocessing_transforms(crop=crop)(masked_sample)
+    assert "brain_mask" not in out
+    # the same as skull stripping the files first: zeros outside, then crop and normalise
+    stripped = dict(sample)
+    for key in ("t1w", "t2w"):
+        volume = np.asarray(nib.load(sample[key]).dataobj) * _brain_mask()
+        stripped[key] = _write(tmp_path / f"stripped_{key}.nii.gz", volume.astype(np.float32))
+    expected = preprocessing_transforms(crop=crop)(stripped)
+    torch.testing.assert_close(out["image"].as_tensor(), expected["image"].as_tensor())
+    torch.testing.assert_close(out["label"].as_tensor(), expected["label"].as_tensor())
+    if crop:  # the crop is the brain's bounding box
+        assert tuple(out["image"].shape[1:]) == tuple(s.stop - s.start for s in BRAIN)
+    else:
+        outside = torch.as_tensor(_brain_mask() == 0)
+        assert torch.all(out["image"][:, outside] == 0)
+        assert torch.all(out["image"][:, ~outside] != 0)  # brain voxels are all non-zero here
+    unmasked = preprocessing_transforms(crop=crop)(sample)
+    assert out["image"].shape != unmasked["image"].shape or not torch.equal(
+        out["image"], unmasked["image"]
+    )
+
+
+def test_brain_mask_on_another_grid_is_named(sample, tmp_path):
+    mask = _write(tmp_path / "mask.nii.gz", np.ones((20, 24, 21), np.uint8))
+    with pytest.raises(RuntimeError) as info:
+        preprocessing_transforms()({**sample, "brain_mask": mask})
+    assert isinstance(info.value.__cause__, DataError)
+    assert "brain_mask has (20, 24, 21) voxels" in str(info.value.__cause__)

@@ -8,6 +8,8 @@ n_subjects = 14
 voxel_size = 4.0
 seed = 0
 results_dir = "results/smoke"
+images = "restore"  # "restore": bias-corrected T1w/T2w; "plain": as acquired
+brain_mask = "ignore"  # "apply": zero the images outside the dHCP brain mask
 n_train = 6
 n_val = 1
 n_test = 3
@@ -66,27 +68,33 @@ results.mkdir(parents=True, exist_ok=True)
 # ## The cohort
 #
 # With an empty `data_root` neonb writes its synthetic neonatal cohort in the dHCP
-# release layout (`sub-*/ses-*/anat/*_desc-restore_T2w.nii.gz`, `participants.tsv`,
-# `*_sessions.tsv`, ...) and reads it back with the same reader a real release goes
-# through. The reader lists every session, and says for each incomplete one what is
-# missing; the paper kept the 709 complete sessions of 783.
+# release layout and names (`sub-*/ses-*/anat/sub-*_ses-*_T2w.nii.gz`, its bias-corrected
+# `_desc-restore_T2w`, the same two for T1w, `_desc-drawem9_dseg`, `_desc-brain_mask`,
+# `participants.tsv`, `*_sessions.tsv`) and reads it back with the same reader a real
+# release goes through. The reader lists every session, and says for each incomplete one
+# what is missing; the paper kept the 709 complete sessions of 783.
+#
+# `images` chooses the T1w/T2w pair: the bias-corrected `restore` images or the `plain`
+# ones the paper's authors extracted; a session never mixes the two. `brain_mask` says
+# whether the images are zeroed outside the dHCP brain mask before training.
 
 # %%
-root = study.resolve_data_root(
+cohort = study.open_cohort(
     data_root,
     synthetic_base=synthetic_base,
     n=n_subjects,
     seed=seed,
     voxel_size=voxel_size,
-    progress=False,
+    images=images,
+    brain_mask=brain_mask,
 )
+root, manifest = cohort.root, cohort.manifest
 source = "dHCP release" if data_root else f"synthetic cohort (seed {seed}, {voxel_size:g} mm)"
-print(f"Reading the {source} at {root}")
-manifest = data.read_manifest(root, progress=False)
+print(f"Reading the {source} at {root}: {images} images, brain mask {brain_mask}")
 print(data.summarize_manifest(manifest))
 manifest_path = data.write_manifest(manifest, results / "manifest.tsv")
 print(f"Manifest written to {manifest_path}")
-manifest.drop(columns=["t1w", "t2w", "dseg"]).head(10)
+manifest.drop(columns=["t1w", "t2w", "dseg", "brain_mask"]).head(10)
 
 # %% [markdown]
 # ## Scan age (the paper's Figure 1)

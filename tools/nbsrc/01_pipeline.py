@@ -8,6 +8,8 @@ n_subjects = 14
 voxel_size = 4.0
 seed = 0
 results_dir = "results/smoke"
+images = "restore"  # "restore": bias-corrected T1w/T2w; "plain": as acquired
+brain_mask = "ignore"  # "apply": zero the images outside the dHCP brain mask
 n_train = 6
 n_val = 1
 n_test = 3
@@ -70,7 +72,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from neonb import data, experiment, models, plots, report, splits, study, transforms
+from neonb import experiment, models, plots, report, splits, study, transforms
 from neonb.inference import describe_hardware
 from neonb.metrics import case_summary
 
@@ -89,12 +91,18 @@ hardware = describe_hardware(config.device)
 
 # %%
 cohort = study.open_cohort(
-    data_root, synthetic_base=synthetic_base, n=n_subjects, seed=seed, voxel_size=voxel_size
+    data_root,
+    synthetic_base=synthetic_base,
+    n=n_subjects,
+    seed=seed,
+    voxel_size=voxel_size,
+    images=images,
+    brain_mask=brain_mask,
 )
 root, manifest, dataset = cohort.root, cohort.manifest, cohort.description
 pipeline_splits = splits.load_study_splits(results_dir, manifest)["pipeline"]
 records = {
-    name: data.to_data_dicts(splits.select(manifest, pipeline_splits, name))
+    name: cohort.records(splits.select(manifest, pipeline_splits, name))
     for name in ("train", "val", "test")
 }
 print(f"{dataset} at {root}; results in {out}; running on {hardware}")

@@ -8,6 +8,8 @@ n_subjects = 14
 voxel_size = 4.0
 seed = 0
 results_dir = "results/smoke"
+images = "restore"  # "restore": bias-corrected T1w/T2w; "plain": as acquired
+brain_mask = "ignore"  # "apply": zero the images outside the dHCP brain mask
 n_train = 6
 n_val = 1
 n_test = 3
@@ -84,7 +86,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from neonb import budgeting, data, experiment, plots, report, splits, study, transforms
+from neonb import budgeting, experiment, plots, report, splits, study, transforms
 from neonb.inference import describe_hardware
 from neonb.losses import SegmentationLoss
 from neonb.models import build_model
@@ -116,14 +118,21 @@ hardware = describe_hardware(config.device)
 
 # %%
 cohort = study.open_cohort(
-    data_root, synthetic_base=synthetic_base, n=n_subjects, seed=seed, voxel_size=voxel_size
+    data_root,
+    synthetic_base=synthetic_base,
+    n=n_subjects,
+    seed=seed,
+    voxel_size=voxel_size,
+    images=images,
+    brain_mask=brain_mask,
 )
 root, manifest, dataset = cohort.root, cohort.manifest, cohort.description
 pipeline_splits = splits.load_study_splits(results_dir, manifest)["pipeline"]
-pool_records, pool_ages, train_ids = budgeting.budget_pool(manifest, pipeline_splits)
+pool_records, pool_ages, train_ids = budgeting.budget_pool(
+    manifest, pipeline_splits, brain_mask=brain_mask
+)
 records = {
-    name: data.to_data_dicts(splits.select(manifest, pipeline_splits, name))
-    for name in ("val", "test")
+    name: cohort.records(splits.select(manifest, pipeline_splits, name)) for name in ("val", "test")
 }
 extents = budgeting.cached_extents(pool_records, out / "extents.tsv")
 lengths = pd.DataFrame(

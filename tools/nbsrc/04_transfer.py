@@ -8,6 +8,8 @@ n_subjects = 14
 voxel_size = 4.0
 seed = 0
 results_dir = "results/smoke"
+images = "restore"  # "restore": bias-corrected T1w/T2w; "plain": as acquired
+brain_mask = "ignore"  # "apply": zero the images outside the dHCP brain mask
 n_train = 6
 n_val = 1
 n_test = 3
@@ -70,7 +72,6 @@ from pathlib import Path
 import pandas as pd
 
 from neonb import (
-    data,
     experiment,
     models,
     paper,
@@ -101,12 +102,18 @@ hardware = describe_hardware(source_config.device)
 
 # %%
 cohort = study.open_cohort(
-    data_root, synthetic_base=synthetic_base, n=n_subjects, seed=seed, voxel_size=voxel_size
+    data_root,
+    synthetic_base=synthetic_base,
+    n=n_subjects,
+    seed=seed,
+    voxel_size=voxel_size,
+    images=images,
+    brain_mask=brain_mask,
 )
 root, manifest, dataset = cohort.root, cohort.manifest, cohort.description
 transfer_splits = splits.load_study_splits(results_dir, manifest)["transfer"]
 records = {
-    name: data.to_data_dicts(splits.select(manifest, transfer_splits, name))
+    name: cohort.records(splits.select(manifest, transfer_splits, name))
     for name in ("source_train", "source_val", "target_train", "target_test")
 }
 datasets = transfer_splits[transfer_splits["split"] != splits.EXCLUDED]
