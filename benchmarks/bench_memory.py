@@ -48,6 +48,13 @@ def _vm_hwm_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def _paper_workers() -> int:
+    import yaml
+
+    block = yaml.safe_load((REPO / "params/paper/01_pipeline.yaml").read_text())["training"]
+    return int(block.get("num_workers", 0))
+
+
 def _paper_config(**changes):
     import yaml
 
@@ -289,10 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(loading) >= 2 and loading[-1]["workers"] > 0:
         w = loading[-1]["workers"]
         per_worker = (loading[-1]["tree_peak_rss_mb"] - loading[0]["tree_peak_rss_mb"]) / w
-        eight = loading[0]["tree_peak_rss_mb"] + 8 * per_worker
+        paper = _paper_workers()
+        total = loading[0]["tree_peak_rss_mb"] + paper * per_worker
         print(
-            f"workers: {per_worker:.0f} MB each (summed RSS); 8 workers, as params/paper sets: "
-            f"about {eight / 1e3:.1f} GB for the loader"
+            f"workers: {per_worker:.0f} MB each (summed RSS); {paper} workers, as params/paper "
+            f"sets: about {total / 1e3:.1f} GB for the loader"
         )
     print(f"\ntotal {time.perf_counter() - started:.0f} s; timings on a shared machine are rough")
     return 0

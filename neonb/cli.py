@@ -58,6 +58,7 @@ def _export(args: argparse.Namespace) -> None:
         voxel_size=args.voxel_size,
         orientation=args.orientation,
         description=args.description,
+        images=args.images,
     )
     print(f"model exported to {out}")
 
@@ -212,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--orientation", help="[OPTIONAL] axis codes of the training images, e.g. RAS"
     )
     export.add_argument("--description", help="[OPTIONAL] one sentence on the training data")
+    export.add_argument(
+        "--images",
+        choices=("restore", "plain"),
+        default="restore",
+        help="the T1w/T2w kind the run was trained on (params' images:); segment --batch on a "
+        "release folder reads the same kind (default restore)",
+    )
     export.set_defaults(handler=_export)
 
     segment = commands.add_parser(

@@ -148,9 +148,13 @@ def poly_scheduler(
 
 WORKER_THREADS = 2
 """Intra-op threads of each data-loading worker (PyTorch gives a worker one). On one thread
-PyTorch convolves the elastic deformation's depthwise Gaussian (a 79-105 voxel kernel)
-through an im2col buffer: 3.8 GB and 3.2 s for a 2 x 128³ patch, against 0.9 GB and 1.9 s
-on two threads (AMD EPYC, ``benchmarks/README.md``)."""
+PyTorch convolves the elastic deformation's Gaussian along the first axis (a 79-105 voxel
+kernel) through an im2col buffer: 3.8 GB and 3.2 s for a 2 x 128³ patch, against 0.9 GB and
+1.9 s on two threads, where oneDNN does it (AMD EPYC, ``benchmarks/README.md``)."""
+
+WORKER_START_METHOD = "forkserver"
+"""How worker processes start. A worker forked from a process that has run OpenMP threads
+deadlocks when it starts threads of its own; the fork server has never run any."""
 
 
 def worker_init(worker_id: int) -> None:
@@ -160,6 +164,14 @@ def worker_init(worker_id: int) -> None:
 
     torch.set_num_threads(WORKER_THREADS)
     worker_init_fn(worker_id)
+
+
+def _worker_context() -> Any:
+    import multiprocessing
+
+    context = multiprocessing.get_context(WORKER_START_METHOD)
+    context.set_forkserver_preload(["torch", "monai", "neonb.transforms", "neonb.cache"])
+    return context
 
 
 def make_loader(
@@ -192,7 +204,9 @@ def make_loader(
         The data loader.
     """
     kwargs.setdefault("pin_memory", torch.cuda.is_available())
-    kwargs.setdefault("worker_init_fn", worker_init)
+    if num_workers > 0:
+        kwargs.setdefault("worker_init_fn", worker_init)
+        kwargs.setdefault("multiprocessing_context", _worker_context())
     return DataLoader(
         dataset,
         batch_size=batch_size,

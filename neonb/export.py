@@ -158,6 +158,11 @@ class ExportedModel:
         return tuple(self.metadata["input_channels"])
 
     @property
+    def images(self) -> str:
+        """The kind of T1w/T2w images it was trained on: ``"restore"`` or ``"plain"``."""
+        return str(self.metadata.get("input_images", "restore"))
+
+    @property
     def patch_size(self) -> tuple[int, int, int]:
         """Sliding-window size in voxels."""
         return tuple(int(n) for n in self.metadata["patch_size"])
@@ -193,7 +198,7 @@ class ExportedModel:
 # --------------------------------------------------------------------------------------
 
 
-def training_grid(data_root: str | os.PathLike) -> dict[str, Any]:
+def training_grid(data_root: str | os.PathLike, images: str = "restore") -> dict[str, Any]:
     """Voxel size and orientation of the T2w images of a training cohort.
 
     Reads only the headers of every session's T2w (``neonb.data.read_manifest``).
@@ -211,7 +216,7 @@ def training_grid(data_root: str | os.PathLike) -> dict[str, Any]:
     from neonb.data import read_manifest
 
     root = Path(data_root)
-    manifest = read_manifest(root, progress=False)
+    manifest = read_manifest(root, images=images, progress=False)
     zooms, codes = [], Counter()
     for path in manifest["t2w"]:
         if not path:
@@ -320,8 +325,9 @@ def _grid(
     data_root: str | os.PathLike | None,
     voxel_size: float | Sequence[float] | None,
     orientation: str | None,
+    images: str = "restore",
 ) -> dict[str, Any]:
-    grid: dict[str, Any] = training_grid(data_root) if data_root is not None else {}
+    grid: dict[str, Any] = training_grid(data_root, images) if data_root is not None else {}
     if voxel_size is not None:
         grid["voxel_size_mm"] = _as_voxel_size(voxel_size)
     if orientation is not None:
@@ -365,6 +371,7 @@ def export_run(
     voxel_size: float | Sequence[float] | None = None,
     orientation: str | None = None,
     description: str | None = None,
+    images: str = "restore",
 ) -> Path:
     """Write a finished run as a model folder (:data:`WEIGHTS_FILE` + :data:`METADATA_FILE`).
 
@@ -381,6 +388,9 @@ def export_run(
         orientation: axis codes of the training images, e.g. ``"RAS"``; overrides
             ``data_root``.
         description: a sentence on the training data (default: the dataset's name).
+        images: the kind of T1w/T2w the run was trained on, ``"restore"`` (bias-corrected)
+            or ``"plain"`` (:func:`neonb.data.read_manifest`); ``neonb segment --batch`` on
+            a release folder reads that kind.
 
     Returns:
         ``out_dir``.
@@ -390,8 +400,11 @@ def export_run(
         ConfigError: when the voxel size or orientation is neither given nor derivable, or
             the network's input channels are not T1w+T2w or T2w.
     """
+    from neonb.data import check_image_kind
+
+    check_image_kind(images)
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    grid = _grid(data_root, voxel_size, orientation)
+    grid = _grid(data_root, voxel_size, orientation, images)
     model, log, config, head = _load_run(run_dir)
     n_channels = config.model.in_channels
     if n_channels not in CHANNELS_BY_COUNT:
@@ -407,6 +420,7 @@ def export_run(
         "age_head": head,
         "age_standardisation": _age_standardisation(model),
         "input_channels": list(CHANNELS_BY_COUNT[n_channels]),
+        "input_images": images,
         "labels": label_table().to_dict(orient="records")[: config.model.out_channels],
         "patch_size": list(config.patch_size),
         "overlap": config.overlap,
@@ -531,6 +545,9 @@ def _check_metadata(metadata: Mapping[str, Any], path: Path) -> None:
         raise _bad_field(path, "age_head", "an object of age-head settings for an AgeUNet", head)
     if architecture == "DynUNet" and head is not None:
         raise _bad_field(path, "age_head", "null for a DynUNet (no age head)", head)
+    kind = metadata.get("input_images", "restore")
+    if kind not in ("restore", "plain"):
+        raise _bad_field(path, "input_images", "'restore' or 'plain'", kind)
     channels = metadata["input_channels"]
     if not isinstance(channels, list) or tuple(channels) not in CHANNELS_BY_COUNT.values():
         choices = " or ".join(json.dumps(list(c)) for c in CHANNELS_BY_COUNT.values())

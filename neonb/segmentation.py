@@ -954,8 +954,8 @@ def _table_from_tsv(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _table_from_release(root: Path) -> pd.DataFrame:
-    manifest = read_manifest(root, progress=False)
+def _table_from_release(root: Path, images: str) -> pd.DataFrame:
+    manifest = read_manifest(root, images=images, progress=False)
     rows = []
     for i, row in manifest.iterrows():
         scan_age = float(row["scan_age"])
@@ -995,13 +995,15 @@ def _valid_ids(session: Any) -> bool:
     return bool(BIDS_LABEL.match(session.participant_id) and BIDS_LABEL.match(session.session_id))
 
 
-def read_batch(source: str | os.PathLike) -> pd.DataFrame:
+def read_batch(source: str | os.PathLike, *, images: str = "restore") -> pd.DataFrame:
     """The sessions of a batch: a manifest TSV or a dHCP/BIDS release folder.
 
     A TSV needs the columns :data:`BATCH_COLUMNS` (``participant_id``, ``session_id``,
     ``t2w``, ``scan_age`` in weeks PMA) and may have ``t1w`` and ``dseg``; relative paths are
     relative to the TSV's folder; a manifest written by ``neonb manifest --out`` works. A
-    folder is read with :func:`neonb.data.read_manifest`.
+    folder is read with :func:`neonb.data.read_manifest`, taking the ``images`` kind
+    (``"restore"`` or ``"plain"``; :func:`neonb.segmentation.segment_batch` passes the one the
+    model was trained on).
 
     Returns:
         One row per session: ``participant_id``, ``session_id`` (bare), ``scan_age``,
@@ -1017,7 +1019,7 @@ def read_batch(source: str | os.PathLike) -> pd.DataFrame:
     """
     source = Path(source)
     if source.is_dir():
-        table = _table_from_release(source)
+        table = _table_from_release(source, images)
     elif source.is_file():
         table = _table_from_tsv(source)
     else:
@@ -1115,7 +1117,7 @@ def segment_batch(
     _check_device(device)
     model = _as_model(model)
     source = Path(source)
-    sessions = read_batch(source)
+    sessions = read_batch(source, images=model.images)
     out_dir = Path(out_dir)
     _check_batch_outputs(model, source, sessions, out_dir, evaluate)
     created = _prepare_out_dir(out_dir)

@@ -67,7 +67,7 @@ def test_export_writes_weights_and_metadata(run_dir, cohort, tmp_path):
     meta = json.loads((out / METADATA_FILE).read_text())
     assert meta["format"] == "neonb-model" and meta["neonb_version"] == __version__
     assert meta["architecture"] == "DynUNet" and meta["age_head"] is None
-    assert meta["input_channels"] == ["t1w", "t2w"]
+    assert meta["input_channels"] == ["t1w", "t2w"] and meta["input_images"] == "restore"
     assert meta["patch_size"] == [16, 16, 16] and meta["overlap"] == 0.25
     assert meta["voxel_size_mm"] == [6.0, 6.0, 6.0] and meta["orientation"] == "RAS"
     assert [row["index"] for row in meta["labels"]] == list(range(10))
@@ -80,6 +80,24 @@ def test_export_writes_weights_and_metadata(run_dir, cohort, tmp_path):
     assert meta["metrics"]["val_dice_nobg"] == pytest.approx(best["val_dice_nobg"])
     assert meta["training_environment"]["seed"] == 0
     assert meta["training_config"]["model"]["filters"] == [4, 8, 16]
+
+
+def test_a_batch_over_a_release_reads_the_kind_of_images_the_model_was_trained_on(
+    run_dir, cohort, tmp_path
+):
+    from neonb.segmentation import read_batch
+
+    plain = load_exported_model(
+        export_run(run_dir, tmp_path / "plain", data_root=cohort, images="plain")
+    )
+    assert plain.images == "plain"
+    restore = load_exported_model(export_run(run_dir, tmp_path / "restore", data_root=cohort))
+    for model, ending in ((plain, "_T2w.nii.gz"), (restore, "_desc-restore_T2w.nii.gz")):
+        table = read_batch(cohort, images=model.images)
+        assert table["t2w"].str.endswith(ending).all()
+        assert table["t2w"].str.contains("desc-restore").all() == (model.images == "restore")
+    with pytest.raises(ConfigError, match="images must be one of"):
+        export_run(run_dir, tmp_path / "x", data_root=cohort, images="raw")
 
 
 def test_loaded_model_predicts_like_the_run(run_dir, cohort, tmp_path):

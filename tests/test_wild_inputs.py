@@ -391,6 +391,7 @@ BROKEN_MODELS = {
     "overlap_as_text": ({"overlap": "0.25"}, "'overlap' must be a number in [0, 1)"),
     "unknown_orientation": ({"orientation": "XYZ"}, "'orientation' must be three axis codes"),
     "unknown_channel": ({"input_channels": ["flair"]}, "'input_channels' must be"),
+    "unknown_image_kind": ({"input_images": "raw"}, "'input_images' must be 'restore' or"),
     "empty_label_table": ({"labels": []}, "'labels' must be a non-empty list"),
     "age_head_on_a_plain_network": ({"age_head": {"hidden": 8}}, "'age_head' must be null"),
     "two_voxel_sizes": ({"voxel_size_mm": [1.0, 1.0]}, "'voxel_size_mm' must be three"),
