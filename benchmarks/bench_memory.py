@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for mode in ("ram", "disk"):
         base, slope = fits[mode]
-        at = base + slope * PAPER_SESSIONS
+        at = base + max(slope, 0.0) * PAPER_SESSIONS  # a flat loader does not shrink
         verdict = "within" if at <= 16e3 else "over"
         print(
             f"{names[mode]}: {base:.0f} MB + {slope:.1f} MB/session -> {at / 1e3:.1f} GB at "

@@ -75,9 +75,10 @@ PROCESS_HOST_GB = 2.0
 LOADER_HOST_GB = 1.4
 """Peak of the paper configuration's training loader without workers, measured by
 ``benchmarks/bench_memory.py`` (flat in the number of sessions, thanks to the disk cache)."""
-WORKER_GB_PER_PATCH_VOXEL = 6.5e9 / 128**3
-"""A data-loading worker deforming a 128³ patch elastically on its one thread peaked at
-6.5 GB (``benchmarks/README.md``); scaled by the patch's voxels for other patch sizes."""
+WORKER_GB_PER_PATCH_VOXEL = 0.7e9 / 128**3
+"""A data-loading worker (two threads, :data:`neonb.engine.WORKER_THREADS`) drawing
+augmented 128³ patches added 0.7 GB to the loader's peak (``benchmarks/bench_memory.py``,
+4 workers); scaled by the patch's voxels for other patch sizes."""
 
 
 @dataclass
