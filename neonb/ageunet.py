@@ -2,18 +2,24 @@
 
 Richter & Fetit (2022, §3.3) extend the U-Net with an *age pathway*: the bottleneck features
 (``filters[-1]`` channels on a ``patch / 32`` grid, 4³ for 128³ patches) are reduced to
-``channels × 1 × 1 × 1`` by strided convolutions and fed to a fully connected layer that
-regresses the post-menstrual age at scan. The total loss is (Eq. 4)
+``channels × 1 × 1 × 1`` by further convolutional layers and fed to a fully connected layer
+that regresses the post-menstrual age at scan. (How many layers, their stride and width, and
+the hidden layer of :class:`AgeHeadConfig` are neonb's choices: the paper gives none, and the
+authors' public code used one unpadded 3×3×3 convolution to 512 channels, 2³ left, and one
+linear layer on the 4,096 values.) The total loss is (Eq. 4)
 
 .. math:: L = L_{DiceCE} + \\alpha \\, L_{MSE}(age)
 
 with the masked Dice + cross-entropy over the deep-supervision heads
-(:class:`neonb.losses.SegmentationLoss`) and α = 1e-2 (written "10e-3" in the paper),
-learning rate 1e-3. At test time every sliding window predicts an age; the volume's age
-aggregates them. The paper found that the head learned the mean age (§4.1.2) and named three
-remedies as future work, all settings of :class:`AgeHeadConfig` here: a separate learning
-rate for the head (``head_learning_rate``), an increasing α (``alpha_schedule="linear"``)
-and staged training, segmentation first and then the head alone (``staged=True``).
+(:class:`neonb.losses.SegmentationLoss`) and α = 1e-2, learning rate 1e-3. The paper writes
+both as "10e-3": α is the value of ``10e-3`` in the authors' public code
+(``age_loss_weight``), and the learning rate is read as 1e-3 because the paper calls it a
+"medium" rate, below the baseline's 1e-2. At test time every sliding window predicts an
+age; the volume's age aggregates them. The paper found that the head learned the mean age
+(§4.1.2) and named three remedies as future work, all settings of :class:`AgeHeadConfig`
+here: a separate learning rate for the head (``head_learning_rate``), an increasing α
+(``alpha_schedule="linear"``) and staged training, segmentation first and then the head
+alone (``staged=True``).
 
 =========================  ============================================================
 piece                      what it is
@@ -147,12 +153,14 @@ class AgeHeadConfig:
 
     Attributes:
         reduction: how the bottleneck ``(B, F, x, y, z)`` becomes ``(B, F, 1, 1, 1)``:
-            ``"conv"`` (the paper's: ``conv_layers`` 3×3×3 convolutions of stride 2 with
-            leaky ReLU, then an average over whatever grid is left, a no-op when the
-            convolutions reach 1×1×1, as they do for 4³ and 3³ bottlenecks with 2 layers),
+            ``"conv"`` (the paper's reduction by convolutions; neonb's form of it:
+            ``conv_layers`` 3×3×3 convolutions of stride 2 with leaky ReLU, then an average
+            over whatever grid is left, a no-op when the convolutions reach 1×1×1, as they do
+            for 4³ and 3³ bottlenecks with 2 layers),
             ``"avgpool"`` or ``"maxpool"`` (global pooling).
         conv_layers: number of strided convolutions for ``"conv"``.
-        hidden: width of the hidden fully connected layer; 0 for a single linear layer.
+        hidden: width of the hidden fully connected layer; 0 for a single linear layer,
+            as the paper's "a fully-connected layer" (the default 64 is neonb's choice).
         dropout: dropout before the last linear layer, in [0, 1).
         alpha: weight α of the age MSE (paper: 1e-2); with ``"linear"`` the final weight.
         alpha_schedule: ``"constant"`` or ``"linear"`` (α grows from ``alpha_start`` in the

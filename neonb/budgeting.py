@@ -35,10 +35,15 @@ Definitions used throughout:
 * **Slices per subject**: ``round(fraction * L)``, at least 1; for the random plane,
   ``round(fraction * mean(L))`` over the three axes, each slice on a uniformly drawn plane.
 * **Margin**: slices are never taken from the outer ``margin`` (default 10 %) of the extent at
-  either end: the first and last ``ceil(margin * L)`` slices are excluded.
+  either end: the first and last ``ceil(margin * L)`` slices are excluded. This is neonb's
+  reading of the paper's "outermost 10 % along each axis" (§3.4.1); the authors' public code
+  excludes 5 % of the whole image at each end (10 % in all), before cropping.
 * **Placement**: ``"equidistant"`` puts the ``n`` slices at the centres of ``n`` equal runs of
   the eligible slices (33 % of the slices of the inner 80 %: about every 2.4th slice);
-  ``"random"`` draws them without replacement.
+  ``"random"`` draws them without replacement, as the authors' public code does. The
+  default, equidistant, is neonb's choice; the paper does not say.
+* **Random plane**: neonb draws a plane for each slice (its reading of "or at random",
+  §3.4); the authors' public code draws one plane per volume.
 * **Planes** are anatomical and found from the affine (``nibabel.aff2axcodes``): sagittal
   slices are perpendicular to the left-right axis (voxel axis 0 of a RAS image), coronal to
   anterior-posterior, axial to superior-inferior.
@@ -112,7 +117,9 @@ PLACEMENTS: tuple[str, str] = ("equidistant", "random")
 """How slices are placed within the eligible range."""
 
 MARGIN = 0.1
-"""Default fraction of the foreground extent excluded at either end (paper §3.4.1)."""
+"""Default fraction of the foreground extent excluded at either end: neonb's reading of the
+paper's "outermost 10 % along each axis" (§3.4.1) as 10 % at each end; the authors' public
+code excludes 5 % of the image at each end."""
 
 FULL = "full"
 """``Condition.plane`` of fully labelled volumes."""

@@ -112,10 +112,12 @@ def sgd_nesterov(
 
     Args:
         params: model parameters or parameter groups.
-        lr: initial learning rate (paper: 1e-2; 1e-3 for AgeU-Net, §4.1.2).
+        lr: initial learning rate (paper: 1e-2; for AgeU-Net 1e-3, neonb's reading of the
+            paper's "10e-3", §4.1.2).
         momentum: Nesterov momentum (paper: 0.99).
         weight_decay: L2 penalty. The paper uses weight decay without giving a value;
-            3e-5 is nnU-Net's, whose recipe the paper follows.
+            3e-5 is nnU-Net's, whose recipe the paper follows, and the authors' public
+            code's.
 
     Returns:
         A :class:`torch.optim.SGD` optimiser.

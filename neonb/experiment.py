@@ -70,21 +70,29 @@ Record = Mapping[str, Any]
 class TrainingConfig:
     """Every setting of one training run; the defaults are the paper's (§3.2, §4.1.1).
 
+    Where the paper states no value, the attribute says where the default comes from: the
+    authors' public code (github.com/richterleo/Neonatal_Brain_Segmentation), nnU-Net, or
+    neonb's choice.
+
     Attributes:
         patch_size: training patch and sliding-window size in voxels, ``(X, Y, Z)``.
-        batch_size: patches per step (paper: 2).
+        batch_size: patches per step (paper: 2, "should not be undercut", §3.2.1).
         epochs: training epochs (paper: 60).
         samples_per_volume: random patches drawn from each training volume per epoch;
-            the paper draws one (an epoch is one pass over the training volumes).
+            one, as in the authors' public code (an epoch is one pass over the training
+            volumes; the paper does not say).
         optimizer: ``"sgd"`` (the paper's SGD with Nesterov momentum) or ``"adamw"``.
             AdamW converges in far fewer steps, which the CPU demo needs: on the 1.5 mm
             synthetic cohort (48³ patches, batch 2), after 380 steps the validation Dice
             (no BG) was 0.59 with SGD (lr 1e-2) and 0.89 with AdamW (lr 3e-3).
         learning_rate: initial learning rate (paper: 1e-2 with SGD).
         momentum: Nesterov momentum of SGD (paper: 0.99).
-        weight_decay: L2 weight decay (the paper uses one without a value; nnU-Net's 3e-5).
-        poly_power: exponent of the poly schedule ``(1 - epoch / epochs) ** power``.
-        overlap: overlap of neighbouring sliding windows at test time, in [0, 1).
+        weight_decay: L2 weight decay. The paper names weight decay without a value; 3e-5
+            is nnU-Net's and the authors' public code's.
+        poly_power: exponent of the poly schedule ``(1 - epoch / epochs) ** power`` (paper:
+            0.9).
+        overlap: overlap of neighbouring sliding windows at test time, in [0, 1); 0.5 is
+            the authors' public code's (the paper gives none).
         num_workers: data-loading worker processes for the random patches and augmentation
             (0: the main process). Results are repeatable for a given seed and number of
             workers; different numbers of workers draw different (equally valid) patches.
@@ -95,7 +103,8 @@ class TrainingConfig:
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``.
         seed: fixes initialisation, patch sampling and augmentation.
         model: the network, :class:`neonb.models.ModelConfig`.
-        augmentation: probabilities and ranges, :class:`neonb.transforms.AugmentationConfig`.
+        augmentation: probabilities and ranges, :class:`neonb.transforms.AugmentationConfig`
+            (neonb's defaults after nnU-Net's; the paper gives none).
     """
 
     patch_size: tuple[int, int, int] = (128, 128, 128)
@@ -240,7 +249,10 @@ def validation_loader(
     *,
     cache_dir: str | os.PathLike | None = None,
 ) -> torch.utils.data.DataLoader:
-    """One centre patch of the training patch size per validation volume (paper §4.1.1).
+    """One centre patch of the training patch size per validation volume.
+
+    The paper validates on patches of the training size (§4.1.1); taking the centre one is
+    neonb's choice (the authors' public code crops a random patch each epoch).
 
     Pre-processed through the same disk cache as :func:`training_loader`.
     """

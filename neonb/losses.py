@@ -198,6 +198,10 @@ def masked_dice_ce(
 def deep_supervision_weights(n_heads: int) -> list[float]:
     """Weights of the deep-supervision heads (paper Eq. 3): halving per level, summing to 1.
 
+    The paper asks only for less weight on the lower-resolution heads. Halving per level is
+    nnU-Net's rule and the authors' public code's; the normalisation to a sum of 1 is
+    nnU-Net's (the authors' code leaves the weights ``1, 1/2, 1/4, ...`` unnormalised).
+
     Args:
         n_heads: number of heads, the final one included (``1 + deep_supr_num``).
 
@@ -225,9 +229,10 @@ class SegmentationLoss(nn.Module):
 
     MONAI's DynUNet upsamples its lower-resolution heads to the full patch size before stacking,
     so every head is compared with the full-resolution ``batch["label"]`` and masked with the
-    full-resolution ``batch["annotation"]``. The paper (following nnU-Net) instead compares the
-    low-resolution outputs with downsampled labels; the two differ only in how the coarse
-    prediction and the fine label are brought to a common grid.
+    full-resolution ``batch["annotation"]``. The paper's text (following nnU-Net) instead
+    compares the low-resolution outputs with downsampled labels; the two differ only in how
+    the coarse prediction and the fine label are brought to a common grid. (The authors'
+    public code, on MONAI's DynUNet too, compares the upsampled heads as neonb does.)
 
     Args:
         weights: head weights, final head first, normalised to sum 1; ``None`` for

@@ -7,7 +7,8 @@ residual connections inside the blocks; deep supervision. MONAI's ``DynUNet`` is
 network, so this module only holds its settings (:class:`ModelConfig`, which reads and writes
 plain dictionaries for YAML/JSON run files) and builds it (:func:`build_model`).
 
-Shapes, for a batch of ``B`` patches of ``X × Y × Z`` voxels with the paper's settings:
+Shapes, for a batch of ``B`` patches of ``X × Y × Z`` voxels with the defaults (the paper's
+128³ patches and batch of 2; neonb's two deep-supervision heads):
 
 =============================  ======================================  ========================
 mode                           output                                  128³ patches, B = 2
@@ -91,7 +92,8 @@ class ModelConfig:
     """Settings of the DynUNet segmentation network.
 
     The defaults are the paper's network (§3.2.4) for the two-channel [T1w, T2w] input and the ten
-    drawem9 classes; :meth:`paper` returns them explicitly.
+    drawem9 classes, with the values the paper does not state taken from MONAI (``filters``)
+    or chosen by neonb (``deep_supr_num``); :meth:`paper` returns them explicitly.
 
     Attributes:
         in_channels: number of input channels (2: T1w and T2w).
@@ -102,13 +104,17 @@ class ModelConfig:
             each an int or a triple. At least three entries.
         filters: number of feature maps per resolution level, one per entry of ``strides``.
             ``None`` uses MONAI's nnU-Net rule ``min(32 * 2**i, 320)``: ``(32, 64, 128, 256,
-            320, 320)`` for six levels.
+            320, 320)`` for six levels. The paper gives no filter counts; the authors' public
+            code uses this MONAI default too.
         res_block: residual connections inside the convolution blocks.
         norm: ``"instance"`` (instance norm with affine parameters, MONAI's and nnU-Net's default)
             or ``"batch"``.
         act: ``"leakyrelu"`` (negative slope 0.01), ``"relu"`` or ``"prelu"``.
         deep_supervision: add the deep-supervision heads (training mode only).
         deep_supr_num: number of extra heads, at least 1 and less than ``len(strides) - 1``.
+            The default 2 is neonb's choice: the paper gives no number, the authors' public
+            code uses 3 (as nnU-Net's rule, every output but the lowest, gives for five
+            downsamplings) and MONAI's default is 1.
         dropout: dropout probability in the convolution blocks, or ``None`` for none.
 
     Raises:
@@ -180,9 +186,11 @@ class ModelConfig:
     def paper(cls, **overrides: Any) -> ModelConfig:
         """The network of Richter & Fetit (2022, §3.2.4), optionally with some fields changed.
 
-        Strides ``(1, 2, 2, 2, 2, 2)`` (five downsamplings, 4³ bottleneck for a 128³ patch),
-        kernel 3, nnU-Net filters ``(32, 64, 128, 256, 320, 320)``, residual blocks, instance
-        norm, leaky ReLU and two deep-supervision heads.
+        From the paper: strides ``(1, 2, 2, 2, 2, 2)`` (five downsamplings, 4³ bottleneck for a
+        128³ patch), residual blocks, instance norm, leaky ReLU, deep supervision. Not in the
+        paper: kernel 3 (the authors' public code's for isotropic voxels), filters ``(32, 64,
+        128, 256, 320, 320)`` (MONAI ``DynUNet``'s default, also the authors' code's) and two
+        deep-supervision heads (neonb's choice; the authors' code uses three).
 
         Args:
             overrides: fields to change, e.g. ``filters=(8, 16, 32, 64, 128, 128)``.

@@ -38,10 +38,13 @@ A strategy of *depth* ``d`` trains every block of level ``<= d`` and freezes the
 The paper's depths (:data:`PAPER_DEPTHS`) are 1 (shallow: bottleneck, last downsampling
 block, first upsampling block), 2 (medium) and 4 (deep: "two more downsampling and
 upsampling blocks"), which on the paper's network leaves only the outermost level frozen:
-input block, last upsampling block and output block. On a network with fewer levels
-(the CPU demo's ``(1, 2, 2, 2, 2)`` has levels 0-4) depth 4 would train every block, as
-``full`` does; there, depth 3 keeps the paper's "all but the outermost level"
-(:func:`check_depths` warns about a depth that reaches the outermost level).
+input block, last upsampling block and output block. The authors' public code trains the
+same encoder and decoder blocks, but names the sets the other way round (its ``"deep"``
+trains the bottleneck level only) and trains every deep-supervision head in each. On a
+network with fewer levels (the CPU demo's ``(1, 2, 2, 2, 2)`` has levels 0-4) depth 4 would
+train every block, as ``full`` does; there, depth 3 keeps the paper's "all but the
+outermost level" (:func:`check_depths` warns about a depth that reaches the outermost
+level).
 
 The output block and the deep-supervision heads are 1×1×1 convolutions that read one
 decoder level; they train together with that level. The paper's shallow condition keeps

@@ -135,8 +135,13 @@ class AugmentationConfig:
     nnU-Net's (Isensee et al., 2021) where the two overlap: mirroring each axis with probability
     0.5; elastic deformation 0.2 with nnU-Net's ``sigma`` 9-13 and ``alpha`` 0-900 (same formula
     as MONAI's: uniform noise, Gaussian-smoothed, times the magnitude; a displacement of up to
-    about 3 voxels RMS); noise 0.1; blur 0.2; brightness 0.15. Intensities are z-scores, so
-    ``noise_std`` and ``shift_offset`` are in units of the channel's standard deviation.
+    about 3 voxels RMS); noise 0.1; blur 0.2; brightness 0.15. (nnU-Net's standard trainer
+    turns elastic deformation off; the intensity shift, which nnU-Net does not have, and its
+    values are neonb's choice.) The authors' public code used other values: flips 0.1 per
+    axis; elastic deformation 0.24 (sigma 5-8, magnitude 40-80, with small rotations,
+    scaling and translation); noise 0.13 (std 0.01); smoothing 0.13 (sigma 0.5-1.15);
+    scaling and shifting 0.24 (±0.1). Intensities are z-scores, so ``noise_std`` and
+    ``shift_offset`` are in units of the channel's standard deviation.
 
     Attributes:
         flip_prob: probability of flipping, drawn separately for each axis in ``flip_axes``.

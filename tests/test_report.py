@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
 
+from neonb import paper
 from neonb.labels import DRAWEM9
 from neonb.metrics import class_column
 from neonb.report import case_class_dice, table1, table2, validation_class_dice
@@ -68,3 +71,12 @@ def test_single_run_has_no_spread(n_runs):
     test = case_class_dice(pd.concat([_per_case(r, 0.9, 0.4) for r in range(n_runs)]))
     value = table1(test).loc[("test", "Mean DSC (no BG)"), "neonb"]
     assert value == ("0.900" if n_runs == 1 else "0.900 ± 0")
+
+
+def test_the_papers_age_deviation_is_the_root_of_its_mse():
+    # §4.1.2: "MSE loss ... 2.45, corresponding to an average deviation of 1.57 weeks"
+    reported = paper.AGEUNET
+    assert "final training MAE (w)" not in reported
+    assert math.sqrt(reported["final training MSE (w²)"]) == pytest.approx(
+        reported["final training RMSE (w)"], abs=0.005
+    )

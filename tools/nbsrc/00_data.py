@@ -29,7 +29,7 @@ n_target_train = 2
 #
 # 1. finds the cohort (a dHCP release folder, or the synthetic cohort neonb generates),
 # 2. draws the scan-age histogram, the paper's Figure 1,
-# 3. shows a preterm and a term brain side by side, with their tissue labels,
+# 3. shows the youngest and the oldest infant, with their tissue labels (the paper's Figure 5),
 # 4. plots tissue volumes against age, and
 # 5. fixes the training, validation and test splits that the later chapters use.
 #
@@ -125,13 +125,14 @@ pd.DataFrame(
 plots.age_histogram(complete)
 
 # %% [markdown]
-# ## A preterm and a term brain
+# ## A preterm and a term brain (the paper's Figure 5)
 #
 # The youngest and the oldest infant of the cohort, T2-weighted with the `drawem9`
-# labels on top. Hover over the images to read the tissue under the cursor. Between the
-# two, the brain grows about threefold, the cortex folds, and the white matter starts to
-# myelinate — which is why the T1-weighted contrast of white against grey matter inverts
-# between preterm and term infants (second figure of each pair).
+# labels on top; the paper's Figure 5 shows its two extremes, 26.71 and 45.14 weeks. Hover
+# over the images to read the tissue under the cursor. Between the two, the brain grows
+# about threefold, the cortex folds, and the white matter starts to myelinate — which is
+# why the T1-weighted contrast of white against grey matter inverts between preterm and
+# term infants (second figure of each pair).
 
 # %%
 youngest = complete.loc[ages.idxmin()]

@@ -102,9 +102,10 @@ table2
 # ## AgeU-Net (§4.1.2)
 #
 # The paper reports a test Dice (no BG) of 0.866 for AgeU-Net and a final training MSE
-# of 2.45 weeks², but found that its age head predicted the mean age on the test set. The
-# age chapter therefore puts every variant's test error beside that of always predicting
-# the training set's mean age.
+# of 2.45 weeks² (the "average deviation of 1.57 weeks" it quotes is the root of that MSE,
+# an RMSE, not a mean absolute error), but found that its age head predicted the mean age
+# on the test set. The age chapter therefore puts every variant's test error beside that
+# of always predicting the training set's mean age.
 
 # %%
 print("paper (dHCP):", ", ".join(f"{k} {v:g}" for k, v in paper.AGEUNET.items()))
@@ -180,15 +181,16 @@ plots.paper_vs_neonb(pairs, title=f"Dice: neonb ({dataset}) against the paper (d
 # | --- | --- | --- |
 # | Figure 1 | scan ages of the cohort | [The data](00_data) |
 # | Figure 2 | a training patch before and after augmentation | [The pipeline](01_pipeline) |
+# | Figure 4 | the annotated slices of label budgeting | [Label budgeting](03_budgeting), every condition, from its masks |
+# | Figure 5 | the youngest and the oldest infant | [The data](00_data); their ages bound the sets of [Transfer](04_transfer) |
 # | Figure 6 | validation Dice per tissue over epochs | [The pipeline](01_pipeline) |
 # | Figures 7, 8 | a test segmentation beside its reference | [The pipeline](01_pipeline) |
 # | Figure 9 | AgeU-Net's validation Dice over epochs | [AgeU-Net](02_ageunet) |
 # | Figure 10 | ages of the source, target-train and target-test sets | [Transfer](04_transfer) |
 # | Figure 11 | per-subject Dice of each transfer strategy | [Transfer](04_transfer) |
 #
-# Figures 3–5 of the paper are diagrams (the AgeU-Net architecture, slice selection for
-# label budgeting, the transfer strategies); the budgeting chapter draws its slice
-# selection from the masks it trained on.
+# Figure 3 of the paper is a diagram of the AgeU-Net architecture; the AgeU-Net chapter
+# describes the head neonb builds on the bottleneck.
 
 # %% [markdown]
 # ---
