@@ -9,7 +9,8 @@ with parameters lays out each set, condition and run it would make, without trai
 - ``plan.tsv``: one row per chapter and set or condition (sessions, participants, youngest
   and oldest scan age in weeks, annotated slices where they apply);
 - ``plan_runs.tsv``: one row per training run (its id, sessions, epochs, optimiser steps and,
-  for the paper's network, an estimate of its T4 GPU hours);
+  for the paper's network, an estimate of its T4 GPU hours). The runs are those the
+  chapters train, as :mod:`neonb.runs` defines them, and the ids those of ``neonb train``;
 - ``plan_chapters.tsv``: per chapter, the runs, the optimiser steps, an estimate of its peak
   host memory and of its T4 hours.
 

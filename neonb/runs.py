@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -46,6 +47,7 @@ from neonb import distributed
 from neonb.engine import BEST_MODEL_FILE, CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE
 from neonb.errors import ConfigError
 from neonb.experiment import TrainedRun, TrainingConfig
+from neonb.files import exclusive_lock
 
 FINISHED, PARTIAL, NOT_STARTED = "finished", "partial", "not started"
 """What :func:`run_status` says of a run folder."""
@@ -792,6 +794,21 @@ def load_chapter(
         raise ConfigError(f"{chapter}: the parameter {err} is missing") from None
 
 
+LOCK_FILE = ".neonb-train.lock"
+"""Held in a run folder by the ``neonb train`` that trains it (process 0)."""
+
+
+@contextlib.contextmanager
+def _lock(run: Run) -> Iterator[None]:
+    """Refuse a second ``neonb train`` of the same run while one runs (process 0 locks)."""
+    if not distributed.is_main():
+        yield
+        return
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(run.run_dir / LOCK_FILE, "a neonb train"):
+        yield
+
+
 def _check_needs(runs: Sequence[Run], params_dir: str) -> None:
     """Raise when a run starts from one that has not finished and is not trained before it."""
     trained_before: set[tuple[str, str]] = set()
@@ -847,6 +864,8 @@ def train_chapter(
     Raises:
         ConfigError: for unknown run ids (naming the chapter's), or a run that starts from
             another that has not finished and is not among those to train before it.
+        DataError: when another ``neonb train`` is training the same run
+            (:data:`LOCK_FILE` in its folder).
     """
     say = echo if distributed.is_main() else lambda *args, **kwargs: None
     with distributed.main_first():
@@ -864,12 +883,13 @@ def train_chapter(
         where = f"{world} processes" if world > 1 and not run.head_only else "1 process"
         say(f"{run.chapter} {run.id}: {what} in {run.run_dir} on {where} ...")
         started = time.perf_counter()
-        if run.head_only and distributed.is_distributed():
-            if distributed.is_main():
+        with _lock(run):
+            if run.head_only and distributed.is_distributed():
+                if distributed.is_main():
+                    trained[run.id] = run.train(progress)
+                distributed.barrier()
+            else:
                 trained[run.id] = run.train(progress)
-            distributed.barrier()
-        else:
-            trained[run.id] = run.train(progress)
         if run.id in trained:
             best = trained[run.id].best
             say(

@@ -23,7 +23,8 @@ from neonb.cli import main
 from neonb.engine import CHECKPOINT_FILE, ENVIRONMENT_FILE, EpochSampler, sample_seed
 from neonb.errors import ConfigError
 from neonb.experiment import train_segmentation
-from neonb.runs import FINISHED, NOT_STARTED, load_chapter, run_status
+from neonb.files import exclusive_lock
+from neonb.runs import FINISHED, LOCK_FILE, NOT_STARTED, load_chapter, run_status
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "params" / "smoke"
@@ -121,6 +122,15 @@ def test_unknown_runs_and_unfinished_prerequisites_are_one_line_errors(workdir, 
         assert "04_transfer deep starts from another run: 04_transfer source" in err
         assert "--chapter 04_transfer --run source" in err
         chapter = load_chapter(SMOKE, "04_transfer")
+        full = workdir / "results" / "smoke" / "03_budgeting" / "runs" / "full"
+        full.mkdir(parents=True)
+        with exclusive_lock(full / LOCK_FILE, "a neonb train"):  # another job trains it
+            code = main(
+                ["train", "--params", str(SMOKE), "--chapter", "03_budgeting", "--run", "full"]
+            )
+        err = capsys.readouterr().err.strip()
+        assert code == 1 and "\n" not in err and "locked by a neonb train" in err
+        assert run_status(full) == NOT_STARTED
     assert chapter["deep"].status() == NOT_STARTED
     assert [n.run for n in chapter["deep"].unmet()] == ["source"]
     with pytest.raises(ConfigError, match="no chapter 'data' trains"):
