@@ -72,6 +72,7 @@ from monai.networks.nets import DynUNet
 from monai.utils import convert_to_tensor
 from torch import Tensor, nn
 
+from neonb import distributed
 from neonb.cache import VolumeDataset
 from neonb.engine import BEST_MODEL_FILE, LOG_FILE, write_run_info
 from neonb.errors import ConfigError, DataError
@@ -1001,6 +1002,8 @@ def _head_optimizer(model: AgeUNet, config: TrainingConfig, head: AgeHeadConfig)
 
 
 def _write_age_head(run_dir: Path, record: dict[str, Any]) -> None:
+    if not distributed.is_main():  # process 0 writes the run folder
+        return
     path = run_dir / AGE_HEAD_FILE
     text = yaml.safe_dump(record, sort_keys=False)
     if path.exists():
@@ -1027,6 +1030,13 @@ def _normalised_head_record(path: Path) -> dict[str, Any]:
 
 
 def _write_age_log(run_dir: Path, loss: AgeUNetLoss) -> None:
+    history = loss.history
+    if distributed.is_distributed():  # every process saw its share of the patches
+        epochs = sorted(set().union(*distributed.gather(sorted(history))))
+        sums = distributed.sum_all([v for e in epochs for v in history.get(e, [0.0, 0.0, 0])])
+        history = {e: sums[3 * i : 3 * i + 3] for i, e in enumerate(epochs)}
+    if not distributed.is_main():
+        return
     rows = [
         {
             "epoch": epoch + 1,
@@ -1034,7 +1044,7 @@ def _write_age_log(run_dir: Path, loss: AgeUNetLoss) -> None:
             "train_age_mse_w2": sse / n,
             "train_age_mae_w": sae / n,
         }
-        for epoch, (sse, sae, n) in sorted(loss.history.items())
+        for epoch, (sse, sae, n) in sorted(history.items())
         if n
     ]
     if not rows:

@@ -48,6 +48,26 @@ def _study(args: argparse.Namespace) -> None:
     run_study(args.params, data_root=args.data, book=not args.no_book)
 
 
+def _train(args: argparse.Namespace) -> None:
+    from neonb import distributed
+    from neonb.runs import list_runs, train_chapter
+
+    distributed.init_from_env()
+    try:
+        if args.list:
+            list_runs(args.params, args.chapter, data_root=args.data)
+        else:
+            train_chapter(
+                args.params,
+                args.chapter,
+                args.run,
+                data_root=args.data,
+                progress=not args.no_progress,
+            )
+    finally:
+        distributed.shutdown()
+
+
 def _export(args: argparse.Namespace) -> None:
     from neonb.export import export_run
 
@@ -187,6 +207,48 @@ def build_parser() -> argparse.ArgumentParser:
         "chapter's sets and runs, and write plan.tsv to the results folder",
     )
     study.set_defaults(handler=_study)
+
+    train = commands.add_parser(
+        "train",
+        help="train a chapter's runs outside the notebooks (one process, or many under torchrun)",
+        description="Train the runs a chapter's notebook would train, with the same settings, "
+        "seeds and run folders; finished runs are left alone, partial ones resume. Under "
+        "torchrun (--nproc_per_node, --nnodes) every run trains with DistributedDataParallel; "
+        "batch_size stays the batch of one optimiser step, split over the processes. The "
+        "notebooks (neonb study) then find the finished runs and only evaluate them.",
+    )
+    train.add_argument(
+        "--params",
+        type=Path,
+        required=True,
+        help="[REQUIRED] parameters folder: params/smoke, params/demo or params/paper",
+    )
+    train.add_argument(
+        "--chapter",
+        required=True,
+        help="[REQUIRED] 01_pipeline, 02_ageunet, 03_budgeting or 04_transfer",
+    )
+    train.add_argument(
+        "--run",
+        nargs="+",
+        metavar="ID",
+        help="[OPTIONAL] the runs to train, by id (see --list or neonb study --plan); "
+        "default: all of the chapter's",
+    )
+    train.add_argument(
+        "--data",
+        type=str,
+        default=None,
+        help="[OPTIONAL] dHCP release folder; default: the parameters' (the synthetic cohort)",
+    )
+    train.add_argument(
+        "--list",
+        action="store_true",
+        help="train nothing: list the chapter's runs, each finished, partial (resumable) or "
+        "not started",
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(handler=_train)
 
     export = commands.add_parser(
         "export", help="write a trained run as a model folder (safetensors weights + JSON)"

@@ -17,6 +17,15 @@ leaves the last complete version of each. :func:`fit` resumes from ``checkpoint.
 on its own, and on the CPU a resumed run reproduces the uninterrupted one bit for bit:
 all randomness is a function of ``(seed, epoch)`` (see :func:`fit`).
 
+Under ``torchrun`` (:mod:`neonb.distributed`) :func:`fit` trains with
+DistributedDataParallel: each process draws its share of every batch from one order of
+samples shared by all (:class:`EpochSampler`, whose patches are seeded per sample by
+:class:`SeededSamples`, so that a patch does not depend on the process that draws it),
+gradients are averaged over the processes, and process 0 alone validates and writes the
+run folder. The effective batch is the one the loaders are built for
+(:func:`neonb.distributed.per_process_batch`), so one process with batch 2 and two with
+batch 1 take the same steps.
+
 The paper's recipe (Richter & Fetit, 2022, §3.2.3) is :func:`sgd_nesterov` (SGD, lr
 1e-2, Nesterov momentum 0.99, weight decay) with :func:`poly_scheduler` (learning rate
 × ``(1 - epoch / epochs)^0.9``), validated after every epoch on patches of the
@@ -40,7 +49,7 @@ import os
 import platform
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,11 +63,15 @@ import yaml
 from monai.data import DataLoader, MetaTensor
 from monai.data.utils import set_rnd
 from monai.inferers import SimpleInferer
+from monai.metrics.utils import do_metric_reduction
 from monai.utils import set_determinism
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LRScheduler, PolynomialLR
+from torch.utils.data import Sampler
 from tqdm import tqdm
 
+from neonb import distributed
 from neonb.errors import ConfigError, DataError
 from neonb.files import atomic_write
 from neonb.inference import (
@@ -69,7 +82,7 @@ from neonb.inference import (
     use_amp,
 )
 from neonb.labels import NUM_CLASSES
-from neonb.metrics import ClassDiceMetric, class_column, tissue_indices
+from neonb.metrics import class_column, dice_scores, tissue_indices
 
 logger = logging.getLogger(__name__)
 
@@ -220,14 +233,132 @@ def make_loader(
     )
 
 
+def sample_seed(seed: int, position: int) -> int:
+    """The seed of the random transforms of the ``position``-th sample of an epoch.
+
+    ``seed`` is the epoch's (``seed + epoch``); the result depends on nothing else, so a
+    patch is the same whichever process or data-loading worker draws it.
+    """
+    words = [int(seed) & 0xFFFFFFFF, int(seed) >> 32 & 0xFFFFFFFF, int(position)]
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """One order of samples per epoch, shared by every process; each takes its share.
+
+    Epoch ``e`` draws ``num_samples`` dataset indices from a generator seeded with
+    ``seed + e`` (concatenated permutations of ``range(n_items)``, as
+    :class:`torch.utils.data.RandomSampler` draws them without replacement; in order when
+    ``shuffle`` is off) and pads them, by repeating the first ones, to a multiple of
+    ``world_size`` (so every process takes as many steps; PyTorch's
+    :class:`~torch.utils.data.DistributedSampler` pads the same way). Process ``rank``
+    takes the positions ``rank, rank + world_size, ...``: with a per-process batch ``b``,
+    step ``k`` of all processes together covers the positions ``k·b·W`` to
+    ``(k+1)·b·W - 1``, the batch one process with batch ``b·W`` draws at step ``k``.
+
+    Each item is ``(sample_seed, index)`` (:func:`sample_seed` of the epoch's seed and the
+    position), for :class:`SeededSamples` to seed the sample's random transforms.
+    :func:`fit` calls :meth:`set_epoch` before every epoch.
+
+    Args:
+        n_items: the dataset's length.
+        num_samples: samples per epoch (default ``n_items``).
+        shuffle: draw a random order (training) or keep the dataset's.
+        seed: base seed; epoch ``e`` uses ``seed + e``.
+        rank: this process's rank (default :func:`neonb.distributed.rank`).
+        world_size: processes (default :func:`neonb.distributed.world_size`).
+    """
+
+    def __init__(
+        self,
+        n_items: int,
+        num_samples: int | None = None,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        self.n_items = int(n_items)
+        self.num_samples = self.n_items if num_samples is None else int(num_samples)
+        if self.n_items < 1 or self.num_samples < 1:
+            raise ConfigError(f"EpochSampler needs items and samples, got {n_items}, {num_samples}")
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.world_size = distributed.world_size() if world_size is None else int(world_size)
+        self.rank = distributed.rank() if rank is None else int(rank)
+        if not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"rank {self.rank} is not in 0-{self.world_size - 1}")
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the order of epoch ``epoch`` (0-based) next."""
+        self.epoch = int(epoch)
+
+    def order(self) -> list[int]:
+        """The epoch's dataset indices, all processes together, padded."""
+        n, total = self.n_items, self.num_samples
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            rounds = -(-total // n)
+            order = [
+                i for _ in range(rounds) for i in torch.randperm(n, generator=generator).tolist()
+            ]
+        else:
+            order = [i % n for i in range(total)]
+        order = order[:total]
+        padded = -(-total // self.world_size) * self.world_size
+        return order + order[: padded - total]
+
+    def __iter__(self):
+        seed = self.seed + self.epoch
+        order = self.order()
+        for position in range(self.rank, len(order), self.world_size):
+            yield sample_seed(seed, position), order[position]
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.world_size)
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """``dataset`` indexed by ``(seed, index)``: sample ``index`` with its random transforms
+    seeded by ``seed`` (MONAI's :func:`~monai.data.utils.set_rnd` on the dataset's
+    ``transform``), as :class:`EpochSampler` yields them.
+
+    Plain integer indices give the sample as the dataset's transforms' current state does.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        if isinstance(key, tuple):
+            seed, key = key
+            set_rnd(getattr(self.dataset, "transform", self.dataset), int(seed))
+        return self.dataset[key]
+
+
 def log_columns(num_classes: int = NUM_CLASSES) -> list[str]:
     """All columns of ``log.tsv``: :data:`LOG_COLUMNS` then ``dice_<short name>`` per class."""
     return LOG_COLUMNS + [class_column(c) for c in range(num_classes)]
 
 
-def environment_record(seed: int, device: torch.device) -> dict[str, Any]:
-    """Versions, hardware and seed of a run, as written to ``environment.json``."""
+def environment_record(
+    seed: int, device: torch.device, devices: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Versions, hardware and seed of a run, as written to ``environment.json``.
+
+    ``world_size`` is the number of processes that train together (1 without torchrun) and
+    ``devices`` says where each trains (:func:`neonb.distributed.describe_process`, in rank
+    order; default: this process).
+    """
     from neonb import __version__
+
+    if devices is None:
+        devices = [distributed.describe_process(device)]
 
     cuda = device.type == "cuda"
     return {
@@ -243,6 +374,8 @@ def environment_record(seed: int, device: torch.device) -> dict[str, Any]:
         "cuda_device": torch.cuda.get_device_name(device) if cuda else None,
         "cuda_version": torch.version.cuda,
         "cudnn_version": torch.backends.cudnn.version() if cuda else None,
+        "world_size": len(devices),
+        "devices": list(devices),
         "seed": seed,
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -275,17 +408,43 @@ def _plain(obj: Any) -> Any:
 
 
 def write_run_info(
-    run_dir: Path, config: Mapping[str, Any] | None, seed: int, device: torch.device
+    run_dir: Path,
+    config: Mapping[str, Any] | None,
+    seed: int,
+    device: torch.device,
+    *,
+    devices: Sequence[str] | None = None,
+    resumed_after: int | None = None,
 ) -> None:
     """Write ``config.yaml`` and ``environment.json`` unless the run already has them.
 
     :func:`fit` calls this; so does any trainer that writes a run folder of its own
     (the staged AgeU-Net head, :mod:`neonb.ageunet`), so every run records the same.
+
+    Args:
+        run_dir: the run folder.
+        config: the resolved configuration (``None``: no ``config.yaml``).
+        seed: the run's seed.
+        device: this process's device.
+        devices: every process's device (:func:`environment_record`).
+        resumed_after: when a run resumes after this many epochs, ``environment.json``
+            (kept as the run started) gains an entry in its ``resumed`` list: the epoch,
+            the processes and devices, the time.
     """
     env_path = run_dir / ENVIRONMENT_FILE
     if not env_path.exists():
-        text = json.dumps(environment_record(seed, device), indent=2)
+        text = json.dumps(environment_record(seed, device, devices), indent=2)
         _atomic_text(text + "\n", env_path)
+    elif resumed_after is not None:
+        record = json.loads(env_path.read_text(encoding="utf-8"))
+        now = environment_record(seed, device, devices)
+        record.setdefault("resumed", []).append(
+            {
+                "after_epoch": resumed_after,
+                **{key: now[key] for key in ("world_size", "devices", "neonb", "torch", "started")},
+            }
+        )
+        _atomic_text(json.dumps(record, indent=2) + "\n", env_path)
     if config is None:
         return
     text = yaml.safe_dump(_plain(config), sort_keys=False)
@@ -329,6 +488,10 @@ class _Run:
     max_grad_norm: float | None
     deterministic: bool
     progress: bool
+    network: nn.Module
+    """What trains: ``model``, or ``model`` wrapped in DistributedDataParallel under torchrun."""
+    main: bool
+    """Whether this process validates, writes the run folder and prints (rank 0)."""
 
     @property
     def columns(self) -> list[str]:
@@ -400,10 +563,13 @@ def _load_checkpoint(
     )
 
 
-def _write_log(rows: list[dict[str, float | int]], columns: list[str], path: Path) -> pd.DataFrame:
-    """Write the epoch rows to ``log.tsv`` atomically and return them as a frame."""
+def _write_log(
+    rows: list[dict[str, float | int]], columns: list[str], path: Path, *, write: bool = True
+) -> pd.DataFrame:
+    """The epoch rows as a frame, written to ``log.tsv`` atomically when ``write``."""
     log = pd.DataFrame(rows, columns=columns)
-    atomic_write(path, lambda tmp: log.to_csv(tmp, sep="\t", index=False, na_rep="nan"))
+    if write:
+        atomic_write(path, lambda tmp: log.to_csv(tmp, sep="\t", index=False, na_rep="nan"))
     return log
 
 
@@ -421,9 +587,10 @@ def _seed_epoch(run: _Run, seed: int) -> None:
     """Make this epoch's randomness a function of ``seed`` (already ``seed + epoch``).
 
     Seeds torch, numpy and random (:func:`monai.utils.set_determinism`, which also makes
-    cuDNN deterministic), the loader's generator if it has one, and the random
-    transforms: through ``run.reseed`` if given, else with MONAI's
-    :func:`~monai.data.utils.set_rnd` on the loader's dataset.
+    cuDNN deterministic), the loader's generator if it has one, its sampler's epoch if it
+    has ``set_epoch`` (:class:`EpochSampler`), and the random transforms: through
+    ``run.reseed`` if given, else with MONAI's :func:`~monai.data.utils.set_rnd` on the
+    loader's dataset.
     """
     set_determinism(seed)
     if not run.deterministic:  # seeded, but let cuDNN pick its fastest kernels
@@ -433,6 +600,9 @@ def _seed_epoch(run: _Run, seed: int) -> None:
     generator = getattr(loader, "generator", None)
     if isinstance(generator, torch.Generator):
         generator.manual_seed(seed)
+    set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+    if callable(set_epoch):  # EpochSampler, DistributedSampler
+        set_epoch(seed - run.seed)
     if reseed is not None:
         reseed(seed)
     elif hasattr(loader, "dataset"):
@@ -484,7 +654,7 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[float, float]:
         batch = _to_device(raw, run.device)
         run.optimizer.zero_grad(set_to_none=True)
         with autocast(run.amp, run.device):
-            outputs = run.model(batch[run.image_key])
+            outputs = run.network(batch[run.image_key])
         loss = run.loss_fn(_to_float(outputs), batch)
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -501,12 +671,18 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[float, float]:
         tick = time.perf_counter()
     if count == 0:
         raise ConfigError("the training loader yielded no batches")
+    if distributed.is_distributed():  # the mean over processes of their batch losses
+        total, count = distributed.sum_all([total, count])
     return total / count, data_time
 
 
 def _validate(run: _Run, loader: Iterable[Batch]) -> torch.Tensor:
-    """Dice per class of argmax(final head) vs label over the validation loader, ``(C,)``."""
-    metric = ClassDiceMetric(run.num_classes)
+    """Dice per class of argmax(final head) vs label over the validation loader, ``(C,)``.
+
+    :class:`neonb.metrics.ClassDiceMetric`'s scores and reduction, computed here without its
+    buffer, which MONAI gathers from every process, while process 0 validates alone.
+    """
+    scores = []
     run.model.eval()
     with torch.no_grad():
         for raw in tqdm(loader, desc="validation", leave=False, disable=not run.progress):
@@ -514,9 +690,13 @@ def _validate(run: _Run, loader: Iterable[Batch]) -> torch.Tensor:
             with autocast(run.amp, run.device):
                 outputs = run.inferer(batch[run.image_key], run.model)
             logits = run.extract(outputs).float()
-            metric(y_pred=logits.argmax(dim=1, keepdim=True), y=batch[run.label_key])
+            predicted = logits.argmax(dim=1, keepdim=True)
+            scores.append(dice_scores(predicted, batch[run.label_key], run.num_classes))
     run.model.train()
-    return metric.per_class()
+    if not scores:
+        return torch.full((run.num_classes,), float("nan"))
+    mean, not_nans = do_metric_reduction(torch.cat(scores), "mean_batch")
+    return mean.float().masked_fill(not_nans == 0, float("nan")).cpu()
 
 
 def _epoch_row(
@@ -611,6 +791,21 @@ def fit(
     An exception in a batch (or a non-finite loss, raised as :class:`FloatingPointError`)
     stops training and leaves the files of the last complete epoch untouched.
 
+    **Several processes** (``torchrun``, :func:`neonb.distributed.init_from_env`): the model
+    is wrapped in :class:`~torch.nn.parallel.DistributedDataParallel` (each process on
+    ``cuda:LOCAL_RANK``, or the CPU with gloo), which averages the gradients of the
+    processes before every optimiser step. Each process's training loader must draw its
+    share of the batch (:func:`neonb.experiment.training_loader` builds it with
+    :class:`EpochSampler`: ``config.batch_size`` divided by the number of processes, the
+    learning rate unchanged, so the steps are those of one process with the whole batch).
+    Process 0 alone validates, on the unwrapped model and all of ``val_loader``: the
+    validation patches are few and cheap beside an epoch of training, its numbers are then
+    exactly those of one process, and so is the choice of the best epoch. It alone writes
+    the run folder and prints; the epoch's row is broadcast, so every process returns the
+    same log. ``train_loss`` is the mean over the processes. Every process resumes from
+    the same ``checkpoint.pt``, whose contents do not depend on the number of processes, so a
+    run may resume with another number of them.
+
     Args:
         model: the network, e.g. MONAI ``DynUNet``; returns a tensor (or, in train mode
             with deep supervision, a stacked ``(B, H, C, X, Y, Z)`` tensor) or any
@@ -626,7 +821,8 @@ def fit(
         epochs: total number of epochs, counting those already done in ``run_dir``.
         run_dir: the run folder; made if missing.
         scheduler: stepped once per epoch, e.g. :func:`poly_scheduler`.
-        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda:1"``, ...
+        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda:1"``, ...;
+            under torchrun a CUDA device is the process's ``cuda:LOCAL_RANK``.
         seed: base seed; epoch ``e`` uses ``seed + e``.
         val_every: validate every this many epochs, and after the last one.
         amp: bf16 autocast of the forward pass on CUDA (``"auto"``/``True``) or not.
@@ -661,9 +857,14 @@ def fit(
         FloatingPointError: if the training loss becomes NaN or infinite.
     """
     _check_fit_args(epochs, val_every, num_classes)
-    dev = resolve_device(device)
+    dev = distributed.process_device(resolve_device(device))
+    model = model.to(dev)
+    network = model
+    if distributed.is_distributed():
+        network = DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
+    main = distributed.is_main()
     run = _Run(
-        model=model.to(dev),
+        model=model,
         loss_fn=loss_fn,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -683,23 +884,37 @@ def fit(
         label_key=label_key,
         max_grad_norm=max_grad_norm,
         deterministic=deterministic,
-        progress=progress,
+        progress=progress and main,
+        network=network,
+        main=main,
     )
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    write_run_info(run.run_dir, config, seed, dev)
     state = _RunState()
     checkpoint_path = run.run_dir / CHECKPOINT_FILE
-    if checkpoint_path.exists():
+    resumed = checkpoint_path.exists()
+    if resumed:  # every process restores the same state
         state = _load_checkpoint(checkpoint_path, model, optimizer, scheduler, seed, dev)
-        _say(f"Resuming {run.run_dir} after epoch {state.epochs_done} of {epochs}.", progress)
-    log = _write_log(state.rows, run.columns, run.run_dir / LOG_FILE)
+        _say(f"Resuming {run.run_dir} after epoch {state.epochs_done} of {epochs}.", run.progress)
+    devices = distributed.gather(distributed.describe_process(dev))
+    if main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        more = resumed and state.epochs_done < epochs
+        write_run_info(
+            run.run_dir,
+            config,
+            seed,
+            dev,
+            devices=devices,
+            resumed_after=state.epochs_done if more else None,
+        )
+    log = _write_log(state.rows, run.columns, run.run_dir / LOG_FILE, write=main)
     for e in range(state.epochs_done, epochs):
         log = _run_epoch(run, state, e)
+    distributed.barrier()  # the others read model_best.pt only once process 0 wrote it
     return log
 
 
 def _run_epoch(run: _Run, state: _RunState, e: int) -> pd.DataFrame:
-    """Epoch ``e`` (0-based) of :func:`fit`: train, validate, log and checkpoint."""
+    """Epoch ``e`` (0-based) of :func:`fit`: train, validate, checkpoint and log."""
     start = time.perf_counter()
     _seed_epoch(run, run.seed + e)
     set_epoch = getattr(run.loss_fn, "set_epoch", None)
@@ -710,17 +925,22 @@ def _run_epoch(run: _Run, state: _RunState, e: int) -> pd.DataFrame:
     if run.scheduler is not None:
         run.scheduler.step()
     due = (e + 1) % run.val_every == 0 or e + 1 == run.epochs
-    dice = _validate(run, run.val_loader) if run.val_loader is not None and due else None
+    validate = run.main and run.val_loader is not None and due
+    dice = _validate(run, run.val_loader) if validate else None  # type: ignore[arg-type]
     elapsed = time.perf_counter() - start
     row = _epoch_row(e + 1, loss, lr, (elapsed, data_time), dice, run.num_classes)
+    row = distributed.broadcast(row)  # process 0's validation and times, on every process
     state.rows.append(row)
     state.epochs_done = e + 1
     score = row["val_dice_nobg"]
-    if not math.isnan(score) and score > state.best_score:
+    improved = not math.isnan(score) and score > state.best_score
+    if improved:
         state.best_score, state.best_epoch = score, e + 1
-        _atomic_save(run.model.state_dict(), run.run_dir / BEST_MODEL_FILE)
-    log = _write_log(state.rows, run.columns, run.run_dir / LOG_FILE)
-    _save_checkpoint(run, state)
+    if run.main:
+        if improved:
+            _atomic_save(run.model.state_dict(), run.run_dir / BEST_MODEL_FILE)
+        _save_checkpoint(run, state)  # before the log: a log of all epochs means finished
+    log = _write_log(state.rows, run.columns, run.run_dir / LOG_FILE, write=run.main)
     _say(
         f"epoch {e + 1}/{run.epochs}: loss {loss:.4f}, val Dice {row['val_dice']:.4f} "
         f"(no BG {score:.4f}; best {state.best_score:.4f}, epoch {state.best_epoch}), "

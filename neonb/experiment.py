@@ -34,14 +34,16 @@ import pandas as pd
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import RandomSampler
 from tqdm import tqdm
 
 from neonb.cache import VolumeDataset
+from neonb.distributed import per_process_batch
 from neonb.engine import (
     BEST_MODEL_FILE,
     CONFIG_FILE,
     LOG_FILE,
+    EpochSampler,
+    SeededSamples,
     fit,
     make_loader,
     poly_scheduler,
@@ -76,7 +78,10 @@ class TrainingConfig:
 
     Attributes:
         patch_size: training patch and sliding-window size in voxels, ``(X, Y, Z)``.
-        batch_size: patches per step (paper: 2, "should not be undercut", §3.2.1).
+        batch_size: patches per optimiser step (paper: 2, "should not be undercut", §3.2.1),
+            all processes together: under torchrun each of N processes draws
+            ``batch_size / N`` (which must be whole) and the learning rate is not changed, so
+            N processes take the steps of one.
         epochs: training epochs (paper: 60).
         samples_per_volume: random patches drawn from each training volume per epoch;
             one, as in the authors' public code (an epoch is one pass over the training
@@ -94,8 +99,9 @@ class TrainingConfig:
         overlap: overlap of neighbouring sliding windows at test time, in [0, 1); 0.5 is
             the authors' public code's (the paper gives none).
         num_workers: data-loading worker processes for the random patches and augmentation
-            (0: the main process). Results are repeatable for a given seed and number of
-            workers; different numbers of workers draw different (equally valid) patches.
+            (0: the main process). Every sample's random patch and augmentation are seeded
+            from the seed, the epoch and the sample's place in the epoch, so results do not
+            depend on the number of workers (nor of training processes).
         cache_dir: folder of the disk cache of pre-processed volumes
             (:class:`neonb.cache.VolumeDataset`; relative to the working directory);
             ``None``: ``cache`` beside the run folder (:func:`train_segmentation`). Runs
@@ -218,7 +224,13 @@ def training_loader(
 
     Loading, cropping and normalisation run once per session into the disk cache
     (:class:`neonb.cache.VolumeDataset`); the random patch and augmentation run afresh
-    every epoch, in ``config.num_workers`` worker processes.
+    every epoch, in ``config.num_workers`` worker processes. The epoch's order of
+    sessions and each sample's random transforms are seeded from ``config.seed``, the
+    epoch and the sample's place in the epoch (:class:`neonb.engine.EpochSampler`,
+    :class:`neonb.engine.SeededSamples`), so the patches do not depend on the number of
+    workers or processes. Under torchrun each process draws its share:
+    ``config.batch_size`` is the batch of one optimiser step, all processes together
+    (:func:`neonb.distributed.per_process_batch`).
 
     Args:
         records: training sessions.
@@ -232,10 +244,12 @@ def training_loader(
         augmentation_transforms(config.patch_size, config.augmentation, model=config.model),
         cache_dir=_cache_dir(config, cache_dir),
     )
-    sampler = RandomSampler(dataset, num_samples=len(dataset) * config.samples_per_volume)
+    sampler = EpochSampler(
+        len(dataset), len(dataset) * config.samples_per_volume, shuffle=True, seed=config.seed
+    )
     return make_loader(
-        dataset,
-        config.batch_size,
+        SeededSamples(dataset),
+        per_process_batch(config.batch_size),
         seed=config.seed,
         num_workers=config.num_workers,
         sampler=sampler,

@@ -9,7 +9,8 @@ with parameters lays out each set, condition and run it would make, without trai
 - ``plan.tsv``: one row per chapter and set or condition (sessions, participants, youngest
   and oldest scan age in weeks, annotated slices where they apply);
 - ``plan_runs.tsv``: one row per training run (its id, sessions, epochs, optimiser steps and,
-  for the paper's network, an estimate of its T4 GPU hours);
+  for the paper's network, an estimate of its T4 GPU hours). The runs are those the
+  chapters train, as :mod:`neonb.runs` defines them, and the ids those of ``neonb train``;
 - ``plan_chapters.tsv``: per chapter, the runs, the optimiser steps, an estimate of its peak
   host memory and of its T4 hours.
 
@@ -193,11 +194,6 @@ class _Planner:
         self.chapters: list[dict[str, Any]] = []
         self.notes: list[str] = []
 
-    def config(self, values: Mapping[str, Any], seed: int):
-        from neonb.experiment import TrainingConfig
-
-        return TrainingConfig.from_dict({**values, "seed": seed})
-
     def chapter(self, name: str, runs: list[dict[str, Any]], config: Any | None) -> None:
         self.runs += runs
         hours = [r["t4_hours"] for r in runs if r["t4_hours"] is not None]
@@ -231,35 +227,40 @@ class _Planner:
                 )
         self.chapter(name, [], None)
 
+    def define(self, name: str, p: Mapping[str, Any]):
+        """The chapter's runs, as its notebook and ``neonb train`` define them."""
+        from neonb.runs import define_runs
+
+        pipeline = self.params.get("01_pipeline", {}).get("training", {})
+        return define_runs(name, p, self.cohort, self.tables, pipeline_training=pipeline)
+
+    def trained(self, name: str, chapter) -> None:
+        """Add a row per run of ``chapter`` (:class:`neonb.runs.ChapterRuns`)."""
+        runs = []
+        for spec in chapter:
+            run = _run(name, spec.id, spec.sessions, spec.config)
+            if spec.head_only:
+                # the head trains on cached bottleneck features: no U-Net step to time
+                run["t4_hours"] = None
+                run["steps"] = 0
+            runs.append(run)
+        self.chapter(name, runs, chapter.config)
+
     def pipeline(self, name: str, p: Mapping[str, Any]) -> None:
         from neonb.splits import PIPELINE_SETS
 
         sets = _sets(self.tables["pipeline"], PIPELINE_SETS)
         self.sets += [_age_row(name, s, rows) for s, rows in sets.items()]
-        config = self.config(p["training"], p["seed"])
-        n_runs = int(p.get("n_runs", 1))
-        runs = [_run(name, f"run-{i}", len(sets["train"]), config) for i in range(n_runs)]
-        self.chapter(name, runs, config)
+        self.trained(name, self.define(name, p))
 
     def ageunet(self, name: str, p: Mapping[str, Any]) -> None:
         from neonb.splits import PIPELINE_SETS
 
         sets = _sets(self.tables["pipeline"], PIPELINE_SETS)
         self.sets += [_age_row(name, s, rows) for s, rows in sets.items()]
-        pipeline = self.params.get("01_pipeline", {}).get("training", {})
-        base = {**pipeline, **p.get("training", {})}
-        runs = []
-        config = self.config(base, p["seed"])
-        for variant, changes in p.get("variants", {}).items():
-            run_config = self.config({**base, **changes.get("training", {})}, p["seed"])
-            run = _run(name, variant, len(sets["train"]), run_config)
-            if changes.get("head", {}).get("staged"):
-                # the head trains on cached bottleneck features: no U-Net step to time
-                run["t4_hours"] = None
-                run["steps"] = 0
-            runs.append(run)
-        self.chapter(name, runs, config)
-        if any(changes.get("head", {}).get("staged") for changes in p.get("variants", {}).values()):
+        chapter = self.define(name, p)
+        self.trained(name, chapter)
+        if any(run.head_only for run in chapter):
             self.notes.append(
                 f"{name}: the staged variant's head trains on cached features (one forward "
                 "pass of the baseline per volume); its GPU time is not estimated, nor counted "
@@ -270,45 +271,17 @@ class _Planner:
         from neonb import budgeting
         from neonb.splits import PIPELINE_SETS
 
-        results = Path(p["results_dir"]) / "03_budgeting"
-        records, ages, train_ids = budgeting.budget_pool(
-            self.manifest, self.tables["pipeline"], brain_mask=self.cohort.brain_mask
-        )
-        extents = budgeting.cached_extents(records, results / "extents.tsv")
-        plan = budgeting.plan_budget(
-            ages,
-            train_ids,
-            extents,
-            n_full=p["n_full"],
-            **{
-                key: p[key]
-                for key in (
-                    "planes",
-                    "dispersion",
-                    "sweep_plane",
-                    "sweep_dispersions",
-                    "sweep_n_full",
-                    "one_slice",
-                    "placement",
-                    "margin",
-                )
-                if key in p
-            },
-            seed=p["seed"],
-        )
+        chapter = self.define(name, p)
+        plan, extents = chapter.plan, chapter.extents
         self.notes += [f"{name}: {note}" for note in plan.notes]
-        sessions = plan.sessions(records)
-        slices = budgeting.slice_table(plan.conditions, sessions, extents, seed=p["seed"])
         counts = budgeting.annotated_slices(
             plan.conditions,
             plan.participants,
             extents,
-            slices,
+            chapter.slices,
             full_plane=p.get("sweep_plane") or "axial",
         )
-        by_id = {str(r["participant_id"]): r for r in records}
-        config = self.config(p["training"], p["seed"])
-        runs = []
+        by_id = {str(r["participant_id"]): r for r in chapter.pool_records}
         for condition in plan.conditions:
             ids = [str(i) for i in plan.participants[condition.name]]
             rows = pd.DataFrame(
@@ -318,32 +291,16 @@ class _Planner:
             self.sets.append(
                 _age_row(name, condition.name, rows, annotated_slices=counts[condition.name])
             )
-            run_config = budgeting.condition_config(
-                config,
-                len(ids),
-                schedule=p.get("schedule", "epochs"),
-                samples_per_epoch=p.get("samples_per_epoch"),
-            )
-            runs.append(_run(name, condition.name, len(ids), run_config))
         held = _sets(self.tables["pipeline"], PIPELINE_SETS)
         self.sets += [_age_row(name, s, held[s]) for s in ("val", "test")]
-        self.chapter(name, runs, config)
+        self.trained(name, chapter)
 
     def transfer(self, name: str, p: Mapping[str, Any]) -> None:
         from neonb.splits import TRANSFER_SETS
-        from neonb.transfer import FINE_TUNED
 
         sets = _sets(self.tables["transfer"], TRANSFER_SETS)
         self.sets += [_age_row(name, s, rows) for s, rows in sets.items()]
-        seed = p["seed"]
-        source = self.config(p["training"], seed)
-        tune = self.config({**p["training"], **p.get("fine_tuning", {})}, seed)
-        scratch = self.config({**p["training"], **p.get("scratch", {})}, seed)
-        n_source, n_target = len(sets["source_train"]), len(sets["target_train"])
-        runs = [_run(name, "source", n_source, source)]
-        runs += [_run(name, strategy, n_target, tune) for strategy in FINE_TUNED]
-        runs.append(_run(name, "scratch", n_target, scratch))
-        self.chapter(name, runs, source)
+        self.trained(name, self.define(name, p))
 
     def closing(self, name: str, p: Mapping[str, Any]) -> None:
         self.chapter(name, [], None)

@@ -139,9 +139,10 @@ def _epoch(loader, seed):
     from monai.data.utils import set_rnd
     from monai.utils import set_determinism
 
-    set_determinism(seed)  # the sampler draws its order from torch's global generator
+    set_determinism(seed)
     loader.generator.manual_seed(seed)
     set_rnd(loader.dataset, seed)
+    loader.sampler.set_epoch(seed)  # the order and each patch's seed (neonb.engine.EpochSampler)
     return [batch["image"].clone() for batch in loader]
 
 

@@ -65,22 +65,19 @@ training = {
 # ## Imports
 
 # %%
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from neonb import experiment, models, plots, report, splits, study, transforms
+from neonb import experiment, models, plots, report, runs, splits, study, transforms
 from neonb.inference import describe_hardware
 from neonb.metrics import case_summary
 
 plots.use_book_renderer()
 out = Path(results_dir) / "01_pipeline"
 out.mkdir(parents=True, exist_ok=True)
-config = experiment.TrainingConfig.from_dict({**training, "seed": seed})
-hardware = describe_hardware(config.device)
 
 # %% [markdown]
 # ## Sessions and splits
@@ -101,10 +98,16 @@ cohort = study.open_cohort(
 )
 root, manifest, dataset = cohort.root, cohort.manifest, cohort.description
 pipeline_splits = splits.load_study_splits(results_dir, manifest)["pipeline"]
-records = {
-    name: cohort.records(splits.select(manifest, pipeline_splits, name))
-    for name in ("train", "val", "test")
-}
+chapter = runs.pipeline_runs(
+    cohort,
+    pipeline_splits,
+    results_dir=results_dir,
+    seed=seed,
+    training=training,
+    n_runs=n_runs,
+)
+records, config = chapter.records, chapter.config
+hardware = describe_hardware(config.device)
 print(f"{dataset} at {root}; results in {out}; running on {hardware}")
 in_sets = pipeline_splits[pipeline_splits["split"].isin(splits.PIPELINE_SETS)]
 in_sets.groupby("split")["scan_age"].describe()[["count", "min", "50%", "max"]]
@@ -153,23 +156,19 @@ pd.Series(
 # Each run trains with its own seed. After every epoch the model is scored on one
 # centre patch per validation volume (the paper validates on patches too), the epoch is
 # logged to `log.tsv`, and a checkpoint is written, so an interrupted run resumes where it
-# stopped and a finished one is reloaded rather than trained again.
+# stopped and a finished one is reloaded rather than trained again. The runs are defined
+# once, in `neonb.runs`: `neonb train --params ... --chapter 01_pipeline` trains the very
+# same runs outside the notebook (on several GPUs with torchrun), and this cell then only
+# reloads them.
 
 # %%
-runs, logs = [], []
-for run in range(n_runs):
-    started = time.perf_counter()
-    trained = experiment.train_segmentation(
-        records["train"],
-        records["val"],
-        config.replace(seed=seed + run),
-        out / f"run-{run}",
-        progress=False,
-    )
-    runs.append(trained)
+trained_runs, logs = [], []
+for run, spec in enumerate(chapter):
+    trained = spec.train(progress=False)
+    trained_runs.append(trained)
     logs.append(trained.log.assign(run=run))
     print(
-        f"run {run}: {len(trained.log)} epochs, {trained.train_time_s / 60:.1f} min of training, "
+        f"{spec.id}: {len(trained.log)} epochs, {trained.train_time_s / 60:.1f} min of training, "
         f"best validation Dice (no BG) {trained.best['val_dice_nobg']:.3f} "
         f"at epoch {int(trained.best['epoch'])}"
     )
@@ -204,7 +203,7 @@ per_case = pd.concat(
             out_dir=trained.run_dir / "test",
             progress=False,
         ).assign(run=run)
-        for run, trained in enumerate(runs)
+        for run, trained in enumerate(trained_runs)
     ],
     ignore_index=True,
 )
@@ -262,7 +261,7 @@ plots.dice_by_age(cases)
 test_ages = np.array([record["scan_age"] for record in records["test"]])
 example = records["test"][int(np.argmin(np.abs(test_ages - np.median(test_ages))))]
 predicted_path = (
-    runs[0].run_dir
+    trained_runs[0].run_dir
     / "test"
     / experiment.prediction_filename(example["participant_id"], example["session_id"])
 )
@@ -287,7 +286,7 @@ test_row = table1.loc[("test", "Mean DSC (no BG)")]
 print(
     f"On the {dataset}, the baseline reached a test Dice without background of "
     f"{test_row[label]} (paper, dHCP: {test_row['paper']}), trained for "
-    f"{sum(r.train_time_s for r in runs) / 60:.1f} min on {hardware}."
+    f"{sum(r.train_time_s for r in trained_runs) / 60:.1f} min on {hardware}."
 )
 
 # %% [markdown]

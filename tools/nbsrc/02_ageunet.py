@@ -71,7 +71,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from neonb import ageunet, experiment, paper, plots, splits, study
+from neonb import ageunet, paper, plots, runs, splits, study
 from neonb.inference import describe_hardware
 
 plots.use_book_renderer()
@@ -84,9 +84,9 @@ baseline_dir = Path(results_dir) / "01_pipeline" / "run-0"
 #
 # The same training, validation and test sessions as the baseline (the data chapter's
 # `splits_pipeline.tsv`, read back).
-# The baseline is reloaded from its run folder, and the AgeU-Net keeps its settings
-# (network, patch size, optimiser, augmentation), changing only what `training` lists:
-# the paper lowers the learning rate to 1e-3 for the AgeU-Net.
+# The AgeU-Net keeps the settings of the baseline's run folder (network, patch size,
+# optimiser, augmentation; the pipeline chapter must have trained it), changing only what
+# `training` lists: the paper lowers the learning rate to 1e-3 for the AgeU-Net.
 
 # %%
 cohort = study.open_cohort(
@@ -100,12 +100,17 @@ cohort = study.open_cohort(
 )
 root, manifest, dataset = cohort.root, cohort.manifest, cohort.description
 pipeline_splits = splits.load_study_splits(results_dir, manifest)["pipeline"]
-records = {
-    name: cohort.records(splits.select(manifest, pipeline_splits, name))
-    for name in ("train", "val", "test")
-}
-baseline, baseline_config = experiment.load_trained_run(baseline_dir)
-config = baseline_config.replace(**training)
+chapter = runs.ageunet_runs(
+    cohort,
+    pipeline_splits,
+    results_dir=results_dir,
+    seed=seed,
+    training=training,
+    head=head,
+    variants=variants,
+    init=init,
+)
+records, config = chapter.records, chapter.config
 hardware = describe_hardware(config.device)
 mean_age = float(pd.Series([r["scan_age"] for r in records["train"]]).mean())
 print(f"{dataset} at {root}; baseline from {baseline_dir}; results in {out}; on {hardware}")
@@ -125,7 +130,7 @@ in_sets.groupby("split")["scan_age"].describe()[["count", "mean", "std", "min", 
 # which, even times α, swamp the segmentation loss.
 
 # %%
-head_config = ageunet.AgeHeadConfig.from_dict(head)
+head_config = chapter.head
 network = ageunet.build_ageunet(config.model, head_config)
 n_head = sum(p.numel() for p in network.head_parameters())
 n_all = sum(p.numel() for p in network.parameters())
@@ -161,24 +166,15 @@ print(f"{n_head:,} of {n_all:,} parameters are in the age head")
 # validation volumes (mean of their windows' ages) have the lowest age MAE. A head epoch
 # costs milliseconds, as no U-Net forward or backward pass is needed.
 
+#
+# The runs are defined once, in `neonb.runs` (`neonb train --chapter 02_ageunet` trains the
+# same runs outside the notebook); a finished run is reloaded here, not trained again.
+
 # %%
-settings, trained = {}, {}
-for name, variant in variants.items():
-    settings[name] = (
-        config.replace(**variant.get("training", {})),
-        head_config.replace(**variant.get("head", {})),
-    )
+settings, trained = chapter.settings, {}
+for name, spec in chapter.runs.items():
     run_config, run_head = settings[name]
-    start_from = baseline_dir / "model_best.pt"
-    trained[name] = ageunet.train_ageunet(
-        records["train"],
-        records["val"],
-        run_config,
-        run_head,
-        out / name,
-        init_weights=start_from if init == "baseline" or run_head.staged else None,
-        progress=False,
-    )
+    trained[name] = spec.train(progress=False)
     age_log = pd.read_csv(out / name / ageunet.AGE_LOG_FILE, sep="\t")
     print(
         f"{name}: {len(trained[name].log)} epochs of {run_config.epochs} in "

@@ -86,7 +86,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from neonb import budgeting, experiment, plots, report, splits, study, transforms
+from neonb import budgeting, experiment, plots, report, runs, splits, study, transforms
 from neonb.inference import describe_hardware
 from neonb.losses import SegmentationLoss
 from neonb.models import build_model
@@ -94,8 +94,6 @@ from neonb.models import build_model
 plots.use_book_renderer()
 out = Path(results_dir) / "03_budgeting"
 out.mkdir(parents=True, exist_ok=True)
-config = experiment.TrainingConfig.from_dict({**training, "seed": seed})
-hardware = describe_hardware(config.device)
 
 # %% [markdown]
 # ## Who may be annotated
@@ -115,6 +113,10 @@ hardware = describe_hardware(config.device)
 # inner background (label 4) counts as inside. The plane of a voxel axis is read from the
 # affine: in the RAS images of the dHCP, sagittal slices are perpendicular to the first
 # voxel axis, coronal to the second, axial to the third.
+#
+# The pool, the extents, the conditions below and their slices are drawn by
+# `neonb.runs.budgeting_runs`, which defines the chapter's runs (one per condition) once
+# for this notebook and for `neonb train --chapter 03_budgeting`.
 
 # %%
 cohort = study.open_cohort(
@@ -128,13 +130,28 @@ cohort = study.open_cohort(
 )
 root, manifest, dataset = cohort.root, cohort.manifest, cohort.description
 pipeline_splits = splits.load_study_splits(results_dir, manifest)["pipeline"]
-pool_records, pool_ages, train_ids = budgeting.budget_pool(
-    manifest, pipeline_splits, brain_mask=brain_mask
+chapter = runs.budgeting_runs(
+    cohort,
+    pipeline_splits,
+    results_dir=results_dir,
+    seed=seed,
+    training=training,
+    n_full=n_full,
+    schedule=schedule,
+    samples_per_epoch=samples_per_epoch,
+    planes=planes,
+    dispersion=dispersion,
+    sweep_plane=sweep_plane,
+    sweep_dispersions=sweep_dispersions,
+    sweep_n_full=sweep_n_full,
+    one_slice=one_slice,
+    placement=placement,
+    margin=margin,
 )
-records = {
-    name: cohort.records(splits.select(manifest, pipeline_splits, name)) for name in ("val", "test")
-}
-extents = budgeting.cached_extents(pool_records, out / "extents.tsv")
+config, records = chapter.config, chapter.records
+hardware = describe_hardware(config.device)
+pool_records, pool_ages, train_ids = chapter.pool_records, chapter.pool_ages, chapter.train_ids
+extents = chapter.extents
 lengths = pd.DataFrame(
     {plane: extents[f"{plane}_stop"] - extents[f"{plane}_start"] for plane in budgeting.PLANES}
 )
@@ -156,21 +173,7 @@ lengths.describe().loc[["mean", "min", "max"]].round(1).rename_axis("slices in t
 # as the full volumes have slices. The conditions the two share are trained once.
 
 # %%
-plan = budgeting.plan_budget(
-    pool_ages,
-    train_ids,
-    extents,
-    n_full=n_full,
-    planes=planes,
-    dispersion=dispersion,
-    sweep_plane=sweep_plane,
-    sweep_dispersions=sweep_dispersions,
-    sweep_n_full=sweep_n_full,
-    one_slice=one_slice,
-    placement=placement,
-    margin=margin,
-    seed=seed,
-)
+plan = chapter.plan
 for note in plan.notes:
     print("Note:", note)
 sessions = plan.sessions(pool_records)
@@ -190,9 +193,9 @@ pd.DataFrame([{"condition": c.name, "description": c.describe()} for c in plan.c
 # names it under its `annotation` key.
 
 # %%
-slices = budgeting.slice_table(plan.conditions, sessions, extents, seed=seed)
+slices = chapter.slices
 budgeting.write_slices(slices, out / "slices.tsv")
-masks = budgeting.write_masks(slices, pool_records, out / "masks")
+masks = budgeting.write_masks(slices, pool_records, chapter.masks_dir)
 summary = budgeting.condition_summary(
     plan.conditions, plan.participants, extents, masks, full_plane=sweep_plane or "axial"
 )
@@ -314,29 +317,20 @@ pd.DataFrame(
 # paper's parameter set uses equal epochs. The training time of every condition is recorded.
 
 # %%
-runs, logs = {}, []
+trained_runs, logs = {}, []
 facts = []
 for condition in plan.conditions:
-    train_records = budgeting.condition_records(
-        pool_records,
-        plan.participants[condition.name],
-        None if condition.is_full else masks,
-        condition.name,
-    )
-    run_config = budgeting.condition_config(
-        config, len(train_records), schedule=schedule, samples_per_epoch=samples_per_epoch
-    )
-    trained = experiment.train_segmentation(
-        train_records, records["val"], run_config, out / "runs" / condition.name, progress=False
-    )
-    runs[condition.name] = trained
+    spec = chapter.runs[condition.name]
+    run_config = spec.config
+    trained = spec.train(progress=False)
+    trained_runs[condition.name] = trained
     logs.append(trained.log.assign(condition=condition.name, run=0))
     facts.append(
         {
             "condition": condition.name,
             "epochs": run_config.epochs,
             "samples_per_volume": run_config.samples_per_volume,
-            "steps": experiment.optimizer_steps(len(train_records), run_config),
+            "steps": experiment.optimizer_steps(spec.sessions, run_config),
             "train_time_s": trained.train_time_s,
             "best_epoch": int(trained.best["epoch"]),
         }
@@ -374,13 +368,13 @@ per_case = pd.concat(
         experiment.evaluate_dice(
             trained.model, test_volumes, config.replace(overlap=test_overlap)
         ).assign(condition=name, run=0)
-        for name, trained in runs.items()
+        for name, trained in trained_runs.items()
     ],
     ignore_index=True,
 )
 per_case.to_csv(out / "test_per_class.tsv", sep="\t", index=False)
 print(
-    f"{len(runs)} models x {len(test_records)} test volumes segmented in "
+    f"{len(trained_runs)} models x {len(test_records)} test volumes segmented in "
     f"{time.perf_counter() - started:.0f} s; per-class scores in {out / 'test_per_class.tsv'}"
 )
 

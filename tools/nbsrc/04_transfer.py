@@ -77,6 +77,7 @@ from neonb import (
     paper,
     plots,
     report,
+    runs,
     splits,
     statistics,
     study,
@@ -87,10 +88,6 @@ from neonb.inference import describe_hardware
 plots.use_book_renderer()
 out = Path(results_dir) / "04_transfer"
 out.mkdir(parents=True, exist_ok=True)
-source_config = experiment.TrainingConfig.from_dict({**training, "seed": seed})
-tune_config = experiment.TrainingConfig.from_dict({**training, **fine_tuning, "seed": seed})
-scratch_config = experiment.TrainingConfig.from_dict({**training, **scratch, "seed": seed})
-hardware = describe_hardware(source_config.device)
 
 # %% [markdown]
 # ## Source and target (the paper's Figure 10)
@@ -112,10 +109,21 @@ cohort = study.open_cohort(
 )
 root, manifest, dataset = cohort.root, cohort.manifest, cohort.description
 transfer_splits = splits.load_study_splits(results_dir, manifest)["transfer"]
-records = {
-    name: cohort.records(splits.select(manifest, transfer_splits, name))
-    for name in ("source_train", "source_val", "target_train", "target_test")
-}
+chapter = runs.transfer_runs(
+    cohort,
+    transfer_splits,
+    results_dir=results_dir,
+    seed=seed,
+    training=training,
+    fine_tuning=fine_tuning,
+    scratch=scratch,
+    depths=depths,
+)
+records = chapter.records
+source_config, tune_config, scratch_config = (
+    chapter.configs[name] for name in ("source", "tune", "scratch")
+)
+hardware = describe_hardware(source_config.device)
 datasets = transfer_splits[transfer_splits["split"] != splits.EXCLUDED]
 datasets = datasets.assign(
     dataset=datasets["split"].map(
@@ -165,7 +173,7 @@ plots.age_distributions(datasets, title=f"Scan age of the three sets ({dataset})
 
 # %%
 network = models.build_model(source_config.model)
-depths = transfer.check_depths(depths, network)
+depths = chapter.depths  # checked against the network (transfer.check_depths)
 outer = transfer.outermost_level(network)
 print(
     f"strides {list(source_config.model.strides)}: levels 0-{outer}; depths {depths}; "
@@ -193,14 +201,12 @@ strategies
 # validation sessions after every epoch; its best epoch is the pre-trained model every
 # fine-tuning starts from. A finished run is reloaded rather than trained again.
 
+#
+# Every run of this chapter is defined once, in `neonb.runs` (`neonb train --chapter
+# 04_transfer` trains the same runs outside the notebook, the source first).
+
 # %%
-source = experiment.train_segmentation(
-    records["source_train"],
-    records["source_val"],
-    source_config,
-    out / "source",
-    progress=False,
-)
+source = chapter.runs["source"].train(progress=False)
 print(
     f"source: {len(source.log)} epochs, {source.train_time_s:.0f} s, best validation Dice "
     f"(no BG) {source.best['val_dice_nobg']:.3f} at epoch {int(source.best['epoch'])} "
@@ -218,24 +224,9 @@ print(
 # training sessions: the kept epoch is the one that fits those best.
 
 # %%
-runs = {"none": source}
-for strategy in transfer.FINE_TUNED:
-    runs[strategy] = transfer.fine_tune(
-        source.model,
-        strategy,
-        records["target_train"],
-        records["target_train"],
-        tune_config,
-        out / strategy,
-        depths=depths,
-    )
-runs["scratch"] = experiment.train_segmentation(
-    records["target_train"],
-    records["target_train"],
-    scratch_config,
-    out / "scratch",
-    progress=False,
-)
+trained_runs = {"none": source}
+for strategy in [*transfer.FINE_TUNED, "scratch"]:
+    trained_runs[strategy] = chapter.runs[strategy].train(progress=False)
 
 # %% [markdown]
 # Training time per strategy (the row `none` is the pre-training on the source, which
@@ -251,7 +242,7 @@ settings = {
     "scratch": ("target_train", scratch_config),
 }
 rows = {}
-for name, run in runs.items():
+for name, run in trained_runs.items():
     split, config = settings[name]
     steps = experiment.optimizer_steps(len(records[split]), config.replace(epochs=len(run.log)))
     rows[name] = {
@@ -281,7 +272,7 @@ per_case = pd.concat(
         experiment.evaluate_dice(
             run.model, volumes, source_config, sw_batch_size=sw_batch_size
         ).assign(strategy=name)
-        for name, run in runs.items()
+        for name, run in trained_runs.items()
     ],
     ignore_index=True,
 )
@@ -290,7 +281,7 @@ cases = experiment.subject_dice(per_case)
 cases.to_csv(out / "test_per_subject.tsv", sep="\t", index=False)
 seconds = per_case.groupby(["strategy", "participant_id"])["inference_s"].first()
 print(
-    f"{len(volumes)} test volumes × {len(runs)} networks segmented in {seconds.sum():.0f} s "
+    f"{len(volumes)} test volumes × {len(trained_runs)} networks segmented in {seconds.sum():.0f} s "
     f"({seconds.mean():.2f} s per volume, overlap {source_config.overlap:g}); "
     f"per-subject Dice in {out / 'test_per_subject.tsv'}"
 )
