@@ -218,8 +218,8 @@ print(
 #
 # Each fine-tuning strategy starts from a copy of the pre-trained network, frozen by
 # block; the optimiser sees only the trainable parameters. The scratch network starts
-# from a fresh initialisation and trains for longer (the paper: 20 fine-tuning epochs,
-# 30 from scratch). The target has no validation set of its own, and its test set must
+# from a fresh initialisation and trains for longer (the paper: 30 epochs from scratch; the
+# 20 fine-tuning epochs are the authors' public code's). The target has no validation set of its own, and its test set must
 # not choose the epoch, so every run is validated on centre patches of the target
 # training sessions: the kept epoch is the one that fits those best.
 
