@@ -342,25 +342,16 @@ def plan_study(
             starts with the chapter that needs them.
     """
     from neonb.splits import SplitSizes, ensure_study_splits
-    from neonb.study import NOTEBOOKS, load_params, open_cohort
+    from neonb.study import NOTEBOOKS, load_params, open_cohort_from_params
 
     params = {name: load_params(params_dir, name) for name in NOTEBOOKS}
     params = {name: p for name, p in params.items() if p is not None}
     if not params:
         raise ConfigError(f"{params_dir} holds no parameters for any of {list(NOTEBOOKS)}")
     study = next(iter(params.values()))
-    root = data_root or study.get("data_root") or None
     first = next(iter(params))
     try:
-        cohort = open_cohort(
-            root,
-            synthetic_base=study.get("synthetic_base", "data"),
-            n=study.get("n_subjects", 60),
-            seed=study.get("seed", 0),
-            voxel_size=study.get("voxel_size", 1.5),
-            images=study.get("images", "restore"),
-            brain_mask=study.get("brain_mask", "ignore"),
-        )
+        cohort = open_cohort_from_params(study, data_root=data_root)
         results = Path(study["results_dir"])
         tables = ensure_study_splits(results, cohort.manifest, SplitSizes.from_params(study))
         shape = _volume_shape(cohort.manifest)

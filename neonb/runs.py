@@ -767,22 +767,14 @@ def load_chapter(
         ConfigError: for an unknown chapter, or one the parameters folder does not run.
     """
     from neonb.splits import SplitSizes, ensure_study_splits
-    from neonb.study import load_params, open_cohort
+    from neonb.study import load_params, open_cohort_from_params
 
     chapter = _chapter_name(chapter)
     params = load_params(params_dir, chapter)
     if params is None:
         raise ConfigError(f"{params_dir} has no {chapter}.yaml: this scale does not run {chapter}")
     pipeline = load_params(params_dir, "01_pipeline") or {}
-    cohort = open_cohort(
-        data_root or params.get("data_root") or None,
-        synthetic_base=params.get("synthetic_base", "data"),
-        n=params.get("n_subjects", 60),
-        seed=params.get("seed", 0),
-        voxel_size=params.get("voxel_size", 1.5),
-        images=params.get("images", "restore"),
-        brain_mask=params.get("brain_mask", "ignore"),
-    )
+    cohort = open_cohort_from_params(params, data_root=data_root)
     tables = ensure_study_splits(
         Path(params["results_dir"]), cohort.manifest, SplitSizes.from_params(params)
     )

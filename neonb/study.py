@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +177,27 @@ def open_cohort(
     description = "dHCP" if data_root else f"synthetic cohort, {voxel_size:g} mm"
     manifest = read_manifest(root, images=images, brain_mask=brain_mask, progress=False)
     return Cohort(root, manifest, description, brain_mask)
+
+
+def open_cohort_from_params(
+    params: Mapping[str, Any], *, data_root: str | os.PathLike | None = None
+) -> Cohort:
+    """:func:`open_cohort` with the values of a chapter's parameters (``study.yaml``).
+
+    Args:
+        params: merged parameters (:func:`load_params`); missing keys take
+            :func:`open_cohort`'s defaults.
+        data_root: overrides the parameters' ``data_root`` (``neonb ... --data``).
+    """
+    return open_cohort(
+        data_root or params.get("data_root") or None,
+        synthetic_base=params.get("synthetic_base", "data"),
+        n=params.get("n_subjects", 60),
+        seed=params.get("seed", 0),
+        voxel_size=params.get("voxel_size", 1.5),
+        images=params.get("images", "restore"),
+        brain_mask=params.get("brain_mask", "ignore"),
+    )
 
 
 def load_params(params_dir: str | os.PathLike, notebook: str) -> dict[str, Any] | None:
