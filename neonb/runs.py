@@ -45,9 +45,9 @@ import yaml
 
 from neonb import distributed
 from neonb.engine import BEST_MODEL_FILE, CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE
-from neonb.errors import ConfigError
+from neonb.errors import ConfigError, DataError
 from neonb.experiment import TrainedRun, TrainingConfig
-from neonb.files import exclusive_lock
+from neonb.files import atomic_write, exclusive_lock
 
 FINISHED, PARTIAL, NOT_STARTED = "finished", "partial", "not started"
 """What :func:`run_status` says of a run folder."""
@@ -85,6 +85,58 @@ def _config_epochs(run_dir: Path) -> int | None:
         return None
     values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     return int(values["epochs"]) if "epochs" in values else None
+
+
+SPLITS_STAMP = "splits.sha256"
+"""File in a run folder: the digest of the study's split tables the run was trained on."""
+
+
+def splits_digest(folder: str | os.PathLike) -> str:
+    """SHA-256 of the study's split tables (:data:`neonb.splits.STUDY_SPLITS`) in ``folder``."""
+    import hashlib
+
+    from neonb.splits import STUDY_SPLITS
+
+    digest = hashlib.sha256()
+    for name, file in STUDY_SPLITS.items():
+        path = Path(folder) / file
+        try:
+            content = path.read_bytes()
+        except OSError as err:
+            raise DataError(path, f"cannot be read: {err}") from err
+        digest.update(f"{name}\n{len(content)}\n".encode())
+        digest.update(content)
+    return digest.hexdigest()
+
+
+def check_splits_stamp(run_dir: str | os.PathLike, splits_dir: str | os.PathLike) -> None:
+    """Refuse a run folder trained on other splits; stamp a new one with the current splits.
+
+    A run reloaded as finished must have been trained on the splits the study evaluates it
+    on, or test sessions could have been trained on. The first training of a run writes
+    :data:`SPLITS_STAMP`; later calls compare it.
+
+    Raises:
+        DataError: naming the run folder when its stamp differs from the study's splits, or
+            when it holds a started run without a stamp (trained by an older neonb).
+    """
+    run_dir = Path(run_dir)
+    digest = splits_digest(splits_dir)
+    stamp = run_dir / SPLITS_STAMP
+    hint = "delete the run folder to train it on the study's current splits"
+    if stamp.is_file():
+        if stamp.read_text().strip() != digest:
+            raise DataError(
+                run_dir, f"was trained on other splits than those in {splits_dir}", hint=hint
+            )
+        return
+    if any((run_dir / name).exists() for name in (CHECKPOINT_FILE, LOG_FILE)):
+        raise DataError(
+            run_dir, "was trained before neonb recorded the splits of each run", hint=hint
+        )
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(stamp, lambda tmp: tmp.write_text(digest + "\n"))
 
 
 def run_status(run_dir: str | os.PathLike, epochs: int | None = None) -> str:
@@ -131,6 +183,8 @@ class Run:
         needs: finished runs this one starts from.
         head_only: trains the AgeU-Net head alone on cached features (no U-Net optimiser
             steps; one process: process 0 under torchrun).
+        splits_dir: the results folder holding the study's split tables; the run folder is
+            stamped with them (:func:`check_splits_stamp`). ``None``: no stamp.
     """
 
     chapter: str
@@ -141,6 +195,7 @@ class Run:
     trainer: Callable[[bool], TrainedRun] = field(repr=False, compare=False)
     needs: tuple[Need, ...] = ()
     head_only: bool = False
+    splits_dir: Path | None = None
 
     def status(self) -> str:
         """:func:`run_status` of the run folder."""
@@ -155,10 +210,14 @@ class Run:
 
         Raises:
             ConfigError: naming the run it starts from, when that has not finished.
+            DataError: when the run folder was trained on other splits
+                (:func:`check_splits_stamp`).
         """
         unmet = self.unmet()
         if unmet:
             raise ConfigError(_unmet_message(self, unmet))
+        if self.splits_dir is not None:
+            check_splits_stamp(self.run_dir, self.splits_dir)
         return self.trainer(progress)
 
 
@@ -417,7 +476,13 @@ def pipeline_runs(
             _train_segmentation, records["train"], records["val"], run_config, run_dir
         )
         runs[f"run-{i}"] = Run(
-            "01_pipeline", f"run-{i}", run_dir, run_config, len(records["train"]), trainer
+            "01_pipeline",
+            f"run-{i}",
+            run_dir,
+            run_config,
+            len(records["train"]),
+            trainer,
+            splits_dir=Path(results_dir),
         )
     return ChapterRuns("01_pipeline", runs, records, config, folder)
 
@@ -495,6 +560,7 @@ def ageunet_runs(
             trainer,
             needs=(baseline,) if start else (),
             head_only=bool(run_head.staged),
+            splits_dir=Path(results_dir),
         )
     return AgeUNetRuns(
         "02_ageunet",
@@ -568,7 +634,13 @@ def budgeting_runs(
             run_dir,
         )
         runs[condition.name] = Run(
-            "03_budgeting", condition.name, run_dir, run_config, len(ids), trainer
+            "03_budgeting",
+            condition.name,
+            run_dir,
+            run_config,
+            len(ids),
+            trainer,
+            splits_dir=Path(results_dir),
         )
     return BudgetingRuns(
         "03_budgeting",
@@ -632,7 +704,16 @@ def transfer_runs(
     target = records["target_train"]
 
     def run(name: str, config: TrainingConfig, trainer, sessions: int, needs=()) -> Run:
-        return Run("04_transfer", name, folder / name, config, sessions, trainer, needs)
+        return Run(
+            "04_transfer",
+            name,
+            folder / name,
+            config,
+            sessions,
+            trainer,
+            needs,
+            splits_dir=Path(results_dir),
+        )
 
     runs = {
         "source": run(

@@ -158,3 +158,41 @@ def test_two_processes_with_batch_1_take_the_steps_of_one_with_batch_2(workdir):
     environment = json.loads((interrupted / ENVIRONMENT_FILE).read_text())
     assert environment["world_size"] == 2
     assert [(r["after_epoch"], r["world_size"]) for r in environment["resumed"]] == [(1, 1)]
+
+
+def test_a_run_folder_is_stamped_with_the_splits_it_was_trained_on(tmp_path):
+    from neonb import splits
+    from neonb.errors import DataError
+    from neonb.experiment import TrainingConfig
+    from neonb.runs import SPLITS_STAMP, Run
+
+    for file in splits.STUDY_SPLITS.values():
+        (tmp_path / file).write_text(
+            "participant_id\tsession_id\tscan_age\tsplit\nA\t1\t40\ttrain\n"
+        )
+    calls = []
+    run = Run(
+        "01_pipeline",
+        "run-0",
+        tmp_path / "01_pipeline" / "run-0",
+        TrainingConfig(),
+        1,
+        lambda progress: calls.append(progress),
+        splits_dir=tmp_path,
+    )
+    run.train()
+    assert calls == [False] and (run.run_dir / SPLITS_STAMP).is_file()
+    run.train()  # the same splits: reloaded (here: the trainer called again)
+    assert len(calls) == 2
+    # the study's splits drawn anew: the finished run must not be reloaded as it is
+    (tmp_path / splits.STUDY_SPLITS["pipeline"]).write_text(
+        "participant_id\tsession_id\tscan_age\tsplit\nA\t1\t40\ttest\n"
+    )
+    with pytest.raises(DataError, match="run-0: was trained on other splits"):
+        run.train()
+    # a run trained before stamps existed is refused too
+    (run.run_dir / SPLITS_STAMP).unlink()
+    (run.run_dir / "log.tsv").write_text("epoch\n0\n")
+    with pytest.raises(DataError, match="before neonb recorded the splits"):
+        run.train()
+    assert len(calls) == 2
