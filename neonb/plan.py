@@ -63,9 +63,10 @@ PAPER_T4_HOURS_PER_RUN = 18.6
 batch 2, validated every epoch, on an NVIDIA T4."""
 
 PAPER_T4_SECONDS_PER_STEP = PAPER_T4_HOURS_PER_RUN * 3600 / (60 * math.ceil(114 / 2))
-"""Derived from :data:`PAPER_T4_HOURS_PER_RUN`: 3,420 optimiser steps, validation included
-(about 19.6 s a step). It holds for the paper's network and patch size only; neonb has not
-measured a GPU step itself (no GPU was available to its development)."""
+"""Derived from :data:`PAPER_T4_HOURS_PER_RUN`, validation included (about 19.6 s a step):
+3,420 optimiser steps, counting one patch per volume and epoch as the authors' public code
+draws (the paper does not state it). It holds for the paper's network and patch size only;
+neonb has not measured a GPU step itself (no GPU was available to its development)."""
 
 PAPER_NETWORK = {"patch_size": (128, 128, 128), "strides": (1, 2, 2, 2, 2, 2), "filters": None}
 """The settings whose step time :data:`PAPER_T4_SECONDS_PER_STEP` describes."""
@@ -369,7 +370,8 @@ def plan_study(
     planner.notes.append(
         "peak_host_gb is an estimate (neonb.plan.estimate_peak_host_gb: measured loader and "
         "worker peaks, the largest volume scored whole); t4_hours scales the paper's 18.6 h per "
-        "pipeline run (3,420 steps on a T4, §4.1.1) by optimiser steps, for the paper's "
+        "pipeline run on a T4 (§4.1.1; 3,420 steps at one patch per volume and epoch, as the "
+        "authors' code draws) by optimiser steps, for the paper's "
         "network only, and counts frozen-block fine-tuning as full steps (an upper bound)"
     )
     plan = StudyPlan(

@@ -5,8 +5,9 @@ Two designs from Richter & Fetit (2022), both counted in sessions, the paper's "
 * :func:`pipeline_splits` (§4.1.1): an age-representative subset (paper: 142 of the 709
   complete dHCP sessions) divided into training and validation (114/28), plus an
   independent, also age-representative test set (100) drawn from the rest.
-* :func:`transfer_splits` (§3.5): a *source* of the oldest sessions (100: 90 train,
-  10 validation) and a *target* of the youngest (120: 40 train, 80 test).
+* :func:`transfer_splits` (§3.5): a *source* of the oldest sessions (100; the 10 of them held
+  out for validation are neonb's choice) and a *target* of the youngest (120: 40 train,
+  80 test).
 
 Age-representative sampling is stratified by age: the candidates are sorted by scan
 age, cut into as many equal-count strata as there are sessions to draw, and one is
@@ -220,7 +221,8 @@ def transfer_splits(
     Args:
         manifest: a session manifest; only complete sessions with a scan age are used.
         n_source: oldest sessions, pre-trained on (paper: 100).
-        n_source_val: of which held out for validation (paper: 10).
+        n_source_val: of which held out for validation (neonb's choice: 10; the paper
+            names no source validation set).
         n_target: youngest sessions (paper: 120).
         n_target_train: of which used for fine-tuning (paper: 40); the rest are test.
         seed: fixes every draw.
