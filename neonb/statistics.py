@@ -1,4 +1,4 @@
-"""Pairwise comparisons of groups of per-subject scores, as in the paper's Tables 5 and 6.
+"""Comparisons of per-subject scores: the paper's tests, replicates, intervals and verdicts.
 
 Richter & Fetit (2022, §4.3) compare the transfer-learning strategies pair by pair with
 two-sided independent *t*-tests on the per-subject mean Dice and correct the *p*-values
@@ -11,6 +11,19 @@ variances, unless ``equal_var=False`` asks for Welch's) and the correction is
 its columns out as the paper prints it, groups as rows and columns with the upper
 triangle filled.
 
+Every strategy (or condition) is scored on the **same** test subjects, so neonb adds the
+paired test beside the paper's independent one (:func:`pairwise_paired_tests`,
+:func:`scipy.stats.ttest_rel`). With several seeded runs per strategy, a subject's score is
+first averaged over the runs (:func:`average_runs`), so the unit of every test stays the
+test subject, as in the paper, and :func:`replicate_summary` gives a 95 % interval over
+runs and one over subjects.
+
+A finding is decided by :func:`check_claims`, with one stated rule per kind of claim
+(:data:`RULES`): a difference in means by the paired t-test, an equivalence by two one-sided
+tests (TOST, :func:`statsmodels.stats.weightstats.ttost_paired`) against a stated margin,
+a difference in spread by the Pitman-Morgan test for paired variances; the p-values of a
+family of claims are Bonferroni-corrected together. The verdict is one of :data:`VERDICTS`.
+
 Example:
     >>> tests = pairwise_ttests(cases, "dice_mean_nobg", by="strategy",
     ...                         order=["shallow", "medium", "deep", "full", "scratch"])
@@ -20,16 +33,65 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import combinations
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.weightstats import ttost_paired
 
 from neonb.errors import ConfigError
 
-__all__ = ["TEST_COLUMNS", "pairwise_ttests", "upper_triangle"]
+__all__ = [
+    "HOLDS",
+    "NOT_CONTRADICTED",
+    "NOT_SUPPORTED",
+    "CONTRADICTED",
+    "RULES",
+    "TEST_COLUMNS",
+    "VERDICTS",
+    "Claim",
+    "average_runs",
+    "check_claims",
+    "mean_interval",
+    "pairwise_paired_tests",
+    "pairwise_ttests",
+    "replicate_summary",
+    "upper_triangle",
+]
+
+HOLDS, NOT_CONTRADICTED, NOT_SUPPORTED, CONTRADICTED = (
+    "holds",
+    "not contradicted",
+    "not supported",
+    "contradicted",
+)
+VERDICTS: tuple[str, ...] = (HOLDS, NOT_CONTRADICTED, NOT_SUPPORTED, CONTRADICTED)
+"""What :func:`check_claims` says of a claim, from strongest support to strongest refutation."""
+
+RULES: dict[str, str] = {
+    "greater": (
+        "paired t-test (scipy.stats.ttest_rel, two-sided) on the per-subject scores averaged "
+        "over runs, Bonferroni-corrected over the claims of the table: holds if A > B with "
+        "corrected p < alpha; contradicted if A < B with corrected p < alpha; otherwise not "
+        "contradicted (A > B, not significant) or not supported (A <= B, not significant)"
+    ),
+    "equivalent": (
+        "two one-sided paired t-tests (TOST, statsmodels ttost_paired) that A - B lies within "
+        "+-margin, Bonferroni-corrected: holds if corrected p < alpha; contradicted if the "
+        "paired t-test finds a difference (corrected p < alpha) and TOST does not find "
+        "equivalence; otherwise not contradicted (no difference found, equivalence not shown)"
+    ),
+    "less_spread": (
+        "Pitman-Morgan test for paired variances (Pearson r of A + B and A - B, "
+        "scipy.stats.pearsonr), Bonferroni-corrected: holds if SD(A) < SD(B) with corrected "
+        "p < alpha; contradicted if SD(A) > SD(B) with corrected p < alpha; otherwise not "
+        "contradicted (SD(A) < SD(B), not significant) or not supported"
+    ),
+}
+"""The rule that decides each kind of :class:`Claim`, as shown beside the verdicts."""
 
 TEST_COLUMNS: list[str] = [
     "group_a",
@@ -157,3 +219,329 @@ def upper_triangle(
             a, b = b, a
         square.loc[a, b] = float(getattr(row, value))
     return square
+
+
+# --------------------------------------------------------------------------- replicates
+
+
+def _check_columns(table: pd.DataFrame, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ConfigError(f"the table has no column {missing}; it has {list(table.columns)}")
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and two-sided t confidence interval of ``values`` (``NaN`` values dropped).
+
+    Args:
+        values: independent observations (one per run, or one per subject).
+        confidence: the interval's coverage.
+
+    Returns:
+        ``(mean, low, high)``; the bounds are ``NaN`` for fewer than two values, and equal
+        the mean when every value is the same.
+    """
+    x = np.asarray(values, dtype=float)
+    x = x[~np.isnan(x)]
+    if len(x) == 0:
+        return (float("nan"),) * 3
+    mean = float(x.mean())
+    if len(x) < 2:
+        return mean, float("nan"), float("nan")
+    sem = float(stats.sem(x))
+    if sem == 0.0:
+        return mean, mean, mean
+    low, high = stats.t.interval(confidence, len(x) - 1, loc=mean, scale=sem)
+    return mean, float(low), float(high)
+
+
+def average_runs(
+    table: pd.DataFrame,
+    value: str,
+    *,
+    by: str = "strategy",
+    subject: str = "participant_id",
+) -> pd.DataFrame:
+    """Each subject's score averaged over the runs of its group: the unit of every test.
+
+    Args:
+        table: one row per run, group and subject (e.g. :func:`neonb.experiment.subject_dice`
+            rows with ``run`` and ``strategy``).
+        value: the score column.
+        by: the group column.
+        subject: the column identifying a test subject.
+
+    Returns:
+        One row per group and subject: ``by``, ``subject``, ``value`` (mean over runs) and
+        ``n_runs``, in order of first appearance.
+    """
+    _check_columns(table, [value, by, subject])
+    grouped = table.groupby([by, subject], sort=False)[value]
+    return pd.DataFrame({value: grouped.mean(), "n_runs": grouped.count()}).reset_index()
+
+
+def replicate_summary(
+    table: pd.DataFrame,
+    value: str,
+    *,
+    by: str = "strategy",
+    run: str = "run",
+    subject: str = "participant_id",
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """Mean of each group with a confidence interval over runs and one over test subjects.
+
+    The interval over runs treats each run's mean over the test subjects as one observation
+    (how much a new training run would move the result); the interval over subjects treats
+    each subject's score, averaged over runs, as one (how much new test subjects would).
+
+    Args:
+        table: one row per run, group and subject.
+        value: the score column.
+        by: the group column.
+        run: the column numbering a group's runs.
+        subject: the column identifying a test subject.
+        confidence: coverage of both intervals.
+
+    Returns:
+        One row per group (order of first appearance): ``by``, ``n_runs``, ``n_subjects``,
+        ``mean``, ``run_low``, ``run_high``, ``subject_low``, ``subject_high``. An interval
+        needs two runs (or subjects); with one its bounds are ``NaN``.
+    """
+    _check_columns(table, [value, by, run, subject])
+    rows = []
+    for group, part in table.groupby(by, sort=False):
+        per_run = part.groupby(run)[value].mean()
+        per_subject = part.groupby(subject, sort=False)[value].mean()
+        mean, run_low, run_high = mean_interval(per_run, confidence)
+        _, subject_low, subject_high = mean_interval(per_subject, confidence)
+        rows.append(
+            {
+                by: group,
+                "n_runs": len(per_run),
+                "n_subjects": len(per_subject),
+                "mean": mean,
+                "run_low": run_low,
+                "run_high": run_high,
+                "subject_low": subject_low,
+                "subject_high": subject_high,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _paired(
+    table: pd.DataFrame, value: str, by: str, subject: str, order: Sequence[str] | None
+) -> pd.DataFrame:
+    """Subjects as rows, groups as columns; each subject's score averaged over runs."""
+    _check_columns(table, [value, by, subject])
+    wide = average_runs(table, value, by=by, subject=subject).pivot(
+        index=subject, columns=by, values=value
+    )
+    present = list(dict.fromkeys(table[by]))
+    order = present if order is None else list(order)
+    missing = [g for g in order if g not in present]
+    if missing:
+        raise ConfigError(f"no rows with {by} in {missing}; present: {present}")
+    wide = wide[order]
+    unpaired = wide.index[wide.isna().any(axis=1)]
+    if len(unpaired):
+        raise ConfigError(
+            f"a paired test needs every {by} scored on the same subjects, but "
+            f"{', '.join(map(str, unpaired[:5]))} lack a {value} for some {by}"
+        )
+    if len(wide) < 2:
+        raise ConfigError(f"a paired test needs at least 2 subjects, but found {len(wide)}")
+    return wide
+
+
+def pairwise_paired_tests(
+    table: pd.DataFrame,
+    value: str,
+    *,
+    by: str = "strategy",
+    order: Sequence[str] | None = None,
+    subject: str = "participant_id",
+    alpha: float = 0.05,
+    method: str = "bonferroni",
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """Two-sided paired t-tests between every pair of groups, corrected for multiplicity.
+
+    Every group must be scored on the same subjects; a subject's score is averaged over the
+    runs of its group first (:func:`average_runs`).
+
+    Args:
+        table: one row per (run,) group and subject.
+        value, by, order, alpha, method: as :func:`pairwise_ttests`.
+        subject: the column identifying a test subject.
+        confidence: coverage of the interval of the mean difference.
+
+    Returns:
+        One row per pair with :data:`TEST_COLUMNS` (``n_a == n_b``, the subjects), plus
+        ``difference`` (mean of ``a - b``) and its interval ``difference_low``,
+        ``difference_high``.
+
+    Raises:
+        ConfigError: for a missing column or group, subjects not scored in every group,
+            or fewer than two subjects.
+    """
+    if not 0 < alpha < 1:
+        raise ConfigError(f"alpha must be in (0, 1), got {alpha!r}")
+    wide = _paired(table, value, by, subject, order)
+    rows = []
+    for a, b in combinations(wide.columns, 2):
+        result = stats.ttest_rel(wide[a], wide[b])
+        difference, low, high = mean_interval(wide[a] - wide[b], confidence)
+        rows.append(
+            {
+                "group_a": a,
+                "group_b": b,
+                "n_a": len(wide),
+                "n_b": len(wide),
+                "mean_a": float(wide[a].mean()),
+                "mean_b": float(wide[b].mean()),
+                "t": float(result.statistic),
+                "p": float(result.pvalue),
+                "difference": difference,
+                "difference_low": low,
+                "difference_high": high,
+            }
+        )
+    tests = pd.DataFrame(rows)
+    p = tests["p"].fillna(1.0).to_numpy()  # identical scores: no evidence of a difference
+    reject, corrected, _, _ = multipletests(p, alpha=alpha, method=method)
+    tests["p_corrected"] = corrected
+    tests["reject"] = reject
+    return tests[[*TEST_COLUMNS, "difference", "difference_low", "difference_high"]]
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A finding to check: "``a`` beats ``b``", "``a`` is as good as ``b``", ...
+
+    Attributes:
+        text: the finding in words (e.g. the paper's).
+        a: one group (a strategy or condition).
+        b: the group it is compared with.
+        kind: ``"greater"`` (mean of ``a`` above ``b``'s), ``"equivalent"`` (means within
+            the margin) or ``"less_spread"`` (SD of ``a`` below ``b``'s); see :data:`RULES`.
+        source: where the claim comes from (``"paper §4.3"``, ``"neonb"``).
+    """
+
+    text: str
+    a: str
+    b: str
+    kind: str = "greater"
+    source: str = "paper"
+
+    def __post_init__(self) -> None:
+        if self.kind not in RULES:
+            raise ConfigError(f"a claim's kind must be one of {list(RULES)}, got {self.kind!r}")
+
+
+def _direction_verdict(sign: float, p_corrected: float, alpha: float) -> str:
+    if p_corrected < alpha:
+        return HOLDS if sign > 0 else CONTRADICTED
+    return NOT_CONTRADICTED if sign > 0 else NOT_SUPPORTED
+
+
+def _claim_test(claim: Claim, x: np.ndarray, y: np.ndarray, margin: float) -> dict:
+    """Statistic and uncorrected p of one claim (x: group a, y: group b, paired)."""
+    d = x - y
+    if claim.kind == "greater":
+        p = float(stats.ttest_rel(x, y).pvalue) if np.ptp(d) > 0 else float(np.mean(d) == 0)
+        return {"estimate": float(d.mean()), "sign": float(d.mean()), "p": p}
+    if claim.kind == "equivalent":
+        if np.ptp(d) > 0:
+            p_tost = float(ttost_paired(x, y, -margin, margin)[0])
+            p_diff = float(stats.ttest_rel(x, y).pvalue)
+        else:  # every difference equal: within the margin or not, with certainty
+            p_tost = 0.0 if abs(d[0]) < margin else 1.0
+            p_diff = 1.0 if d[0] == 0 else 0.0
+        return {"estimate": float(d.mean()), "sign": 0.0, "p": p_tost, "p_difference": p_diff}
+    sd_x, sd_y = float(np.std(x, ddof=1)), float(np.std(y, ddof=1))
+    if np.ptp(x + y) > 0 and np.ptp(d) > 0:
+        p = float(stats.pearsonr(x + y, d).pvalue)
+    else:
+        p = 1.0
+    return {"estimate": sd_x - sd_y, "sign": sd_y - sd_x, "p": p}
+
+
+def check_claims(
+    table: pd.DataFrame,
+    value: str,
+    claims: Sequence[Claim],
+    *,
+    by: str = "strategy",
+    subject: str = "participant_id",
+    margin: float = 0.01,
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """Decide each claim on paired per-subject scores, with the rule of its kind.
+
+    Args:
+        table: one row per (run,) group and subject; subjects are averaged over runs.
+        value: the score column (e.g. ``"dice_mean_nobg"``).
+        claims: the family of claims; their p-values are Bonferroni-corrected together.
+        by: the group column.
+        subject: the column identifying a test subject.
+        margin: the equivalence margin of ``"equivalent"`` claims, in units of ``value``.
+        alpha: family-wise error rate.
+
+    Returns:
+        One row per claim (index ``finding``): ``source``, ``a``, ``b``, ``kind``,
+        ``mean_a``, ``mean_b``, ``sd_a``, ``sd_b``, ``difference`` (mean of ``a - b``) with
+        its 95 % interval ``difference_low``/``difference_high``, ``test``, ``p``,
+        ``p_corrected``, ``verdict`` (one of :data:`VERDICTS`) and ``rule``.
+
+    Raises:
+        ConfigError: for a claim naming a missing group, subjects not scored in every
+            group, a non-positive margin or alpha outside (0, 1).
+    """
+    if not 0 < alpha < 1:
+        raise ConfigError(f"alpha must be in (0, 1), got {alpha!r}")
+    if not margin > 0:
+        raise ConfigError(f"the equivalence margin must be positive, got {margin!r}")
+    groups = list(dict.fromkeys(g for c in claims for g in (c.a, c.b)))
+    wide = _paired(table, value, by, subject, groups)
+    tested = [_claim_test(c, wide[c.a].to_numpy(), wide[c.b].to_numpy(), margin) for c in claims]
+    m = len(claims)
+    rows = {}
+    for claim, test in zip(claims, tested, strict=True):
+        x, y = wide[claim.a].to_numpy(), wide[claim.b].to_numpy()
+        difference, low, high = mean_interval(x - y)
+        p_corrected = min(1.0, m * test["p"])
+        if claim.kind == "equivalent":
+            if p_corrected < alpha:
+                verdict = HOLDS
+            elif min(1.0, m * test["p_difference"]) < alpha:
+                verdict = CONTRADICTED
+            else:
+                verdict = NOT_CONTRADICTED
+            name = f"TOST, margin ±{margin:g}"
+        else:
+            verdict = _direction_verdict(test["sign"], p_corrected, alpha)
+            name = "paired t-test" if claim.kind == "greater" else "Pitman-Morgan test"
+        rows[claim.text] = {
+            "source": claim.source,
+            "a": claim.a,
+            "b": claim.b,
+            "kind": claim.kind,
+            "mean_a": float(x.mean()),
+            "mean_b": float(y.mean()),
+            "sd_a": float(np.std(x, ddof=1)),
+            "sd_b": float(np.std(y, ddof=1)),
+            "difference": difference,
+            "difference_low": low,
+            "difference_high": high,
+            "test": f"{name}, {len(x)} subjects",
+            "p": test["p"],
+            "p_corrected": p_corrected,
+            "verdict": verdict,
+            "rule": RULES[claim.kind],
+        }
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("finding")

@@ -10,7 +10,22 @@ from statsmodels.stats.multitest import multipletests
 
 from neonb import paper, report
 from neonb.errors import ConfigError
-from neonb.statistics import TEST_COLUMNS, pairwise_ttests, upper_triangle
+from neonb.statistics import (
+    CONTRADICTED,
+    HOLDS,
+    NOT_CONTRADICTED,
+    NOT_SUPPORTED,
+    RULES,
+    TEST_COLUMNS,
+    Claim,
+    average_runs,
+    check_claims,
+    mean_interval,
+    pairwise_paired_tests,
+    pairwise_ttests,
+    replicate_summary,
+    upper_triangle,
+)
 
 GROUPS = {"a": [1.0, 2.0, 3.0], "b": [4.0, 5.0, 6.0], "c": [2.0, 3.0, 4.5, 3.5]}
 
@@ -112,3 +127,160 @@ def test_tests_beside_the_papers_p_values():
     assert square.loc["shallow", "medium"].endswith("* (paper 1.7e-07)")
     assert "*" not in square.loc["medium", "full"]
     assert square.loc["full", "shallow"] == ""
+
+
+# --------------------------------------------------------------------------- replicates
+
+
+def _replicated(
+    means: dict[str, float],
+    n_subjects: int = 12,
+    n_runs: int = 3,
+    seed: int = 0,
+    noise: float = 0.002,
+    run_noise: float = 0.002,
+):
+    """Scores of every group on the same subjects, several runs each.
+
+    A run's effect is shared by all its subjects; ``noise`` is each score's own.
+    """
+    rng = np.random.default_rng(seed)
+    subject_effect = rng.normal(0.0, 0.03, n_subjects)
+    rows = []
+    for group, mean in means.items():
+        for run in range(n_runs):
+            run_effect = rng.normal(0.0, run_noise)
+            for s in range(n_subjects):
+                score = mean + subject_effect[s] + run_effect + rng.normal(0.0, noise)
+                rows.append((group, run, f"s{s:02d}", score))
+    return pd.DataFrame(rows, columns=["strategy", "run", "participant_id", "dice"])
+
+
+def test_mean_interval_is_scipys_t_interval():
+    values = [0.80, 0.82, 0.85, 0.79]
+    mean, low, high = mean_interval(values)
+    expected = stats.t.interval(0.95, 3, loc=np.mean(values), scale=stats.sem(values))
+    assert mean == pytest.approx(np.mean(values))
+    assert (low, high) == pytest.approx(expected)
+    assert np.isnan(mean_interval([0.8])[1]) and mean_interval([0.8])[0] == 0.8
+    assert mean_interval([0.5, 0.5, 0.5]) == (0.5, 0.5, 0.5)
+    assert mean_interval([0.4, float("nan"), 0.6])[0] == pytest.approx(0.5)
+
+
+def test_replicate_summary_intervals_over_runs_and_subjects():
+    table = _replicated({"full": 0.85, "deep": 0.80})
+    summary = replicate_summary(table, "dice").set_index("strategy")
+    full = table[table["strategy"] == "full"]
+    per_run = full.groupby("run")["dice"].mean()
+    per_subject = full.groupby("participant_id")["dice"].mean()
+    assert summary.loc["full", "n_runs"] == 3 and summary.loc["full", "n_subjects"] == 12
+    assert summary.loc["full", "mean"] == pytest.approx(full["dice"].mean())
+    assert (summary.loc["full", "run_low"], summary.loc["full", "run_high"]) == pytest.approx(
+        mean_interval(per_run)[1:]
+    )
+    assert (
+        summary.loc["full", "subject_low"],
+        summary.loc["full", "subject_high"],
+    ) == pytest.approx(mean_interval(per_subject)[1:])
+    # subjects differ far more than runs here, so the interval over subjects is wider
+    width = summary["subject_high"] - summary["subject_low"]
+    assert (width > summary["run_high"] - summary["run_low"]).all()
+
+
+def test_average_runs_gives_one_row_per_subject():
+    table = _replicated({"a": 0.8, "b": 0.9}, n_subjects=4, n_runs=3)
+    averaged = average_runs(table, "dice")
+    assert len(averaged) == 8 and (averaged["n_runs"] == 3).all()
+    one = table[(table["strategy"] == "a") & (table["participant_id"] == "s01")]
+    row = averaged[(averaged["strategy"] == "a") & (averaged["participant_id"] == "s01")]
+    assert float(row["dice"].iloc[0]) == pytest.approx(one["dice"].mean())
+
+
+def test_paired_tests_find_what_independent_tests_miss():
+    # a constant 0.01 advantage hidden in a subject spread of 0.03
+    table = _replicated({"deep": 0.81, "medium": 0.80})
+    paired = pairwise_paired_tests(table, "dice").iloc[0]
+    averaged = average_runs(table, "dice")
+    independent = pairwise_ttests(averaged, "dice").iloc[0]
+    wide = averaged.pivot(index="participant_id", columns="strategy", values="dice")
+    assert paired["p"] == pytest.approx(stats.ttest_rel(wide["deep"], wide["medium"]).pvalue)
+    assert paired["p"] < 0.001 < 0.05 < independent["p"]
+    assert paired["difference_low"] < paired["difference"] < paired["difference_high"]
+    assert paired["difference"] == pytest.approx(0.01, abs=0.003)
+
+
+def test_paired_tests_refuse_subjects_missing_from_a_group():
+    table = _replicated({"a": 0.8, "b": 0.9}, n_subjects=4, n_runs=1)
+    table = table.drop(index=table.index[-1])
+    with pytest.raises(ConfigError, match="same subjects.*s03"):
+        pairwise_paired_tests(table, "dice")
+
+
+@pytest.mark.parametrize(
+    ("means", "kind", "noise", "verdict"),
+    [
+        ({"a": 0.85, "b": 0.80}, "greater", 0.002, HOLDS),
+        ({"a": 0.80, "b": 0.85}, "greater", 0.002, CONTRADICTED),
+        ({"a": 0.800, "b": 0.801}, "equivalent", 0.002, HOLDS),
+        ({"a": 0.85, "b": 0.80}, "equivalent", 0.002, CONTRADICTED),
+    ],
+)
+def test_claims_follow_their_rule(means, kind, noise, verdict):
+    table = _replicated(means, n_subjects=12, n_runs=3, seed=3, noise=noise)
+    checked = check_claims(table, "dice", [Claim("a vs b", "a", "b", kind)], margin=0.01)
+    row = checked.loc["a vs b"]
+    assert row["verdict"] == verdict
+    assert row["rule"] == RULES[kind]
+    assert row["difference"] == pytest.approx(means["a"] - means["b"], abs=0.003)
+
+
+@pytest.mark.parametrize(("sign", "verdict"), [(1, NOT_CONTRADICTED), (-1, NOT_SUPPORTED)])
+def test_an_insignificant_difference_is_named_by_its_direction(sign, verdict):
+    base = np.linspace(0.75, 0.85, 8)
+    differences = sign * (0.001 + 0.03 * np.array([1, -1, 1, -1, 1, -1, 1, -1]))
+    rows = [("b", 0, f"s{i}", v) for i, v in enumerate(base)]
+    rows += [("a", 0, f"s{i}", v) for i, v in enumerate(base + differences)]
+    table = pd.DataFrame(rows, columns=["strategy", "run", "participant_id", "dice"])
+    row = check_claims(table, "dice", [Claim("a > b", "a", "b")]).iloc[0]
+    assert row["p"] > 0.5
+    assert row["verdict"] == verdict
+
+
+def test_equivalence_needs_evidence_not_just_no_difference():
+    # a tiny sample with a large spread: no difference found, and no equivalence shown
+    rng = np.random.default_rng(1)
+    rows = [(g, 0, f"s{s}", 0.8 + rng.normal(0, 0.05)) for g in ("a", "b") for s in range(3)]
+    table = pd.DataFrame(rows, columns=["strategy", "run", "participant_id", "dice"])
+    row = check_claims(table, "dice", [Claim("a ~ b", "a", "b", "equivalent")]).iloc[0]
+    assert row["verdict"] == NOT_CONTRADICTED
+
+
+def test_bonferroni_over_the_family_of_claims():
+    table = _replicated({"a": 0.803, "b": 0.80, "c": 0.70}, seed=5)
+    one = check_claims(table, "dice", [Claim("a > b", "a", "b")])
+    two = check_claims(table, "dice", [Claim("a > b", "a", "b"), Claim("a > c", "a", "c")])
+    assert two.loc["a > b", "p"] == pytest.approx(one.loc["a > b", "p"])
+    assert two.loc["a > b", "p_corrected"] == pytest.approx(min(1, 2 * one.loc["a > b", "p"]))
+
+
+def test_spread_claim_uses_the_pitman_morgan_test():
+    rng = np.random.default_rng(2)
+    base = rng.normal(0.8, 0.01, 30)
+    rows = [("narrow", 0, f"s{i}", v) for i, v in enumerate(base)]
+    wide_scores = 0.8 + 4 * (base - 0.8) + rng.normal(0, 0.01, 30)
+    rows += [("wide", 0, f"s{i}", v) for i, v in enumerate(wide_scores)]
+    table = pd.DataFrame(rows, columns=["strategy", "run", "participant_id", "dice"])
+    row = check_claims(table, "dice", [Claim("spread", "narrow", "wide", "less_spread")]).iloc[0]
+    expected = stats.pearsonr(base + wide_scores, base - wide_scores).pvalue
+    assert row["p"] == pytest.approx(expected)
+    assert row["verdict"] == HOLDS and row["sd_a"] < row["sd_b"]
+
+
+def test_claims_check_their_arguments():
+    table = _replicated({"a": 0.8, "b": 0.9}, n_subjects=4, n_runs=1)
+    with pytest.raises(ConfigError, match="kind"):
+        Claim("x", "a", "b", "bigger")
+    with pytest.raises(ConfigError, match="no rows with strategy"):
+        check_claims(table, "dice", [Claim("x", "a", "z")])
+    with pytest.raises(ConfigError, match="margin"):
+        check_claims(table, "dice", [Claim("x", "a", "b")], margin=0)
