@@ -72,10 +72,12 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from neonb import paper
 from neonb.errors import ConfigError, DataError
 from neonb.experiment import TrainingConfig
 from neonb.files import atomic_write, read_id_table, write_id_table
 from neonb.splits import stratified_pick
+from neonb.statistics import Claim, check_claims
 
 __all__ = [
     "AXIS_MODES",
@@ -92,8 +94,15 @@ __all__ = [
     "condition_config",
     "condition_summary",
     "eligible_slices",
+    "extent_lengths",
     "foreground_extent",
+    "gradient_probe",
+    "mask_follows_augmentation",
+    "full_conditions",
     "mask_filename",
+    "other_schedule_condition",
+    "paper_claims",
+    "paper_findings",
     "place_slices",
     "plan_budget",
     "plane_axis",
@@ -103,6 +112,7 @@ __all__ = [
     "slice_count",
     "slice_table",
     "sweep_design",
+    "evaluation_subset",
     "write_masks",
     "write_slices",
 ]
@@ -1103,3 +1113,213 @@ def condition_results(
         row[f"{prefix}_dice_nobg"] = part.loc[~part["is_background"], "dice"].mean()
     table = summary.merge(runs, on="condition", how="left")
     return table.merge(pd.DataFrame(list(means.values())), on="condition", how="left")
+
+
+# --------------------------------------------------------------------------- findings
+
+
+def other_schedule_condition(schedule: str) -> str:
+    """Name of the fully labelled condition trained under the schedule the chapter does not use.
+
+    ``fullepochs`` (equal epochs: the paper's Table 3 comparison) when the chapter's schedule
+    is ``steps``; ``fullsteps`` when it is ``epochs``.
+
+    Raises:
+        ConfigError: for an unknown schedule.
+    """
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"schedule must be one of {list(SCHEDULES)}, but found {schedule!r}")
+    other = next(name for name in SCHEDULES if name != schedule)
+    return f"{FULL}{other}"
+
+
+def full_conditions(schedule: str, both_schedules: bool) -> dict[str, str]:
+    """The fully labelled condition trained under each schedule: ``{"steps": "full", ...}``."""
+    names = {schedule: FULL}
+    if both_schedules:
+        other = next(name for name in SCHEDULES if name != schedule)
+        names[other] = other_schedule_condition(schedule)
+    return names
+
+
+def paper_claims(dispersed: Sequence[str], full: Mapping[str, str]) -> list[Claim]:
+    """The paper's conclusions on label budgeting (§4.2, Table 3) as claims, and neonb's.
+
+    * paper: each dispersed condition (33 % of the slices of three times the subjects) beats
+      full volumes at equal epochs ("performance was consistently higher when annotated
+      slices were distributed over a larger number of scans, provided the number of training
+      epochs was kept constant");
+    * paper: sagittal, "the axis with the lowest resolution", is the worst dispersed
+      condition (each other one beats it);
+    * neonb: each dispersed condition beats full volumes at equal optimiser steps, where
+      the dispersed conditions get no more training than full volumes.
+
+    Args:
+        dispersed: the dispersed Table 3 conditions trained (``random``, ``sagittal``, ...).
+        full: the full condition trained under each schedule (:func:`full_conditions`); a
+            schedule that was not trained gives no claims.
+    """
+    claims = []
+    if "epochs" in full:
+        claims += [
+            Claim(f"{name} beats full volumes at equal epochs", name, full["epochs"], "greater")
+            for name in dispersed
+        ]
+    if "sagittal" in dispersed:
+        claims += [
+            Claim(f"{name} beats sagittal", name, "sagittal", source="paper")
+            for name in dispersed
+            if name != "sagittal"
+        ]
+    if "steps" in full:
+        claims += [
+            Claim(f"{name} beats full volumes at equal steps", name, full["steps"], source="neonb")
+            for name in dispersed
+        ]
+    return claims
+
+
+def _paper_reference(claim: Claim) -> str:
+    if claim.source != "paper":
+        return "not in the paper"
+    test = paper.table3()[("test", "Mean DSC (no BG)")]
+    b = FULL if claim.b.startswith(FULL) else claim.b
+    return f"test Dice (no BG) {claim.a} {test[claim.a]:.3f}, {b} {test[b]:.3f} (Table 3)"
+
+
+def paper_findings(
+    cases: pd.DataFrame,
+    dispersed: Sequence[str],
+    full: Mapping[str, str],
+    value: str = "dice_mean_nobg",
+    *,
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """:func:`paper_claims` checked on per-subject test scores, each by its stated rule.
+
+    Args:
+        cases: one row per test subject, condition (and run), with ``condition``,
+            ``participant_id`` and ``value``.
+        dispersed, full: as :func:`paper_claims`.
+        value: the per-subject score compared.
+        alpha: family-wise error rate; the claims' p-values are Bonferroni-corrected together.
+
+    Returns:
+        :func:`neonb.statistics.check_claims` rows with a first column ``paper (dHCP)``
+        (the paper's Table 3 test values, single runs without a test).
+    """
+    claims = paper_claims(dispersed, full)
+    if not claims:
+        raise ConfigError("no claim to check: train the dispersed conditions and full volumes")
+    checked = check_claims(cases, value, claims, by="condition", alpha=alpha)
+    checked.insert(0, "paper (dHCP)", [_paper_reference(c) for c in claims])
+    return checked
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def extent_lengths(extents: pd.DataFrame) -> pd.DataFrame:
+    """Slices in the head's extent along each plane, one row per session of ``extents``.
+
+    Args:
+        extents: :func:`session_extents` rows (``<plane>_start``/``<plane>_stop`` columns).
+
+    Returns:
+        Columns ``sagittal``, ``coronal``, ``axial``: ``stop - start``.
+    """
+    return pd.DataFrame(
+        {plane: extents[f"{plane}_stop"] - extents[f"{plane}_start"] for plane in PLANES}
+    )
+
+
+def evaluation_subset(records: Sequence[Mapping[str, Any]], n: int | None, *, seed: int) -> list:
+    """A fixed, age-representative subset of ``n`` test sessions (``0``/``None``: all).
+
+    Every condition is scored on the same subset (:func:`neonb.splits.stratified_pick` of
+    the scan ages, seeded), which keeps scoring many models affordable.
+    """
+    ages = pd.Series({r["participant_id"]: r["scan_age"] for r in records}, dtype=float)
+    count = len(ages) if n in (0, None) else min(int(n), len(ages))
+    chosen = set(stratified_pick(ages, count, np.random.default_rng(seed)))
+    return [dict(r) for r in records if r["participant_id"] in chosen]
+
+
+def mask_follows_augmentation(
+    record: Mapping[str, Any],
+    mask_path: str | os.PathLike,
+    config: TrainingConfig,
+    *,
+    draws: int = 10,
+    seed: int = 0,
+) -> list[bool]:
+    """Whether an annotation mask still covers exactly its voxels after random augmentation.
+
+    The mask replaces the record's label as well, and every augmentation
+    (:meth:`neonb.transforms.AugmentationConfig.always`) is applied ``draws`` times with
+    seeds ``seed``, ``seed + 1``, ...: since MONAI's dictionary transforms apply one draw to
+    ``label`` and ``annotation`` alike, the two must come out identical, voxel for voxel.
+
+    Returns:
+        One bool per draw: label and annotation identical after it.
+    """
+    from neonb import transforms
+
+    mask = np.asarray(nib.load(mask_path).dataobj, dtype=np.float32)
+    as_label = {**record, "label": mask, "annotation": str(mask_path)}
+    identical = []
+    for draw in range(draws):
+        _, after = transforms.augmented_example(
+            as_label,
+            config.patch_size,
+            transforms.AugmentationConfig.always(),
+            seed=seed + draw,
+            model=config.model,
+        )
+        identical.append(bool(np.array_equal(after["label"], after["annotation"])))
+    return identical
+
+
+def gradient_probe(
+    record: Mapping[str, Any], config: TrainingConfig, *, seed: int = 0
+) -> pd.DataFrame:
+    """Which logits of each deep-supervision head the masked loss sends gradient to.
+
+    Takes one augmented training patch of ``record`` (with its ``annotation`` mask), runs a
+    freshly initialised network of ``config.model`` in training mode, back-propagates
+    :class:`neonb.losses.SegmentationLoss` and measures the gradient on the logits of every
+    head. Trains nothing.
+
+    Returns:
+        One row per head (``final``, ``-1``, ...): the fraction of unannotated voxels in
+        the patch, the largest gradient on an unannotated logit (0 when the mask works) and
+        the fraction of annotated logits that receive a gradient.
+    """
+    import torch
+
+    from neonb import transforms
+    from neonb.losses import SegmentationLoss
+    from neonb.models import build_model
+
+    patch = transforms.train_transforms(config.patch_size, model=config.model)
+    batch = patch.set_random_state(seed=seed)(dict(record))
+    batch = {key: batch[key].as_tensor()[None] for key in ("image", "label", "annotation")}
+    torch.manual_seed(seed)
+    network = build_model(config.model).train()
+    outputs = network(batch["image"])
+    outputs.retain_grad()
+    SegmentationLoss()(outputs, batch).backward()
+    unannotated = (batch["annotation"] == 0).expand_as(outputs[:, 0])
+    heads = range(outputs.shape[1])
+    return pd.DataFrame(
+        {
+            "head": ["final" if h == 0 else f"-{h}" for h in heads],
+            "unannotated voxels": float(unannotated.float().mean()),
+            "gradient on unannotated logits": [
+                float(outputs.grad[:, h][unannotated].abs().max()) for h in heads
+            ],
+            "logits with gradient, annotated": [
+                float((outputs.grad[:, h][~unannotated] != 0).float().mean()) for h in heads
+            ],
+        }
+    )

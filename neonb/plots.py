@@ -518,6 +518,60 @@ def strategy_boxplots(
     return fig
 
 
+def replicate_intervals(
+    summary: pd.DataFrame,
+    *,
+    by: str = "strategy",
+    title: str = "Mean test Dice with 95 % intervals",
+    yaxis: str = "mean Dice, 8 tissues (test)",
+) -> go.Figure:
+    """Each group's mean with its interval over runs and over test subjects.
+
+    Args:
+        summary: rows of :func:`neonb.statistics.replicate_summary` (``by``, ``mean``,
+            ``run_low``/``run_high``, ``subject_low``/``subject_high``, ``n_runs``,
+            ``n_subjects``).
+        by: the group column; groups follow its order.
+        title: the figure title.
+        yaxis: the y axis title.
+    """
+    fig = go.Figure()
+    for kind, name, color, shift in (
+        ("run", "over runs", "#d95f02", -0.12),
+        ("subject", "over test subjects", "#7570b3", 0.12),
+    ):
+        x = np.arange(len(summary)) + shift
+        low, high = summary[f"{kind}_low"], summary[f"{kind}_high"]
+        fig.add_scatter(
+            x=x,
+            y=summary["mean"],
+            mode="markers",
+            name=f"95 % interval {name}",
+            marker={"size": 9, "color": color},
+            error_y={
+                "type": "data",
+                "symmetric": False,
+                "array": high - summary["mean"],
+                "arrayminus": summary["mean"] - low,
+            },
+            customdata=np.stack([low, high, summary["n_runs"], summary["n_subjects"]], axis=1),
+            text=summary[by],
+            hovertemplate="%{text}: %{y:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}] "
+            "(%{customdata[2]} runs, %{customdata[3]} subjects)<extra>" + name + "</extra>",
+        )
+    fig.update_layout(
+        title=title,
+        yaxis_title=yaxis,
+        xaxis={
+            "tickmode": "array",
+            "tickvals": list(range(len(summary))),
+            "ticktext": list(summary[by]),
+        },
+        height=420,
+    )
+    return fig
+
+
 def paper_vs_neonb(pairs: pd.DataFrame, *, title: str = "neonb against the paper") -> go.Figure:
     """Each value neonb computed against the paper's value for the same cell of a table.
 
@@ -604,11 +658,13 @@ def budget_curves(logs: pd.DataFrame, *, value: str = "val_dice_nobg") -> go.Fig
     """Validation Dice over the epochs, one line per label-budgeting condition.
 
     Args:
-        logs: epoch logs (``log.tsv``) with a ``condition`` column.
+        logs: epoch logs (``log.tsv``) with a ``condition`` column; the replicates of a
+            condition (a ``run`` column) are averaged epoch by epoch.
         value: the log column to plot.
     """
     fig = go.Figure()
-    for condition, log in logs.groupby("condition", sort=False):
+    mean = logs.groupby(["condition", "epoch"], sort=False)[value].mean().reset_index()
+    for condition, log in mean.groupby("condition", sort=False):
         fig.add_scatter(
             x=log["epoch"],
             y=log[value],

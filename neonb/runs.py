@@ -17,9 +17,10 @@ chapter        runs                                                      starts 
 02_ageunet     the variants: ``paper``, ``head_lr``, ``alpha_ramp``,      01_pipeline ``run-0``
                ``staged``                                                 (``init: baseline``;
                                                                           always for staged)
-03_budgeting   the conditions: ``full``, ``random``, ``sagittal``, ...    nothing
-04_transfer    ``source``, ``shallow``, ``medium``, ``deep``, ``full``,   04_transfer ``source``
-               ``scratch``                                                (the fine-tuned four)
+03_budgeting   per condition (``full``, ``random``, ``sagittal``, ...):    nothing
+               ``<condition>/run-0`` ... (seed + k)
+04_transfer    ``source``; per strategy (``shallow``, ``medium``,          04_transfer ``source``
+               ``deep``, ``full``, ``scratch``): ``<strategy>/run-0`` ...  (the fine-tuned four)
 ============== ========================================================= =====================
 
 Example:
@@ -27,15 +28,19 @@ Example:
     >>> [run.id for run in chapter]  # doctest: +SKIP
     ['run-0']
     >>> trained = chapter["run-0"].train()  # doctest: +SKIP
+
+Replicates of a condition or strategy (``n_runs`` in the chapter's parameters) share its
+data and differ in their seed; :meth:`ChapterRuns.groups` gathers them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -185,6 +190,8 @@ class Run:
             steps; one process: process 0 under torchrun).
         splits_dir: the results folder holding the study's split tables; the run folder is
             stamped with them (:func:`check_splits_stamp`). ``None``: no stamp.
+        group: what the run is a replicate of (a condition, a strategy); ``""`` for none.
+        replicate: the replicate's number within its group (seed ``seed + replicate``).
     """
 
     chapter: str
@@ -196,6 +203,8 @@ class Run:
     needs: tuple[Need, ...] = ()
     head_only: bool = False
     splits_dir: Path | None = None
+    group: str = ""
+    replicate: int = 0
 
     def status(self) -> str:
         """:func:`run_status` of the run folder."""
@@ -279,6 +288,13 @@ class ChapterRuns:
             )
         return [run for run in self.runs.values() if run.id in set(run_ids)]
 
+    def groups(self) -> dict[str, list[Run]]:
+        """The runs by group (condition or strategy), replicates in order."""
+        grouped: dict[str, list[Run]] = {}
+        for run in self:
+            grouped.setdefault(run.group or run.id, []).append(run)
+        return grouped
+
     def table(self) -> pd.DataFrame:
         """One row per run: id, status, epochs done/total, sessions, what it waits for, folder."""
         rows = []
@@ -347,6 +363,128 @@ class TransferRuns(ChapterRuns):
 
     configs: dict[str, TrainingConfig] = field(default_factory=dict)
     depths: dict[str, int] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- replicates
+
+
+@dataclass
+class TrainedRuns:
+    """Finished runs of a chapter, with what the chapters report of them.
+
+    Attributes:
+        runs: the run specs, by id, in training order.
+        trained: the finished runs, by id.
+    """
+
+    runs: dict[str, Run]
+    trained: dict[str, TrainedRun]
+
+    def _name(self, run: Run, names: Mapping[str, str]) -> str:
+        group = run.group or run.id
+        return names.get(group, group)
+
+    def facts(self, by: str = "group", names: Mapping[str, str] | None = None) -> pd.DataFrame:
+        """One row per run: ``by`` (its group), ``run`` (replicate), ``sessions``, ``epochs``
+        (done), ``samples_per_volume``, ``steps``, ``train_time_s``, ``s_per_step``,
+        ``best_epoch`` and ``val_dice_nobg`` (at the best epoch).
+
+        Args:
+            by: the name of the group column (``condition``, ``strategy``).
+            names: renames groups (``{"source": "none"}``).
+        """
+        from neonb.experiment import optimizer_steps
+
+        names = names or {}
+        rows = []
+        for run_id, trained in self.trained.items():
+            run = self.runs[run_id]
+            epochs = len(trained.log)
+            steps = optimizer_steps(run.sessions, run.config.replace(epochs=epochs))
+            rows.append(
+                {
+                    by: self._name(run, names),
+                    "run": run.replicate,
+                    "sessions": run.sessions,
+                    "epochs": epochs,
+                    "samples_per_volume": run.config.samples_per_volume,
+                    "steps": steps,
+                    "train_time_s": trained.train_time_s,
+                    "s_per_step": trained.train_time_s / max(steps, 1),
+                    "best_epoch": int(trained.best["epoch"]),
+                    "val_dice_nobg": float(trained.best["val_dice_nobg"]),
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def logs(self, by: str = "group", names: Mapping[str, str] | None = None) -> pd.DataFrame:
+        """Every run's epoch log, with its group (column ``by``) and replicate (``run``)."""
+        names = names or {}
+        return pd.concat(
+            [
+                trained.log.assign(
+                    **{by: self._name(self.runs[i], names), "run": self.runs[i].replicate}
+                )
+                for i, trained in self.trained.items()
+            ],
+            ignore_index=True,
+        )
+
+    def evaluate(
+        self,
+        volumes: Sequence[Mapping[str, Any]],
+        config: TrainingConfig,
+        *,
+        by: str = "group",
+        names: Mapping[str, str] | None = None,
+        sw_batch_size: int = 8,
+    ) -> pd.DataFrame:
+        """Per-class test Dice of every run (:func:`neonb.experiment.evaluate_dice`).
+
+        Args:
+            volumes: the test volumes (:func:`neonb.experiment.prepare_volumes`), loaded once
+                for every run.
+            config: the window size, overlap and device of the segmentation.
+            by, names: as :meth:`facts`.
+            sw_batch_size: windows per forward pass.
+
+        Returns:
+            :func:`~neonb.experiment.evaluate_dice` rows with ``by`` and ``run`` columns.
+        """
+        from neonb.experiment import evaluate_dice
+
+        names = names or {}
+        tables = []
+        for run_id, trained in self.trained.items():
+            run = self.runs[run_id]
+            table = evaluate_dice(trained.model, volumes, config, sw_batch_size=sw_batch_size)
+            tables.append(table.assign(**{by: self._name(run, names), "run": run.replicate}))
+        return pd.concat(tables, ignore_index=True)
+
+
+def train_runs(
+    runs: Iterable[Run], *, progress: bool = False, say: Callable[[str], Any] | None = print
+) -> TrainedRuns:
+    """Train (or reload) runs in order, saying one line per run.
+
+    Args:
+        runs: run specs, e.g. a :class:`ChapterRuns` or some of its runs.
+        progress: progress bars while training.
+        say: where the one-line summaries go (``None``: nowhere).
+    """
+    specs, trained = {}, {}
+    for run in runs:
+        started = time.perf_counter()
+        specs[run.id], trained[run.id] = run, run.train(progress=progress)
+        if say is not None:
+            best = trained[run.id].best
+            say(
+                f"{run.id:>20}: {len(trained[run.id].log)} epochs, "
+                f"{trained[run.id].train_time_s:.0f} s of training "
+                f"({time.perf_counter() - started:.0f} s now); best validation Dice (no BG) "
+                f"{best['val_dice_nobg']:.3f} at epoch {int(best['epoch'])}"
+            )
+    return TrainedRuns(specs, trained)
 
 
 # --------------------------------------------------------------------------- trainers
@@ -574,6 +712,27 @@ def ageunet_runs(
     )
 
 
+def replicate_id(group: str, replicate: int) -> str:
+    """The id of a replicate run, as its folder below the chapter's: ``sagittal/run-1``."""
+    return f"{group}/run-{replicate}"
+
+
+def _other_schedule_config(
+    schedule: str, dispersed: TrainingConfig, n_dispersed: int, n_full: int
+) -> TrainingConfig:
+    """The full condition's settings under the schedule the chapter does not use.
+
+    The dispersed Table 3 conditions train the same way under both schedules (``epochs`` of
+    ``samples_per_volume`` patches of each of their ``n_dispersed`` volumes); only the full
+    condition differs: under equal epochs it takes their patches per volume (a third of their
+    steps at dispersion 3), under equal steps as many patches per epoch as they do.
+    """
+    if schedule == "steps":  # the other one is the paper's: equal epochs
+        return dispersed
+    per_volume = max(1, round(dispersed.samples_per_volume * n_dispersed / n_full))
+    return dispersed.replace(samples_per_volume=per_volume)
+
+
 def budgeting_runs(
     cohort: Any,
     pipeline_splits: pd.DataFrame,
@@ -584,26 +743,39 @@ def budgeting_runs(
     n_full: int,
     schedule: str = "epochs",
     samples_per_epoch: int | None = None,
+    both_schedules: bool = False,
+    n_runs: int = 1,
     **design: Any,
 ) -> BudgetingRuns:
-    """The label-budgeting chapter's runs, one per condition (all from scratch).
+    """The label-budgeting chapter's runs: ``n_runs`` replicates per condition, from scratch.
 
     Reads (or computes and caches) the extents of the pooled sessions
     (:func:`neonb.budgeting.cached_extents`), draws the conditions
     (:func:`neonb.budgeting.plan_budget`) and their slices
     (:func:`neonb.budgeting.slice_table`); a condition's annotation masks are written when
-    it trains (:func:`neonb.budgeting.write_masks`).
+    it trains (:func:`neonb.budgeting.write_masks`). Replicate ``k`` of a condition
+    (:func:`replicate_id`, folder ``runs/<condition>/run-<k>``) trains with seed ``seed + k``
+    on the same participants and slices: replicates measure what training's randomness
+    (initialisation, patches, augmentation) does, not what another draw of slices would.
 
     Args:
         cohort, pipeline_splits, results_dir, seed: as :func:`pipeline_runs`.
         training: the chapter's ``training`` parameters.
         n_full: fully labelled sessions.
         schedule, samples_per_epoch: :func:`neonb.budgeting.condition_config`.
+        both_schedules: also train the fully labelled condition under the other schedule
+            (:func:`neonb.budgeting.other_schedule_condition`), so that Table 3 can be read
+            at equal epochs (the paper's comparison) and at equal optimiser steps.
+        n_runs: replicates per condition.
         **design: more :func:`neonb.budgeting.plan_budget` arguments
             (:data:`BUDGET_DESIGN_KEYS`).
+
+    Raises:
+        ConfigError: for ``n_runs`` below 1.
     """
     from neonb import budgeting
 
+    n_runs = _check_n_runs(n_runs)
     folder = Path(results_dir) / "03_budgeting"
     pool, ages, train_ids = budgeting.budget_pool(
         cohort.manifest, pipeline_splits, brain_mask=cohort.brain_mask
@@ -615,33 +787,49 @@ def budgeting_runs(
     slices = budgeting.slice_table(plan.conditions, plan.sessions(pool), extents, seed=seed)
     config = TrainingConfig.from_dict({**training, "seed": seed})
     masks_dir = folder / "masks"
-    runs = {}
+    trained: list[tuple[Any, list[str], TrainingConfig]] = []
     for condition in plan.conditions:
         ids = [str(i) for i in plan.participants[condition.name]]
         run_config = budgeting.condition_config(
             config, len(ids), schedule=schedule, samples_per_epoch=samples_per_epoch
         )
-        run_dir = folder / "runs" / condition.name
-        trainer = functools.partial(
-            _train_condition,
-            pool,
-            ids,
-            condition,
-            slices,
-            masks_dir,
-            records["val"],
-            run_config,
-            run_dir,
+        trained.append((condition, ids, run_config))
+    if both_schedules:
+        full = next(c for c in plan.conditions if c.is_full and c.name in plan.table3)
+        dispersed = next(t for t in trained if t[0].name in plan.table3 and not t[0].is_full)
+        extra = dataclasses.replace(full, name=budgeting.other_schedule_condition(schedule))
+        extra_config = _other_schedule_config(
+            schedule, dispersed[2], dispersed[0].n_subjects, full.n_subjects
         )
-        runs[condition.name] = Run(
-            "03_budgeting",
-            condition.name,
-            run_dir,
-            run_config,
-            len(ids),
-            trainer,
-            splits_dir=Path(results_dir),
-        )
+        trained.append((extra, [str(i) for i in plan.participants[full.name]], extra_config))
+    runs = {}
+    for condition, ids, run_config in trained:
+        for k in range(n_runs):
+            run_id = replicate_id(condition.name, k)
+            replicate_config = run_config.replace(seed=seed + k)
+            run_dir = folder / "runs" / run_id
+            trainer = functools.partial(
+                _train_condition,
+                pool,
+                ids,
+                condition,
+                slices,
+                masks_dir,
+                records["val"],
+                replicate_config,
+                run_dir,
+            )
+            runs[run_id] = Run(
+                "03_budgeting",
+                run_id,
+                run_dir,
+                replicate_config,
+                len(ids),
+                trainer,
+                splits_dir=Path(results_dir),
+                group=condition.name,
+                replicate=k,
+            )
     return BudgetingRuns(
         "03_budgeting",
         runs,
@@ -658,6 +846,12 @@ def budgeting_runs(
     )
 
 
+def _check_n_runs(n_runs: Any) -> int:
+    if isinstance(n_runs, bool) or int(n_runs) != n_runs or int(n_runs) < 1:
+        raise ConfigError(f"n_runs must be a whole number of at least 1, but found {n_runs!r}")
+    return int(n_runs)
+
+
 def transfer_runs(
     cohort: Any,
     transfer_splits: pd.DataFrame,
@@ -668,11 +862,15 @@ def transfer_runs(
     fine_tuning: Mapping[str, Any],
     scratch: Mapping[str, Any],
     depths: Mapping[str, int] | None = None,
+    n_runs: int = 1,
 ) -> TransferRuns:
-    """The transfer chapter's runs: ``source``, the fine-tuned strategies, ``scratch``.
+    """The transfer chapter's runs: ``source``, then the fine-tuned strategies and ``scratch``.
 
     The four fine-tuned strategies (:data:`neonb.transfer.FINE_TUNED`) start from the best
-    epoch of ``source``; every target run is validated on its training sessions.
+    epoch of ``source``; every target run is validated on its training sessions. Each
+    strategy and ``scratch`` has ``n_runs`` replicates (:func:`replicate_id`, e.g.
+    ``deep/run-1``, seed ``seed + k``); all fine-tune the one source network, so replicates
+    measure the randomness of fine-tuning (and of scratch training), not of pre-training.
 
     Args:
         cohort, results_dir, seed: as :func:`pipeline_runs`.
@@ -681,12 +879,14 @@ def transfer_runs(
         fine_tuning: changes to ``training`` when fine-tuning.
         scratch: changes to ``training`` for the network trained on the target alone.
         depths: levels trained by ``shallow``, ``medium`` and ``deep`` (default the paper's).
+        n_runs: replicates of each target run.
 
     Raises:
-        ConfigError: when ``depths`` do not fit the network.
+        ConfigError: when ``depths`` do not fit the network, or ``n_runs`` is below 1.
     """
     from neonb import models, transfer
 
+    n_runs = _check_n_runs(n_runs)
     folder = Path(results_dir) / "04_transfer"
     configs = {
         "source": TrainingConfig.from_dict({**training, "seed": seed}),
@@ -703,7 +903,7 @@ def transfer_runs(
     source = Need("04_transfer", "source", source_dir)
     target = records["target_train"]
 
-    def run(name: str, config: TrainingConfig, trainer, sessions: int, needs=()) -> Run:
+    def run(name: str, config: TrainingConfig, trainer, sessions: int, needs=(), k: int = 0) -> Run:
         return Run(
             "04_transfer",
             name,
@@ -713,6 +913,8 @@ def transfer_runs(
             trainer,
             needs,
             splits_dir=Path(results_dir),
+            group=name.split("/")[0],
+            replicate=k,
         )
 
     runs = {
@@ -729,26 +931,21 @@ def transfer_runs(
             len(records["source_train"]),
         )
     }
-    for strategy in transfer.FINE_TUNED:
-        trainer = functools.partial(
-            _fine_tune,
-            source_dir,
-            strategy,
-            target,
-            target,
-            configs["tune"],
-            folder / strategy,
-            depths,
-        )
-        runs[strategy] = run(strategy, configs["tune"], trainer, len(target), (source,))
-    runs["scratch"] = run(
-        "scratch",
-        configs["scratch"],
-        functools.partial(
-            _train_segmentation, target, target, configs["scratch"], folder / "scratch"
-        ),
-        len(target),
-    )
+    for strategy in [*transfer.FINE_TUNED, "scratch"]:
+        for k in range(n_runs):
+            run_id = replicate_id(strategy, k)
+            if strategy == "scratch":
+                config = configs["scratch"].replace(seed=seed + k)
+                trainer = functools.partial(
+                    _train_segmentation, target, target, config, folder / run_id
+                )
+                runs[run_id] = run(run_id, config, trainer, len(target), k=k)
+                continue
+            config = configs["tune"].replace(seed=seed + k)
+            trainer = functools.partial(
+                _fine_tune, source_dir, strategy, target, target, config, folder / run_id, depths
+            )
+            runs[run_id] = run(run_id, config, trainer, len(target), (source,), k=k)
     return TransferRuns(
         "04_transfer", runs, records, configs["source"], folder, configs=configs, depths=depths
     )
@@ -803,6 +1000,8 @@ def define_runs(
             n_full=params["n_full"],
             schedule=params.get("schedule", "epochs"),
             samples_per_epoch=params.get("samples_per_epoch"),
+            both_schedules=bool(params.get("both_schedules", False)),
+            n_runs=params.get("n_runs", 1),
             **{key: params[key] for key in BUDGET_DESIGN_KEYS if key in params},
         )
     if chapter == "04_transfer":
@@ -813,6 +1012,7 @@ def define_runs(
             fine_tuning=params.get("fine_tuning", {}),
             scratch=params.get("scratch", {}),
             depths=params.get("depths"),
+            n_runs=params.get("n_runs", 1),
         )
     raise ConfigError(
         f"chapter {chapter!r} trains no networks; the chapters that do: "

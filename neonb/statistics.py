@@ -257,27 +257,33 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[fl
 
 def average_runs(
     table: pd.DataFrame,
-    value: str,
+    value: str | Sequence[str],
     *,
     by: str = "strategy",
     subject: str = "participant_id",
+    keep: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Each subject's score averaged over the runs of its group: the unit of every test.
 
     Args:
         table: one row per run, group and subject (e.g. :func:`neonb.experiment.subject_dice`
             rows with ``run`` and ``strategy``).
-        value: the score column.
+        value: the score column, or several.
         by: the group column.
         subject: the column identifying a test subject.
+        keep: more columns that are constant per subject (``session_id``, ``scan_age``).
 
     Returns:
-        One row per group and subject: ``by``, ``subject``, ``value`` (mean over runs) and
-        ``n_runs``, in order of first appearance.
+        One row per group and subject: ``by``, ``subject``, ``keep``, the ``value`` columns
+        (means over runs) and ``n_runs``, in order of first appearance.
     """
-    _check_columns(table, [value, by, subject])
-    grouped = table.groupby([by, subject], sort=False)[value]
-    return pd.DataFrame({value: grouped.mean(), "n_runs": grouped.count()}).reset_index()
+    values = [value] if isinstance(value, str) else list(value)
+    keys = [by, subject, *keep]
+    _check_columns(table, [*values, *keys])
+    grouped = table.groupby(keys, sort=False)
+    averaged = grouped[values].mean()
+    averaged["n_runs"] = grouped.size()
+    return averaged.reset_index()
 
 
 def replicate_summary(

@@ -81,6 +81,7 @@ from torch import nn
 from neonb import paper
 from neonb.errors import ConfigError
 from neonb.experiment import Record, TrainedRun, TrainingConfig, train_segmentation
+from neonb.statistics import Claim, check_claims
 
 __all__ = [
     "FINE_TUNED",
@@ -95,6 +96,7 @@ __all__ = [
     "freeze_blocks",
     "is_kept_in_eval",
     "outermost_level",
+    "paper_claims",
     "paper_findings",
     "strategy_table",
     "trained_blocks",
@@ -417,76 +419,65 @@ def fine_tune(
     )
 
 
-def _p(tests: pd.DataFrame, a: str, b: str) -> float:
-    row = tests[
-        ((tests["group_a"] == a) & (tests["group_b"] == b))
-        | ((tests["group_a"] == b) & (tests["group_b"] == a))
+def paper_claims() -> list[Claim]:
+    """The paper's conclusions on transfer learning (§4.3, Tables 4-5, Figure 11) as claims.
+
+    "Deeper fine-tuning is better" is checked step by step (medium beats shallow, deep beats
+    medium); "medium comes close to full" as an equivalence; "training more parameters
+    spreads the results" as shallow's per-subject SD below full's.
+    """
+    return [
+        Claim("medium fine-tuning beats shallow", "medium", "shallow", "greater", "paper"),
+        Claim("deep fine-tuning beats medium", "deep", "medium", "greater", "paper"),
+        Claim("medium is as good as full fine-tuning", "medium", "full", "equivalent", "paper"),
+        Claim("full fine-tuning beats scratch", "full", "scratch", "greater", "paper"),
+        Claim("deep fine-tuning beats scratch", "deep", "scratch", "greater", "paper"),
+        Claim(
+            "shallow spreads less than full fine-tuning",
+            "shallow",
+            "full",
+            "less_spread",
+            "paper",
+        ),
     ]
-    return float(row["p_corrected"].iloc[0]) if len(row) else float("nan")
+
+
+def _paper_reference(claim: Claim) -> str:
+    """What the paper reports for a claim: Table 4 means and Table 5's corrected p."""
+    if claim.kind == "less_spread":
+        return "Figure 11"
+    means = paper.table4().mean(axis=1)
+    table5 = paper.table5()
+    a, b = claim.a, claim.b
+    p = table5.loc[a, b] if pd.notna(table5.loc[a, b]) else table5.loc[b, a]
+    return f"{a} {means[a]:.3f}, {b} {means[b]:.3f} (Table 4); corrected p {p:.1e} (Table 5)"
 
 
 def paper_findings(
-    cases: pd.DataFrame, tests: pd.DataFrame, value: str = "dice_mean_nobg"
+    cases: pd.DataFrame,
+    value: str = "dice_mean_nobg",
+    *,
+    margin: float = 0.01,
+    alpha: float = 0.05,
 ) -> pd.DataFrame:
-    """The paper's conclusions on transfer learning (§4.3), checked on a set of results.
+    """The paper's conclusions on transfer learning (:func:`paper_claims`), checked here.
+
+    Each claim is decided by :func:`neonb.statistics.check_claims` on the per-subject scores
+    (averaged over a strategy's runs), with the rule of its kind, and the p-values of the
+    six claims Bonferroni-corrected together.
 
     Args:
-        cases: one row per test subject and strategy, with ``strategy`` and ``value``.
-        tests: :func:`neonb.statistics.pairwise_ttests` of ``value`` between the trained
-            strategies (Bonferroni-corrected ``p_corrected``).
+        cases: one row per test subject, strategy (and run), with ``strategy``,
+            ``participant_id`` and ``value``.
         value: the per-subject score compared (default: mean Dice without background).
+        margin: the equivalence margin (Dice) of "as good as".
+        alpha: family-wise error rate.
 
     Returns:
-        One row per finding: ``paper`` (what it reports, with its corrected p from
-        :func:`neonb.paper.table5`), ``here`` (the same numbers on ``cases``) and
-        ``holds`` (whether the finding holds here: the direction of the means and, for
-        claims of a significant difference, corrected p < 0.05; for claims of no
-        difference, p >= 0.05).
+        :func:`~neonb.statistics.check_claims` rows with a first column ``paper (dHCP)``:
+        what the paper reports for the claim.
     """
-    stats = cases.groupby("strategy", sort=False)[value].agg(["mean", "std"])
-    mean, std = stats["mean"], stats["std"]
-    ref = paper.table5()
-    ref_means = paper.table4().mean(axis=1)
-
-    def p_ref(a: str, b: str) -> float:
-        return float(ref.loc[a, b])
-
-    def means(*names: str) -> str:
-        return ", ".join(f"{n} {mean[n]:.3f}" for n in names)
-
-    ladder = ("shallow", "medium", "deep")
-    rows = {
-        "deeper fine-tuning is better (shallow < medium < deep)": (
-            "Table 4 means " + ", ".join(f"{n} {ref_means[n]:.3f}" for n in ladder),
-            means(*ladder),
-            bool(mean["shallow"] < mean["medium"] < mean["deep"]),
-        ),
-        "shallow is significantly worse than medium": (
-            f"p = {p_ref('shallow', 'medium'):.1e}",
-            f"{means('shallow', 'medium')}; p = {_p(tests, 'shallow', 'medium'):.1e}",
-            bool(mean["shallow"] < mean["medium"] and _p(tests, "shallow", "medium") < 0.05),
-        ),
-        "medium is as good as full fine-tuning (no significant difference)": (
-            f"p = {p_ref('medium', 'full'):.2f}",
-            f"{means('medium', 'full')}; p = {_p(tests, 'medium', 'full'):.1e}",
-            bool(_p(tests, "medium", "full") >= 0.05),
-        ),
-        "scratch is significantly worse than full fine-tuning": (
-            f"p = {p_ref('full', 'scratch'):.1e}",
-            f"{means('full', 'scratch')}; p = {_p(tests, 'full', 'scratch'):.1e}",
-            bool(mean["scratch"] < mean["full"] and _p(tests, "full", "scratch") < 0.05),
-        ),
-        "scratch is significantly worse than deep fine-tuning": (
-            f"p = {p_ref('deep', 'scratch'):.1e}",
-            f"{means('deep', 'scratch')}; p = {_p(tests, 'deep', 'scratch'):.1e}",
-            bool(mean["scratch"] < mean["deep"] and _p(tests, "deep", "scratch") < 0.05),
-        ),
-        "training more parameters gives more spread (std shallow < full)": (
-            "Figure 11",
-            f"std shallow {std['shallow']:.3f}, full {std['full']:.3f}",
-            bool(std["shallow"] < std["full"]),
-        ),
-    }
-    return pd.DataFrame.from_dict(
-        rows, orient="index", columns=["paper (dHCP)", "here", "holds"]
-    ).rename_axis("finding")
+    claims = paper_claims()
+    checked = check_claims(cases, value, claims, by="strategy", margin=margin, alpha=alpha)
+    checked.insert(0, "paper (dHCP)", [_paper_reference(c) for c in claims])
+    return checked

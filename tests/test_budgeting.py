@@ -531,3 +531,74 @@ def test_condition_results_and_sweep_figure():
     fig = plots.dispersion_sweep(results)
     assert [trace.name for trace in fig.data] == ["validation (patches)", "test (whole volumes)"]
     assert list(fig.data[1].y) == list(results["test_dice_nobg"])
+
+
+def test_the_full_condition_under_each_schedule_is_named():
+    assert B.other_schedule_condition("steps") == "fullepochs"
+    assert B.other_schedule_condition("epochs") == "fullsteps"
+    assert B.full_conditions("steps", both_schedules=False) == {"steps": "full"}
+    assert B.full_conditions("epochs", both_schedules=True) == {
+        "epochs": "full",
+        "steps": "fullsteps",
+    }
+    with pytest.raises(ConfigError, match="schedule"):
+        B.other_schedule_condition("minutes")
+
+
+def test_budgeting_claims_follow_the_schedules_trained():
+    dispersed = ["random", "sagittal", "axial"]
+    paper_only = B.paper_claims(dispersed, {"epochs": "full"})
+    assert [c.b for c in paper_only] == ["full"] * 3 + ["sagittal"] * 2
+    assert all(c.source == "paper" for c in paper_only)
+    both = B.paper_claims(dispersed, {"steps": "full", "epochs": "fullepochs"})
+    at_epochs = [c for c in both if "equal epochs" in c.text]
+    at_steps = [c for c in both if "equal steps" in c.text]
+    assert {c.b for c in at_epochs} == {"fullepochs"} and {c.b for c in at_steps} == {"full"}
+    assert {c.source for c in at_steps} == {"neonb"}
+
+
+def test_budgeting_findings_on_constructed_results():
+    # dispersed conditions 0.05 above full volumes, sagittal in between, same subjects
+    rng = np.random.default_rng(0)
+    subject = rng.normal(0, 0.03, 10)
+    means = {"full": 0.80, "random": 0.86, "sagittal": 0.84, "axial": 0.86}
+    rows = [
+        (name, run, f"s{i}", mean + subject[i] + rng.normal(0, 0.003))
+        for name, mean in means.items()
+        for run in range(2)
+        for i in range(10)
+    ]
+    cases = pd.DataFrame(rows, columns=["condition", "run", "participant_id", "dice_mean_nobg"])
+    findings = B.paper_findings(cases, ["random", "sagittal", "axial"], {"epochs": "full"})
+    assert (findings["verdict"] == "holds").all(), findings
+    assert "Table 3" in findings.loc["sagittal beats full volumes at equal epochs", "paper (dHCP)"]
+    assert (findings["p_corrected"] == np.minimum(1, 5 * findings["p"])).all()
+
+
+def test_evaluation_subset_is_age_representative_and_fixed(records):
+    one = B.evaluation_subset(records, 2, seed=0)
+    assert len(one) == 2 and one == B.evaluation_subset(records, 2, seed=0)
+    assert len(B.evaluation_subset(records, 0, seed=0)) == 3
+    assert len(B.evaluation_subset(records, 10, seed=0)) == 3
+
+
+def test_extent_lengths_count_the_slices_in_the_head():
+    extents = pd.DataFrame([_extents_row(lengths=(50, 60, 40))])
+    lengths = B.extent_lengths(extents)
+    assert lengths.iloc[0].to_dict() == {"sagittal": 50, "coronal": 60, "axial": 40}
+
+
+def test_a_mask_follows_augmentation_and_hides_voxels_from_the_loss(records, tmp_path):
+    extents = B.session_extents(records)
+    condition = B.Condition("coronal", 1, "coronal", fraction=0.3)
+    slices = B.slice_table([condition], _sessions({"coronal": ["P0"]}, records), extents)
+    masks = B.write_masks(slices, records, tmp_path / "masks")
+    config = TrainingConfig(patch_size=(16, 16, 16), model=TINY)
+    identical = B.mask_follows_augmentation(records[0], masks.loc[0, "mask"], config, draws=3)
+    assert identical == [True, True, True]
+    record = B.condition_records(records, ["P0"], masks, "coronal")[0]
+    probe = B.gradient_probe(record, config, seed=0)
+    assert list(probe["head"]) == ["final", "-1"]
+    assert 0 < probe["unannotated voxels"].iloc[0] < 1
+    assert (probe["gradient on unannotated logits"] == 0).all()
+    assert (probe["logits with gradient, annotated"] > 0.9).all()

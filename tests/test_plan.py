@@ -94,8 +94,11 @@ def test_the_plan_is_written_and_lists_every_run(planned):
     by_chapter = runs.groupby("chapter")["run"].apply(list).to_dict()
     assert by_chapter["01_pipeline"] == ["run-0", "run-1", "run-2", "run-3"]
     assert by_chapter["02_ageunet"] == ["paper", "head_lr", "alpha_ramp", "staged"]
-    assert by_chapter["04_transfer"] == ["source", "shallow", "medium", "deep", "full", "scratch"]
-    assert {"full", "axial", "random"} <= set(by_chapter["03_budgeting"])
+    assert by_chapter["04_transfer"] == [
+        "source",
+        *(f"{s}/run-0" for s in ("shallow", "medium", "deep", "full", "scratch")),
+    ]
+    assert {"full/run-0", "axial/run-0", "random/run-0"} <= set(by_chapter["03_budgeting"])
     # 60 epochs of 57 steps per pipeline run: the paper's 18.6 T4 hours each
     pipeline = runs[runs["chapter"] == "01_pipeline"]
     assert (pipeline["steps"] == 60 * 57).all()

@@ -115,24 +115,40 @@ def test_unknown_runs_and_unfinished_prerequisites_are_one_line_errors(workdir, 
         code = main(["train", "--params", str(SMOKE), "--chapter", "03_budgeting", "--run", "x"])
         err = capsys.readouterr().err.strip()
         assert code == 1 and "\n" not in err
-        assert "03_budgeting has no run 'x'; its runs: full, random, sagittal" in err
-        code = main(["train", "--params", str(SMOKE), "--chapter", "04_transfer", "--run", "deep"])
+        assert "03_budgeting has no run 'x'; its runs: full/run-0, full/run-1, random/run-0" in err
+        assert "fullepochs/run-1" in err  # the full volumes at equal epochs (both_schedules)
+        code = main(
+            ["train", "--params", str(SMOKE), "--chapter", "04_transfer", "--run", "deep/run-1"]
+        )
         err = capsys.readouterr().err.strip()
         assert code == 1 and "\n" not in err
-        assert "04_transfer deep starts from another run: 04_transfer source" in err
+        assert "04_transfer deep/run-1 starts from another run: 04_transfer source" in err
         assert "--chapter 04_transfer --run source" in err
         chapter = load_chapter(SMOKE, "04_transfer")
-        full = workdir / "results" / "smoke" / "03_budgeting" / "runs" / "full"
+        full = workdir / "results" / "smoke" / "03_budgeting" / "runs" / "full" / "run-0"
         full.mkdir(parents=True)
         with exclusive_lock(full / LOCK_FILE, "a neonb train"):  # another job trains it
             code = main(
-                ["train", "--params", str(SMOKE), "--chapter", "03_budgeting", "--run", "full"]
+                [
+                    "train",
+                    "--params",
+                    str(SMOKE),
+                    "--chapter",
+                    "03_budgeting",
+                    "--run",
+                    "full/run-0",
+                ]
             )
         err = capsys.readouterr().err.strip()
         assert code == 1 and "\n" not in err and "locked by a neonb train" in err
         assert run_status(full) == NOT_STARTED
-    assert chapter["deep"].status() == NOT_STARTED
-    assert [n.run for n in chapter["deep"].unmet()] == ["source"]
+    assert chapter["deep/run-0"].status() == NOT_STARTED
+    assert [n.run for n in chapter["deep/run-0"].unmet()] == ["source"]
+    # replicates share their data and differ in their seed
+    deep = chapter.groups()["deep"]
+    assert [r.replicate for r in deep] == [0, 1]
+    assert [r.config.seed for r in deep] == [deep[0].config.seed, deep[0].config.seed + 1]
+    assert deep[1].run_dir == chapter.folder / "deep" / "run-1"
     with pytest.raises(ConfigError, match="no chapter 'data' trains"):
         load_chapter(SMOKE, "data")
 
@@ -196,3 +212,50 @@ def test_a_run_folder_is_stamped_with_the_splits_it_was_trained_on(tmp_path):
     with pytest.raises(DataError, match="before neonb recorded the splits"):
         run.train()
     assert len(calls) == 2
+
+
+def test_both_schedules_add_the_full_volumes_at_equal_epochs(workdir):
+    from neonb.experiment import optimizer_steps
+
+    with contextlib.chdir(workdir):
+        chapter = load_chapter(SMOKE, "03_budgeting")
+    groups = chapter.groups()
+    assert list(groups)[-1] == "fullepochs" and len(groups["fullepochs"]) == 2
+
+    def steps(name: str) -> int:
+        run = groups[name][0]
+        return optimizer_steps(run.sessions, run.config)
+
+    # the dispersed conditions train alike under both schedules; at equal steps the full
+    # condition matches them, at equal epochs it takes their patches per volume
+    dispersed = groups["sagittal"][0]
+    assert groups["fullepochs"][0].config.samples_per_volume == dispersed.config.samples_per_volume
+    assert groups["fullepochs"][0].sessions == groups["full"][0].sessions
+    assert steps("full") == steps("sagittal")
+    assert steps("fullepochs") < steps("full")
+    assert groups["fullepochs"][0].config.epochs == dispersed.config.epochs
+
+
+def test_replicates_are_trained_reported_and_scored_by_group(workdir):
+    from neonb import experiment
+    from neonb.runs import train_runs
+
+    with contextlib.chdir(workdir):
+        chapter = load_chapter(SMOKE, "03_budgeting")
+        chosen = [*chapter.groups()["full"], *chapter.groups()["sagittal"][:1]]
+        said = []
+        trained = train_runs(chosen, say=said.append)
+        facts = trained.facts(by="condition")
+        logs = trained.logs(by="condition", names={"full": "whole"})
+        volumes = experiment.prepare_volumes(chapter.records["test"][:1])
+        per_case = trained.evaluate(volumes, chapter.config, by="condition")
+    assert len(said) == 3 and "full/run-1" in said[1]
+    assert list(facts["condition"]) == ["full", "full", "sagittal"]
+    assert list(facts["run"]) == [0, 1, 0]
+    assert (facts["steps"] > 0).all() and (facts["train_time_s"] > 0).all()
+    assert set(logs["condition"]) == {"whole", "sagittal"}
+    assert sorted(logs["run"].unique()) == [0, 1]
+    assert per_case.groupby(["condition", "run"]).ngroups == 3
+    # two seeds, two networks: their test scores differ
+    full = per_case[per_case["condition"] == "full"]
+    assert not full[full["run"] == 0]["dice"].equals(full[full["run"] == 1]["dice"])
