@@ -14,9 +14,9 @@ partial one resumes from its checkpoint.
 chapter        runs                                                      starts from
 ============== ========================================================= =====================
 01_pipeline    ``run-0`` ... ``run-{n_runs-1}`` (seed + i)                nothing
-02_ageunet     the variants: ``paper``, ``head_lr``, ``alpha_ramp``,      01_pipeline ``run-0``
-               ``staged``                                                 (``init: baseline``;
-                                                                          always for staged)
+02_ageunet     the variants: ``paper``, ``standardized``, ``head_lr``,    01_pipeline ``run-0``
+               ``alpha_ramp``, ``staged``; with ``n_runs`` > 1 also       (``init: baseline``;
+               ``paper-run1`` ... (seed + k)                              always for staged)
 03_budgeting   the conditions: ``full``, ``random``, ``sagittal``, ...    nothing
 04_transfer    ``source``, ``shallow``, ``medium``, ``deep``, ``full``,   04_transfer ``source``
                ``scratch``                                                (the fine-tuned four)
@@ -305,12 +305,15 @@ class AgeUNetRuns(ChapterRuns):
     Attributes:
         baseline_dir: the pipeline's ``run-0``, whose settings the variants keep.
         head: the head's base settings.
-        settings: variant → its ``(TrainingConfig, AgeHeadConfig)``.
+        settings: run id → its ``(TrainingConfig, AgeHeadConfig)``.
+        replicates: run id → ``(variant, k)``: the variant and the run's number (0 ..
+            ``n_runs - 1``).
     """
 
     baseline_dir: Path = Path()
     head: Any = None
     settings: dict[str, tuple[TrainingConfig, Any]] = field(default_factory=dict)
+    replicates: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -498,13 +501,16 @@ def ageunet_runs(
     variants: Mapping[str, Mapping[str, Any]],
     init: str = "baseline",
     baseline_training: Mapping[str, Any] | None = None,
+    n_runs: int = 1,
 ) -> AgeUNetRuns:
-    """The AgeU-Net chapter's runs, one per variant.
+    """The AgeU-Net chapter's runs: ``n_runs`` per variant.
 
     Every variant keeps the settings of the pipeline's ``run-0`` (its ``config.yaml``),
     changed by ``training`` and then by the variant's own ``training``; its head is
     ``head`` changed by the variant's ``head``. With ``init="baseline"`` (and always for the
     staged variant) a run starts from the baseline's weights, which must have finished.
+    Run ``k`` of a variant trains with seed ``seed + k`` in the folder
+    :func:`ageunet_run_id` names: ``<variant>`` for run 0, ``<variant>-run<k>`` after it.
 
     Args:
         cohort, pipeline_splits, results_dir, seed: as :func:`pipeline_runs`.
@@ -515,16 +521,20 @@ def ageunet_runs(
         baseline_training: the pipeline chapter's ``training`` parameters, for the
             baseline's settings while it has not finished (planning, ``neonb train --list``);
             ``None``: the baseline must have finished.
+        n_runs: runs per variant (the paper: 2).
 
     Raises:
         DataError: when the baseline has not finished and no ``baseline_training`` is given.
-        ConfigError: for an unknown ``init``.
+        ConfigError: for an unknown ``init``, ``n_runs`` below 1, or a variant name that
+            another variant's replicate would take.
     """
     from neonb.ageunet import AgeHeadConfig
     from neonb.experiment import read_finished_run
 
     if init not in ("baseline", "scratch"):
         raise ConfigError(f"init must be 'baseline' or 'scratch', but found {init!r}")
+    if isinstance(n_runs, bool) or int(n_runs) != n_runs or n_runs < 1:
+        raise ConfigError(f"n_runs must be a positive integer, got {n_runs!r}")
     results = Path(results_dir)
     folder, baseline_dir = results / "02_ageunet", results / "01_pipeline" / "run-0"
     if baseline_training is None or run_status(baseline_dir) == FINISHED:
@@ -535,33 +545,38 @@ def ageunet_runs(
     head_config = AgeHeadConfig.from_dict(head)
     records = _records(cohort, pipeline_splits, ("train", "val", "test"))
     baseline = Need("01_pipeline", "run-0", baseline_dir)
-    runs, settings = {}, {}
+    runs, settings, replicates = {}, {}, {}
     for name, variant in variants.items():
-        run_config = config.replace(**variant.get("training", {}))
+        variant_config = config.replace(**variant.get("training", {}))
         run_head = head_config.replace(**variant.get("head", {}))
-        settings[name] = (run_config, run_head)
         start = init == "baseline" or run_head.staged
         weights = baseline_dir / BEST_MODEL_FILE if start else None
-        trainer = functools.partial(
-            _train_ageunet,
-            records["train"],
-            records["val"],
-            run_config,
-            run_head,
-            folder / name,
-            weights,
-        )
-        runs[name] = Run(
-            "02_ageunet",
-            name,
-            folder / name,
-            run_config,
-            len(records["train"]),
-            trainer,
-            needs=(baseline,) if start else (),
-            head_only=bool(run_head.staged),
-            splits_dir=Path(results_dir),
-        )
+        for k in range(int(n_runs)):
+            run_id = ageunet_run_id(name, k)
+            if run_id in replicates or (k and run_id in variants):
+                raise ConfigError(f"02_ageunet: two runs would be named {run_id!r}")
+            run_config = variant_config.replace(seed=variant_config.seed + k)
+            settings[run_id], replicates[run_id] = (run_config, run_head), (name, k)
+            trainer = functools.partial(
+                _train_ageunet,
+                records["train"],
+                records["val"],
+                run_config,
+                run_head,
+                folder / run_id,
+                weights,
+            )
+            runs[run_id] = Run(
+                "02_ageunet",
+                run_id,
+                folder / run_id,
+                run_config,
+                len(records["train"]),
+                trainer,
+                needs=(baseline,) if start else (),
+                head_only=bool(run_head.staged),
+                splits_dir=Path(results_dir),
+            )
     return AgeUNetRuns(
         "02_ageunet",
         runs,
@@ -571,7 +586,13 @@ def ageunet_runs(
         baseline_dir=baseline_dir,
         head=head_config,
         settings=settings,
+        replicates=replicates,
     )
+
+
+def ageunet_run_id(variant: str, k: int) -> str:
+    """Id and folder name of run ``k`` of an AgeU-Net variant: ``paper``, ``paper-run1``."""
+    return variant if k == 0 else f"{variant}-run{k}"
 
 
 def budgeting_runs(
@@ -794,6 +815,7 @@ def define_runs(
             variants=params.get("variants", {}),
             init=params.get("init", "baseline"),
             baseline_training=pipeline_training,
+            n_runs=params.get("n_runs", 1),
         )
     if chapter == "03_budgeting":
         return budgeting_runs(
