@@ -533,7 +533,7 @@ def ageunet_runs(
 
     if init not in ("baseline", "scratch"):
         raise ConfigError(f"init must be 'baseline' or 'scratch', but found {init!r}")
-    if isinstance(n_runs, bool) or int(n_runs) != n_runs or n_runs < 1:
+    if not isinstance(n_runs, int) or isinstance(n_runs, bool) or n_runs < 1:
         raise ConfigError(f"n_runs must be a positive integer, got {n_runs!r}")
     results = Path(results_dir)
     folder, baseline_dir = results / "02_ageunet", results / "01_pipeline" / "run-0"
@@ -551,7 +551,7 @@ def ageunet_runs(
         run_head = head_config.replace(**variant.get("head", {}))
         start = init == "baseline" or run_head.staged
         weights = baseline_dir / BEST_MODEL_FILE if start else None
-        for k in range(int(n_runs)):
+        for k in range(n_runs):
             run_id = ageunet_run_id(name, k)
             if run_id in replicates or (k and run_id in variants):
                 raise ConfigError(f"02_ageunet: two runs would be named {run_id!r}")

@@ -174,7 +174,7 @@ print(f"age term of the base head: α = {head_config.alpha:g} × the MSE of {tar
 # standardised ages (neonb's choice).
 #
 # With `init = "baseline"` the joint variants start from the baseline's weights with a
-# new head (fine-tuning), as the CPU demo cannot train four networks from scratch; the
+# new head (fine-tuning), as the CPU demo cannot train five networks from scratch; the
 # paper's parameter set trains them from scratch (`init = "scratch"`), as the paper did.
 # The staged variant always starts from the baseline. The joint runs keep the epoch with
 # the best validation Dice, as the baseline does.
@@ -191,7 +191,6 @@ print(f"age term of the base head: α = {head_config.alpha:g} × the MSE of {tar
 # for many epochs, with standardised targets, and the run keeps the epoch whose
 # validation volumes (mean of their windows' ages) have the lowest age MAE. A head epoch
 # costs milliseconds, as no U-Net forward or backward pass is needed.
-
 #
 # **Replicates.** Every variant trains `n_runs` times, run `k` with seed `seed + k` (in
 # `02_ageunet/<variant>` for run 0, `<variant>-run<k>` after it); the paper ran its
