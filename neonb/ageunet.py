@@ -27,19 +27,28 @@ piece                      what it is
 :class:`AgeHeadConfig`     head architecture and the age part of the training recipe
 :class:`AgeUNet`           MONAI ``DynUNet`` subclass; the head reads ``bottleneck`` via a
                            forward hook; output ``{"segmentation": ..., "age": (B,)}``
-:class:`AgeUNetLoss`       ``SegmentationLoss + α(epoch) · MSE`` (standardised ages)
+:class:`AgeUNetLoss`       ``SegmentationLoss + α(epoch) · MSE`` (weeks², or standardised)
 :func:`segment_with_age`   labels and aggregated ages of one volume (MONAI sliding windows)
 :func:`train_ageunet`      one run folder, :data:`AGE_HEAD_FILE` included
 :func:`train_staged_head`  staged: head trained on cached window features
 :func:`load_ageunet_run`   rebuild a trained AgeU-Net from its folder alone
+:func:`age_verdicts`       per variant: constant head, or better than the mean predictor
 =========================  ============================================================
 
-**Target standardisation.** With ``standardize=True`` (default) the head predicts
-``z = (age - mean) / std``, with the mean and standard deviation of the *training* ages;
-the network un-standardises its output, so ``outputs["age"]`` is always in weeks, and the
-loss is the MSE of ``z`` (the MSE in weeks² divided by ``std²``). Without it the MSE is in
-weeks² from a head that starts near 0 weeks: the first losses are ~1500 and, times α, swamp
-the segmentation loss — the instability the paper met with larger learning rates.
+**The weight of the age term.** By default (``standardize=False``) the loss is the paper's:
+α times the MSE of ages in weeks², so α = 1e-2 weighs an error of 3.5 weeks (about the SD
+of the dHCP ages) like 0.12 of Dice + CE. With ``standardize=True`` (neonb's option) the
+head predicts ``z = (age - mean) / std``, with the mean and standard deviation of the
+*training* ages, and the loss is the MSE of ``z``: the MSE in weeks² divided by ``std²``,
+so the same α weighs the age term about ``std²`` (≈ 12 on the dHCP) times less. Either way
+the network returns weeks (``outputs["age"]``).
+
+**Where the head starts (neonb's choice).** A freshly initialised head outputs about 0:
+0 weeks without standardisation, whose squared errors (~1500 weeks²), even times α, swamp
+the segmentation loss — the instability the paper met with larger learning rates. Every
+run therefore sets the bias of the head's last layer so that it starts at the mean
+training age (:meth:`AgeHead.start_at`; 0 in z-units when standardised). This changes
+where the head starts, not the loss the paper weighs.
 
 Example:
     >>> from neonb.models import ModelConfig
@@ -120,6 +129,7 @@ __all__ = [
     "WindowFeatures",
     "aggregate_ages",
     "age_errors",
+    "age_verdicts",
     "alpha_at",
     "build_ageunet",
     "cache_window_features",
@@ -172,7 +182,9 @@ class AgeHeadConfig:
             from its bottleneck features cached once per sliding window
             (:func:`train_staged_head`); the run keeps the epoch with the lowest
             validation age MAE.
-        standardize: regress standardised ages (module docstring).
+        standardize: regress standardised ages, so that the age term is the MSE in weeks²
+            divided by the variance of the training ages (neonb's option); ``False`` (the
+            default): the paper's MSE in weeks² (module docstring).
         feature_batch_size: staged training only: cached windows per head step
             (:func:`train_head_on_features`).
     """
@@ -186,7 +198,7 @@ class AgeHeadConfig:
     alpha_start: float = 0.0
     head_learning_rate: float | None = None
     staged: bool = False
-    standardize: bool = True
+    standardize: bool = False
     feature_batch_size: int = 64
 
     def __post_init__(self) -> None:
@@ -239,7 +251,10 @@ class AgeHeadConfig:
 
 
 class AgeHead(nn.Module):
-    """Bottleneck features ``(B, F, x, y, z)`` → one standardised age per sample ``(B,)``.
+    """Bottleneck features ``(B, F, x, y, z)`` → one age per sample ``(B,)``.
+
+    The output is in weeks, or standardised (z-units) when the head regresses standardised
+    ages; :class:`AgeUNet` turns it into weeks.
 
     Args:
         in_channels: channels ``F`` of the bottleneck (``filters[-1]``).
@@ -274,8 +289,19 @@ class AgeHead(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, features: Tensor) -> Tensor:
-        """Standardised age per sample, shape ``(B,)``."""
+        """Age per sample (weeks or z-units), shape ``(B,)``."""
         return self.layers(features)[:, 0]
+
+    def start_at(self, value: float) -> AgeHead:
+        """Set the bias of the last layer to ``value`` (the head's output units); ``self``.
+
+        The last layer's weights stay as initialised, so a new head outputs ``value`` plus
+        a small, input-dependent term: neonb starts every head at the mean training age.
+        """
+        last = self.layers[-1]
+        with torch.no_grad():
+            last.bias.fill_(float(value))
+        return self
 
 
 class AgeUNet(DynUNet):
@@ -409,10 +435,11 @@ def alpha_at(epoch: int, epochs: int, head: AgeHeadConfig) -> float:
 
 
 class AgeUNetLoss(nn.Module):
-    """``segmentation(outputs["segmentation"], batch) + α · MSE`` of the standardised age.
+    """``segmentation(outputs["segmentation"], batch) + α · MSE`` of the age.
 
     The MSE compares ``(outputs["age"] - batch["scan_age"]) / age_std`` with 0, i.e. the
-    MSE in weeks² divided by ``age_std²`` (1 without standardisation). α follows
+    MSE in weeks² divided by ``age_std²``: 1 without standardisation, the paper's loss
+    (Eq. 4); the standard deviation of the training ages with it. α follows
     :func:`alpha_at`; :func:`neonb.engine.fit` calls :meth:`set_epoch` before each epoch.
     With α = 0 the loss is exactly the segmentation loss. Training batches add their age
     errors to :attr:`history` (epoch → ``[sum of squared errors (weeks²), sum of absolute
@@ -422,7 +449,7 @@ class AgeUNetLoss(nn.Module):
         segmentation: the segmentation loss (``neonb.experiment.segmentation_loss``).
         head: gives α and its schedule.
         epochs: length of the run (for a linear schedule).
-        age_std: standard deviation used for standardisation, weeks.
+        age_std: standard deviation used for standardisation, weeks (1: none).
         age_key: batch key of the target ages.
     """
 
@@ -833,11 +860,11 @@ def train_head_on_features(
 ) -> pd.DataFrame:
     """Train ``model.age_head`` alone on cached bottleneck features (no U-Net forward).
 
-    The head regresses standardised ages ``(age - model.age_mean) / model.age_std`` with
-    an MSE loss and AdamW, in shuffled mini-batches of windows; after every epoch the
-    validation volumes' ages (window mean) are scored, and the head is left with the
-    weights of the epoch with the lowest validation MAE. Nothing outside the head
-    changes.
+    The head regresses ``(age - model.age_mean) / model.age_std`` (standardised ages, or
+    weeks for a run that does not standardise: mean 0, std 1) with an MSE loss and AdamW,
+    in shuffled mini-batches of windows; after every epoch the validation volumes' ages
+    (window mean) are scored, and the head is left with the weights of the epoch with the
+    lowest validation MAE. Nothing outside the head changes.
 
     Args:
         model: the AgeU-Net; only ``model.age_head`` is trained (on the CPU).
@@ -850,7 +877,7 @@ def train_head_on_features(
         seed: seeds the shuffling (and dropout).
 
     Returns:
-        One row per epoch: ``epoch``, ``train_loss`` (MSE of standardised ages),
+        One row per epoch: ``epoch``, ``train_loss`` (MSE of the head's targets),
         ``train_age_mae_w`` (window ages, weeks), ``val_age_mae_w`` (volume ages, weeks),
         ``epoch_time_s``.
     """
@@ -1070,8 +1097,9 @@ def train_ageunet(
     """Train an AgeU-Net (joint or staged) in ``run_dir``; a finished run is reloaded.
 
     The run folder is that of :func:`neonb.experiment.train_segmentation` plus
-    :data:`AGE_HEAD_FILE` (head settings, age standardisation, weights file) and
-    :data:`AGE_LOG_FILE` (training age error per epoch).
+    :data:`AGE_HEAD_FILE` (head settings, age standardisation, the age the head starts at,
+    weights file) and :data:`AGE_LOG_FILE` (training age error per epoch). The new head
+    starts at the mean training age (:meth:`AgeHead.start_at`, neonb's choice).
 
     Args:
         train_records: training sessions, with ``scan_age``.
@@ -1091,15 +1119,16 @@ def train_ageunet(
     if head.staged and init_weights is None:
         raise ConfigError("staged training trains the head on a trained network: give init_weights")
     run_dir = Path(run_dir)
-    age_mean, age_std = age_standardization(
-        [r["scan_age"] for r in train_records], head.standardize
-    )
+    train_ages = [r["scan_age"] for r in train_records]
+    age_mean, age_std = age_standardization(train_ages, head.standardize)
+    start = float(np.mean(train_ages))
     _write_age_head(
         run_dir,
         {
             "head": head.to_dict(),
             "age_mean": age_mean,
             "age_std": age_std,
+            "head_starts_at_weeks": start,
             "weights": BEST_MODEL_FILE,
             "init_weights": None if init_weights is None else str(init_weights),
         },
@@ -1108,6 +1137,7 @@ def train_ageunet(
         return load_ageunet_run(run_dir)[0]
     torch.manual_seed(config.seed)
     model = build_ageunet(config.model, head, age_mean=age_mean, age_std=age_std)
+    model.age_head.start_at((start - age_mean) / age_std)  # the mean training age
     if init_weights is not None:
         load_backbone(model, init_weights)
     if head.staged:
@@ -1158,47 +1188,70 @@ def summary_table(
     mean_age: float,
     *,
     by: str = "variant",
+    run: str = "run",
 ) -> pd.DataFrame:
     """The chapter's table: test Dice of the baseline and every AgeU-Net, age errors.
 
     Args:
-        per_class: :func:`evaluate_with_age` rows of every model, with a ``by`` column.
-        ages: :func:`evaluate_with_age` ages of every model, with a ``by`` column.
+        per_class: :func:`evaluate_with_age` rows of every model, with a ``by`` column and,
+            for replicated runs, a ``run`` column.
+        ages: :func:`evaluate_with_age` ages of every model, with the same columns.
         baseline_per_class: the baseline's per-class test rows (one run).
         mean_age: the mean predictor's constant age (mean training age), weeks.
-        by: the column naming the model.
+        by: the column naming the model (variant).
+        run: the column numbering a model's runs (absent: one run each).
 
     Returns:
         One row per model (``baseline``, ``AgeU-Net: <name>``, ``mean predictor``) with
-        ``test Dice (no BG)`` (mean over sessions of the tissue mean), ``age MAE (weeks)``,
-        ``age MSE (weeks²)`` (window mean), their foreground-weighted counterparts, and
-        the SD of the predicted ages and their correlation with the true ages: a head that
-        learned the mean age has an SD near 0, whatever its MAE.
+        ``runs``, ``test Dice (no BG)`` (mean over sessions of the tissue mean),
+        ``age MAE (weeks)``, ``age MSE (weeks²)`` (window mean), their foreground-weighted
+        counterparts, and the SD of the predicted ages and their correlation with the true
+        ages: a head that learned the mean age has an SD near 0, whatever its MAE. A model
+        with several runs gets the mean of its runs' values, then one row per run
+        (``AgeU-Net: <name>, run <k>``).
     """
 
     def dice(rows: pd.DataFrame) -> float:
         return float(case_summary(rows)["dice_mean_nobg"].mean())
 
-    table: dict[str, dict[str, float]] = {
-        "baseline": {"test Dice (no BG)": dice(baseline_per_class)}
-    }
-    errors = None
-    for name in dict.fromkeys(ages[by]):
-        errors = age_errors(ages[ages[by] == name], baseline_age=mean_age)
-        table[f"AgeU-Net: {name}"] = {
-            "test Dice (no BG)": dice(per_class[per_class[by] == name]),
+    def one_run(rows: pd.DataFrame, predicted: pd.DataFrame) -> dict[str, float]:
+        errors = age_errors(predicted, baseline_age=mean_age)
+        return {
+            "test Dice (no BG)": dice(rows),
             "age MAE (weeks)": errors.loc["mean", "MAE (weeks)"],
             "age MSE (weeks²)": errors.loc["mean", "MSE (weeks²)"],
             "age MAE, fg-weighted": errors.loc["foreground_weighted", "MAE (weeks)"],
             "age MSE, fg-weighted": errors.loc["foreground_weighted", "MSE (weeks²)"],
-            **_spread(ages[ages[by] == name]),
+            **_spread(predicted),
         }
-    if errors is not None:
+
+    table: dict[str, dict[str, float]] = {
+        "baseline": {"runs": 1, "test Dice (no BG)": dice(baseline_per_class)}
+    }
+    per_class, ages = _with_run(per_class, run), _with_run(ages, run)
+    for name in dict.fromkeys(ages[by]):
+        mine = ages[ages[by] == name]
+        runs = {
+            k: one_run(per_class[(per_class[by] == name) & (per_class[run] == k)], rows)
+            for k, rows in mine.groupby(run, sort=True)
+        }
+        mean = pd.DataFrame(runs.values()).mean()
+        table[f"AgeU-Net: {name}"] = {"runs": len(runs), **mean.to_dict()}
+        if len(runs) > 1:
+            for k, values in runs.items():
+                table[f"AgeU-Net: {name}, run {k}"] = {"runs": 1, **values}
+    if len(ages):
+        errors = age_errors(ages.drop_duplicates(["participant_id", "session_id"]), mean_age)
         table["mean predictor"] = {
             "age MAE (weeks)": errors.loc["mean predictor", "MAE (weeks)"],
             "age MSE (weeks²)": errors.loc["mean predictor", "MSE (weeks²)"],
         }
     return pd.DataFrame.from_dict(table, orient="index").rename_axis("model")
+
+
+def _with_run(table: pd.DataFrame, run: str) -> pd.DataFrame:
+    """``table`` with a ``run`` column (0 for every row when it has none)."""
+    return table if run in table else table.assign(**{run: 0})
 
 
 def _spread(ages: pd.DataFrame) -> dict[str, float]:
@@ -1209,3 +1262,143 @@ def _spread(ages: pd.DataFrame) -> dict[str, float]:
         "predicted SD (weeks)": float(predicted.std()),
         "r (predicted, true)": float(np.corrcoef(predicted, truth)[0, 1]) if varies else np.nan,
     }
+
+
+CONSTANT_FRACTION = 0.25
+"""A head whose predictions spread less than this fraction of the true ages' SD is constant."""
+
+VERDICTS = (
+    "mean age learned",
+    "beats the mean predictor",
+    "not shown to beat the mean predictor",
+    "worse than the mean predictor",
+)
+"""What :func:`age_verdicts` says of a variant's test ages."""
+
+
+def _paired_p(errors: np.ndarray, reference: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p of paired absolute errors (1 when all are equal)."""
+    from scipy.stats import wilcoxon
+
+    differences = errors - reference
+    if not np.any(differences != 0):
+        return 1.0
+    return float(wilcoxon(errors, reference).pvalue)
+
+
+def age_verdicts(
+    ages: pd.DataFrame,
+    mean_age: float,
+    *,
+    by: str = "variant",
+    run: str = "run",
+    predicted: str = "age_mean",
+    constant_fraction: float = CONSTANT_FRACTION,
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """Did each variant's head learn the mean age, or beat the mean predictor?
+
+    Two rules, applied in this order to the test ages of every variant (its runs pooled):
+
+    1. **mean age learned**: the predicted ages spread less than ``constant_fraction`` of
+       the true ages' SD (SD over the test sessions, population SD, mean over the runs):
+       the head predicts a nearly constant age, as the paper's did.
+    2. Otherwise the variant's absolute error of each test session (mean over its runs) is
+       compared with that of the **mean predictor** (every session gets ``mean_age``) by a
+       two-sided Wilcoxon signed-rank test on the paired sessions
+       (``scipy.stats.wilcoxon``; paired, as both are scored on the same sessions, and
+       rank-based, as a dozen absolute errors need not be normal): **beats the mean
+       predictor** when its MAE is lower and p < ``alpha``; **worse than the mean
+       predictor** when its MAE is higher and p < ``alpha``; else **not shown to beat the
+       mean predictor** (a lower point MAE alone is not enough).
+
+    Args:
+        ages: :func:`evaluate_with_age` ages with ``participant_id``, ``session_id``,
+            ``scan_age``, ``predicted``, a ``by`` column and, for replicated runs, ``run``.
+        mean_age: the mean predictor's constant age (mean training age), weeks.
+        by: the column naming the variant.
+        run: the column numbering a variant's runs (absent: one run each).
+        predicted: the column of predicted ages (``age_mean`` or
+            ``age_foreground_weighted``).
+        constant_fraction: rule 1's fraction of the true ages' SD.
+        alpha: rule 2's significance level.
+
+    Returns:
+        One row per variant, in the order of ``ages``: ``variant``, ``runs``, ``sessions``,
+        ``MAE (weeks)``, ``mean predictor MAE (weeks)``, ``predicted SD (weeks)``,
+        ``true SD (weeks)``, ``r (predicted, true)`` (mean over runs), ``p (Wilcoxon)``,
+        ``verdict`` (one of :data:`VERDICTS`) and ``rule`` (the rule that decided it, with
+        its numbers).
+
+    Raises:
+        ConfigError: for a bad ``constant_fraction`` or ``alpha``, or a variant whose runs
+            were scored on different sessions.
+
+    Example:
+        >>> ages = pd.DataFrame({"variant": "flat", "participant_id": ["a", "b", "c"],
+        ...     "session_id": "1", "scan_age": [30.0, 38.0, 42.0], "age_mean": 37.0})
+        >>> age_verdicts(ages, mean_age=37.0).loc[0, "verdict"]
+        'mean age learned'
+    """
+    if not 0 < constant_fraction < 1 or not 0 < alpha < 1:
+        raise ConfigError(
+            f"constant_fraction and alpha must be in (0, 1), got {constant_fraction}, {alpha}"
+        )
+    keys = ["participant_id", "session_id"]
+    ages = _with_run(ages, run)
+    rows = []
+    for name in dict.fromkeys(ages[by]):
+        mine = ages[ages[by] == name].assign(
+            abs_error=lambda t: (t[predicted] - t["scan_age"]).abs()
+        )
+        sessions = mine.groupby(run)[keys].apply(lambda t: sorted(map(tuple, t.to_numpy())))
+        if sessions.map(tuple).nunique() > 1:
+            raise ConfigError(f"the runs of {name!r} were scored on different test sessions")
+        per_session = mine.groupby(keys, sort=True).agg(
+            abs_error=("abs_error", "mean"), scan_age=("scan_age", "first")
+        )
+        reference = (per_session["scan_age"] - mean_age).abs().to_numpy(float)
+        errors = per_session["abs_error"].to_numpy(float)
+        spread = pd.DataFrame(
+            [_spread(t.rename(columns={predicted: "age_mean"})) for _, t in mine.groupby(run)]
+        ).mean()
+        sd, r = spread["predicted SD (weeks)"], spread["r (predicted, true)"]
+        true_sd = float(per_session["scan_age"].std(ddof=0))
+        mae, mean_mae = float(errors.mean()), float(reference.mean())
+        p = _paired_p(errors, reference)
+        if sd < constant_fraction * true_sd:
+            verdict = VERDICTS[0]
+            rule = (
+                f"predicted SD {sd:.2f} < {constant_fraction:g} × true SD {true_sd:.2f} weeks: "
+                "a nearly constant age"
+            )
+        else:
+            test = f"Wilcoxon signed-rank on {len(errors)} paired sessions, p = {p:.3g}"
+            if p < alpha and mae < mean_mae:
+                verdict, sign = VERDICTS[1], "<"
+            elif p < alpha and mae > mean_mae:
+                verdict, sign = VERDICTS[3], ">"
+            else:
+                verdict, sign = VERDICTS[2], "<" if mae < mean_mae else "≥"
+            level = "<" if p < alpha else "≥"
+            rule = (
+                f"predicted SD {sd:.2f} ≥ {constant_fraction:g} × true SD {true_sd:.2f}; "
+                f"MAE {mae:.2f} {sign} {mean_mae:.2f} weeks (mean predictor); "
+                f"{test} {level} {alpha:g}"
+            )
+        rows.append(
+            {
+                "variant": name,
+                "runs": int(mine[run].nunique()),
+                "sessions": len(errors),
+                "MAE (weeks)": mae,
+                "mean predictor MAE (weeks)": mean_mae,
+                "predicted SD (weeks)": float(sd),
+                "true SD (weeks)": true_sd,
+                "r (predicted, true)": float(r),
+                "p (Wilcoxon)": p,
+                "verdict": verdict,
+                "rule": rule,
+            }
+        )
+    return pd.DataFrame(rows)

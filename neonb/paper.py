@@ -28,9 +28,14 @@ COHORT = {
     "oldest (w)": 45.14,
     "median (w)": 40.57,
     "mean (w)": 39.56,
+    "preterm-born": 148,
     "preterm-born (%)": 100 * 148 / 709,
 }
-"""§3.1: the 709 complete dHCP sessions; 148 infants born before 37 weeks."""
+"""§3.1: the 709 complete dHCP sessions; 148 infants born before 37 weeks.
+
+The paper calls its data units "subjects" and states neither how many infants they are
+nor how many were scanned twice; :func:`neonb.cohort.compare_with_paper` leaves those
+blank. Scan ages are post-menstrual ages in weeks (``(w)``)."""
 
 
 def table1() -> pd.DataFrame:

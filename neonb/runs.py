@@ -14,9 +14,9 @@ partial one resumes from its checkpoint.
 chapter        runs                                                      starts from
 ============== ========================================================= =====================
 01_pipeline    ``run-0`` ... ``run-{n_runs-1}`` (seed + i)                nothing
-02_ageunet     the variants: ``paper``, ``head_lr``, ``alpha_ramp``,      01_pipeline ``run-0``
-               ``staged``                                                 (``init: baseline``;
-                                                                          always for staged)
+02_ageunet     per variant (``paper``, ``standardized``, ``head_lr``,     01_pipeline ``run-0``
+               ``alpha_ramp``, ``staged``): ``<variant>/run-0`` ...      (``init: baseline``;
+               (seed + k)                                                always for staged)
 03_budgeting   per condition (``full``, ``random``, ``sagittal``, ...):    nothing
                ``<condition>/run-0`` ... (seed + k)
 04_transfer    ``source``; per strategy (``shallow``, ``medium``,          04_transfer ``source``
@@ -321,12 +321,15 @@ class AgeUNetRuns(ChapterRuns):
     Attributes:
         baseline_dir: the pipeline's ``run-0``, whose settings the variants keep.
         head: the head's base settings.
-        settings: variant → its ``(TrainingConfig, AgeHeadConfig)``.
+        settings: run id → its ``(TrainingConfig, AgeHeadConfig)``.
+        replicates: run id → ``(variant, k)``: the variant and the run's number (0 ..
+            ``n_runs - 1``).
     """
 
     baseline_dir: Path = Path()
     head: Any = None
     settings: dict[str, tuple[TrainingConfig, Any]] = field(default_factory=dict)
+    replicates: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -636,13 +639,16 @@ def ageunet_runs(
     variants: Mapping[str, Mapping[str, Any]],
     init: str = "baseline",
     baseline_training: Mapping[str, Any] | None = None,
+    n_runs: int = 1,
 ) -> AgeUNetRuns:
-    """The AgeU-Net chapter's runs, one per variant.
+    """The AgeU-Net chapter's runs: ``n_runs`` per variant.
 
     Every variant keeps the settings of the pipeline's ``run-0`` (its ``config.yaml``),
     changed by ``training`` and then by the variant's own ``training``; its head is
     ``head`` changed by the variant's ``head``. With ``init="baseline"`` (and always for the
     staged variant) a run starts from the baseline's weights, which must have finished.
+    Run ``k`` of a variant trains with seed ``seed + k`` in the folder
+    :func:`replicate_id` names: ``<variant>/run-<k>``.
 
     Args:
         cohort, pipeline_splits, results_dir, seed: as :func:`pipeline_runs`.
@@ -653,16 +659,19 @@ def ageunet_runs(
         baseline_training: the pipeline chapter's ``training`` parameters, for the
             baseline's settings while it has not finished (planning, ``neonb train --list``);
             ``None``: the baseline must have finished.
+        n_runs: runs per variant (the paper: 2).
 
     Raises:
         DataError: when the baseline has not finished and no ``baseline_training`` is given.
-        ConfigError: for an unknown ``init``.
+        ConfigError: for an unknown ``init``, ``n_runs`` below 1, or a variant name that
+            another variant's replicate would take.
     """
     from neonb.ageunet import AgeHeadConfig
     from neonb.experiment import read_finished_run
 
     if init not in ("baseline", "scratch"):
         raise ConfigError(f"init must be 'baseline' or 'scratch', but found {init!r}")
+    n_runs = _check_n_runs(n_runs)
     results = Path(results_dir)
     folder, baseline_dir = results / "02_ageunet", results / "01_pipeline" / "run-0"
     if baseline_training is None or run_status(baseline_dir) == FINISHED:
@@ -673,33 +682,38 @@ def ageunet_runs(
     head_config = AgeHeadConfig.from_dict(head)
     records = _records(cohort, pipeline_splits, ("train", "val", "test"))
     baseline = Need("01_pipeline", "run-0", baseline_dir)
-    runs, settings = {}, {}
+    runs, settings, replicates = {}, {}, {}
     for name, variant in variants.items():
-        run_config = config.replace(**variant.get("training", {}))
+        variant_config = config.replace(**variant.get("training", {}))
         run_head = head_config.replace(**variant.get("head", {}))
-        settings[name] = (run_config, run_head)
         start = init == "baseline" or run_head.staged
         weights = baseline_dir / BEST_MODEL_FILE if start else None
-        trainer = functools.partial(
-            _train_ageunet,
-            records["train"],
-            records["val"],
-            run_config,
-            run_head,
-            folder / name,
-            weights,
-        )
-        runs[name] = Run(
-            "02_ageunet",
-            name,
-            folder / name,
-            run_config,
-            len(records["train"]),
-            trainer,
-            needs=(baseline,) if start else (),
-            head_only=bool(run_head.staged),
-            splits_dir=Path(results_dir),
-        )
+        for k in range(n_runs):
+            run_id = replicate_id(name, k)
+            run_config = variant_config.replace(seed=variant_config.seed + k)
+            settings[run_id], replicates[run_id] = (run_config, run_head), (name, k)
+            trainer = functools.partial(
+                _train_ageunet,
+                records["train"],
+                records["val"],
+                run_config,
+                run_head,
+                folder / run_id,
+                weights,
+            )
+            runs[run_id] = Run(
+                "02_ageunet",
+                run_id,
+                folder / run_id,
+                run_config,
+                len(records["train"]),
+                trainer,
+                needs=(baseline,) if start else (),
+                head_only=bool(run_head.staged),
+                splits_dir=Path(results_dir),
+                group=name,
+                replicate=k,
+            )
     return AgeUNetRuns(
         "02_ageunet",
         runs,
@@ -709,6 +723,7 @@ def ageunet_runs(
         baseline_dir=baseline_dir,
         head=head_config,
         settings=settings,
+        replicates=replicates,
     )
 
 
@@ -991,6 +1006,7 @@ def define_runs(
             variants=params.get("variants", {}),
             init=params.get("init", "baseline"),
             baseline_training=pipeline_training,
+            n_runs=params.get("n_runs", 1),
         )
     if chapter == "03_budgeting":
         return budgeting_runs(

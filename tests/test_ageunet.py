@@ -12,11 +12,14 @@ from neonb import data
 from neonb.ageunet import (
     AGE_HEAD_FILE,
     AGE_LOG_FILE,
+    VERDICTS,
     AgeHeadConfig,
     AgeUNetLoss,
     WindowAges,
     WindowFeatures,
     age_errors,
+    age_standardization,
+    age_verdicts,
     aggregate_ages,
     alpha_at,
     build_ageunet,
@@ -119,6 +122,40 @@ def test_alpha_zero_gives_the_baseline_segmentation_loss():
     paper = AgeUNetLoss(segmentation_loss(config), AgeHeadConfig(alpha=1e-2), age_std=4.0)
     expected = baseline + 1e-2 * torch.mean(((out["age"] - batch["scan_age"].float()) / 4.0) ** 2)
     assert torch.allclose(paper(out, batch), expected)
+
+
+def test_the_papers_weighting_is_the_mse_in_weeks_squared_and_standardising_divides_it():
+    config = TrainingConfig.from_dict(TINY)
+    net, batch = _net().train(), _batch()
+    out = net(batch["image"])
+    segmentation = segmentation_loss(config)(out["segmentation"], batch)
+    squared = torch.mean((out["age"] - batch["scan_age"].float()) ** 2)  # weeks²
+    paper = AgeUNetLoss(segmentation_loss(config), AgeHeadConfig())  # the default: weeks²
+    assert torch.allclose(paper(out, batch), segmentation + 1e-2 * squared)
+    scaled = AgeUNetLoss(segmentation_loss(config), AgeHeadConfig(standardize=True), age_std=4.0)
+    assert torch.allclose(scaled(out, batch), segmentation + 1e-2 * squared / 16.0)
+    assert AgeHeadConfig().standardize is False
+    assert age_standardization([30.0, 40.0], False) == (0.0, 1.0)
+    assert age_standardization([30.0, 40.0], True) == (35.0, 5.0)
+    with pytest.raises(ConfigError, match="two different training ages"):
+        age_standardization([38.0, 38.0], True)
+
+
+@pytest.mark.parametrize(("standardize", "mean", "std"), [(False, 0.0, 1.0), (True, 38.0, 4.0)])
+def test_a_new_head_starts_at_the_mean_training_age(standardize, mean, std):
+    torch.manual_seed(0)
+    head = AgeHeadConfig(standardize=standardize)
+    net = build_ageunet(TINY_MODEL, head, age_mean=mean, age_std=std).eval()
+    x = torch.randn(3, 2, 16, 16, 16)
+    with torch.no_grad():
+        before = net(x)["age"]
+        net.age_head.start_at((38.0 - mean) / std)
+        after = net(x)["age"]
+    if not standardize:
+        assert before.abs().max() < 5.0  # a new head says about 0 weeks
+    assert after.sub(38.0).abs().max() < 1.0  # 38 weeks plus a small input-dependent term
+    shift = after - before  # the same for every input: the bias moved, nothing else
+    assert torch.allclose(shift, shift[0].expand(3), atol=1e-4)
 
 
 def test_alpha_schedule_and_set_epoch():
@@ -255,6 +292,165 @@ def test_summary_table_shows_a_constant_head():
     assert table.loc["mean predictor", "age MSE (weeks²)"] == 25.0
 
 
+TRUE_AGES = np.array([29.0, 31.0, 33.0, 35.0, 36.0, 37.0, 38.0, 39.0, 40.0, 41.0, 42.0, 44.0])
+
+
+def _ages(variant: str, predicted, run: int = 0, truth=TRUE_AGES) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "participant_id": [f"p{i}" for i in range(len(truth))],
+            "session_id": "1",
+            "scan_age": truth,
+            "age_mean": predicted,
+            "age_foreground_weighted": predicted,
+            "variant": variant,
+            "run": run,
+        }
+    )
+
+
+def test_age_verdicts_state_the_rule_that_decided_each():
+    mean_age = 38.0
+    offsets = np.array([0.3, -0.2, 0.4, -0.5, 0.1, -0.3, 0.2, -0.4, 0.5, -0.1, 0.3, -0.2])
+    ages = pd.concat(
+        [
+            _ages("flat", mean_age + 0.05 * offsets),  # the mean age, give or take
+            _ages("good", TRUE_AGES + offsets),  # within half a week of every true age
+            _ages("reversed", 2 * mean_age - TRUE_AGES),  # spread, but the wrong way round
+            # tracks the truth: a lower MAE than the mean predictor on only 3 sessions
+            _ages("few", [31.0, 38.5, 41.0], truth=np.array([30.0, 38.0, 43.0])),
+        ]
+    )
+    table = age_verdicts(ages, mean_age).set_index("variant")
+    assert list(table.index) == ["flat", "good", "reversed", "few"]
+    assert set(table["verdict"]) <= set(VERDICTS)
+    true_sd = TRUE_AGES.std()
+    assert table.loc["good", "true SD (weeks)"] == pytest.approx(true_sd)
+    assert table.loc["flat", "verdict"] == "mean age learned"
+    assert table.loc["flat", "predicted SD (weeks)"] < 0.25 * true_sd
+    assert "< 0.25 × true SD" in table.loc["flat", "rule"]
+    assert table.loc["good", "verdict"] == "beats the mean predictor"
+    mean_mae = np.abs(TRUE_AGES - mean_age).mean()
+    assert table.loc["good", "mean predictor MAE (weeks)"] == pytest.approx(mean_mae)
+    assert table.loc["good", "MAE (weeks)"] == pytest.approx(np.abs(offsets).mean())
+    from scipy.stats import wilcoxon
+
+    expected_p = wilcoxon(np.abs(offsets), np.abs(TRUE_AGES - mean_age)).pvalue
+    assert table.loc["good", "p (Wilcoxon)"] == pytest.approx(expected_p)
+    assert "Wilcoxon signed-rank on 12 paired sessions" in table.loc["good", "rule"]
+    assert table.loc["good", "r (predicted, true)"] > 0.99
+    assert table.loc["reversed", "verdict"] == "worse than the mean predictor"
+    # a lower point MAE is not enough with 3 sessions (the smallest two-sided p is 0.25)
+    few = table.loc["few"]
+    assert few["MAE (weeks)"] < few["mean predictor MAE (weeks)"]
+    assert few["verdict"] == "not shown to beat the mean predictor" and few["p (Wilcoxon)"] >= 0.25
+    assert few["sessions"] == 3
+
+
+def test_age_verdicts_pool_the_runs_of_a_variant():
+    mean_age = 38.0
+    offsets = np.array([0.5, -0.5] * 6)
+    ages = pd.concat(
+        [
+            _ages("twice", TRUE_AGES + offsets, run=0),
+            _ages("twice", TRUE_AGES - 2 * offsets, run=1),
+        ]
+    )
+    row = age_verdicts(ages, mean_age).iloc[0]
+    assert (row["runs"], row["sessions"]) == (2, 12)
+    assert row["MAE (weeks)"] == pytest.approx(0.75)  # the mean of |0.5| and |1.0|
+    assert row["verdict"] == "beats the mean predictor"
+    one_run = age_verdicts(_ages("once", TRUE_AGES + offsets).drop(columns="run"), mean_age)
+    assert one_run.loc[0, "runs"] == 1 and one_run.loc[0, "MAE (weeks)"] == pytest.approx(0.5)
+    other = _ages("twice", TRUE_AGES, run=1).assign(
+        participant_id=lambda t: t["participant_id"] + "x"
+    )
+    with pytest.raises(ConfigError, match="different test sessions"):
+        age_verdicts(pd.concat([_ages("twice", TRUE_AGES), other]), mean_age)
+    with pytest.raises(ConfigError, match="constant_fraction and alpha"):
+        age_verdicts(ages, mean_age, alpha=1.5)
+
+
+def test_summary_table_gives_the_mean_of_the_runs_and_each_run():
+    ages = pd.concat(
+        [_ages("paper", TRUE_AGES + 1.0, run=0), _ages("paper", TRUE_AGES - 3.0, run=1)]
+    )
+    rows = pd.DataFrame(
+        {
+            "participant_id": np.repeat(ages["participant_id"].to_numpy(), 2),
+            "session_id": "1",
+            "is_background": [False, True] * len(ages),
+            "dice": np.where(np.arange(2 * len(ages)) < 2 * len(TRUE_AGES), 0.8, 0.6),
+            "hd95_mm": np.nan,
+            "variant": "paper",
+            "run": np.repeat(ages["run"].to_numpy(), 2),
+        }
+    )
+    rows.loc[rows["is_background"], "dice"] = 1.0
+    table = summary_table(rows, ages, rows.drop(columns=["variant", "run"]), mean_age=38.0)
+    assert list(table.index) == [
+        "baseline",
+        "AgeU-Net: paper",
+        "AgeU-Net: paper, run 0",
+        "AgeU-Net: paper, run 1",
+        "mean predictor",
+    ]
+    assert table.loc["AgeU-Net: paper", "runs"] == 2
+    assert table.loc["AgeU-Net: paper, run 0", "age MAE (weeks)"] == pytest.approx(1.0)
+    assert table.loc["AgeU-Net: paper, run 1", "age MAE (weeks)"] == pytest.approx(3.0)
+    assert table.loc["AgeU-Net: paper", "age MAE (weeks)"] == pytest.approx(2.0)
+    assert table.loc["AgeU-Net: paper", "age MSE (weeks²)"] == pytest.approx(5.0)
+    assert table.loc["AgeU-Net: paper", "test Dice (no BG)"] == pytest.approx(0.7)
+    assert table.loc["AgeU-Net: paper, run 1", "test Dice (no BG)"] == pytest.approx(0.6)
+    expected = np.abs(TRUE_AGES - 38.0).mean()
+    assert table.loc["mean predictor", "age MAE (weeks)"] == pytest.approx(expected)
+
+
+def test_ageunet_runs_define_n_runs_seeded_replicates_per_variant(tmp_path):
+    from types import SimpleNamespace
+
+    from neonb.runs import ageunet_runs
+
+    manifest = pd.DataFrame(
+        {
+            "participant_id": [f"p{i}" for i in range(5)],
+            "session_id": "1",
+            "scan_age": [30.0, 34.0, 38.0, 40.0, 42.0],
+        }
+    )
+    cohort = SimpleNamespace(manifest=manifest, records=lambda t: t.to_dict("records"))
+    splits = manifest.assign(split=["train", "train", "train", "val", "test"])
+    variants = {"paper": {}, "staged": {"head": {"staged": True, "standardize": True}}}
+
+    def define(n_runs):
+        return ageunet_runs(
+            cohort,
+            splits,
+            results_dir=tmp_path,
+            seed=7,
+            training={"learning_rate": 0.001},
+            head={"alpha": 0.01},
+            variants=variants,
+            baseline_training=TINY,
+            n_runs=n_runs,
+        )
+
+    chapter = define(2)
+    assert chapter.ids == ["paper/run-0", "paper/run-1", "staged/run-0", "staged/run-1"]
+    assert [chapter.settings[i][0].seed for i in chapter.ids] == [7, 8, 7, 8]
+    assert chapter.replicates["staged/run-1"] == ("staged", 1)
+    assert chapter["paper/run-1"].run_dir == tmp_path / "02_ageunet" / "paper" / "run-1"
+    assert chapter.groups()["staged"] == [chapter["staged/run-0"], chapter["staged/run-1"]]
+    assert (
+        chapter.settings["staged/run-0"][1].standardize
+        and not chapter.settings["paper/run-0"][1].standardize
+    )
+    assert chapter["staged/run-1"].head_only and not chapter["paper/run-1"].head_only
+    assert define(1).ids == ["paper/run-0", "staged/run-0"]
+    with pytest.raises(ConfigError, match="n_runs must be a whole number"):
+        define(0)
+
+
 def test_head_config_round_trips_and_rejects_bad_values():
     head = AgeHeadConfig(alpha_schedule="linear", head_learning_rate=0.01)
     assert AgeHeadConfig.from_dict(head.to_dict()) == head
@@ -289,8 +485,10 @@ def test_joint_and_staged_runs_reload_from_their_folders(records, tmp_path):
     )
     saved = yaml.safe_load((tmp_path / "joint" / AGE_HEAD_FILE).read_text())
     ages = [r["scan_age"] for r in records[:3]]
-    assert saved["age_mean"] == pytest.approx(np.mean(ages))
-    assert saved["age_std"] == pytest.approx(np.std(ages))
+    # the paper's weighting: ages in weeks, no standardisation; the head starts at the mean
+    assert (saved["age_mean"], saved["age_std"]) == (0.0, 1.0)
+    assert saved["head_starts_at_weeks"] == pytest.approx(np.mean(ages))
+    assert saved["head"]["standardize"] is False
     assert list(joint.log["epoch"]) == [1, 2]
     age_log = (tmp_path / "joint" / AGE_LOG_FILE).read_text().splitlines()
     assert age_log[0].split("\t")[:2] == ["epoch", "alpha"] and len(age_log) == 3

@@ -93,7 +93,8 @@ def test_the_plan_is_written_and_lists_every_run(planned):
     runs = pd.read_csv(folder / RUNS_FILE, sep="\t")
     by_chapter = runs.groupby("chapter")["run"].apply(list).to_dict()
     assert by_chapter["01_pipeline"] == ["run-0", "run-1", "run-2", "run-3"]
-    assert by_chapter["02_ageunet"] == ["paper", "head_lr", "alpha_ramp", "staged"]
+    variants = ["paper", "standardized", "head_lr", "alpha_ramp", "staged"]
+    assert by_chapter["02_ageunet"] == [f"{v}/run-{k}" for v in variants for k in (0, 1)]
     assert by_chapter["04_transfer"] == [
         "source",
         *(f"{s}/run-0" for s in ("shallow", "medium", "deep", "full", "scratch")),

@@ -57,8 +57,7 @@ import numpy as np
 import pandas as pd
 
 from neonb import data, plots, splits, study
-from neonb.labels import TISSUE_LABELS, short_names
-from neonb.metrics import volumes_ml
+from neonb.cohort import age_ranges, compare_with_paper, complete_sessions, tissue_volumes
 
 plots.use_book_renderer()
 results = Path(results_dir)
@@ -101,25 +100,22 @@ manifest.drop(columns=["t1w", "t2w", "dseg", "brain_mask"]).head(10)
 #
 # The dHCP cohort is skewed towards term: most infants are scanned soon after a term
 # birth, while preterm-born infants contribute the long tail of younger scan ages. The
-# table compares this cohort with the 709 dHCP sessions the paper used.
+# table compares the complete sessions of this cohort with the 709 dHCP sessions the paper
+# used (§3.1, `neonb.paper.COHORT`); the paper counts sessions as "subjects" and says
+# nothing of infants scanned twice, so those cells of its column are blank.
 
 # %%
-complete = manifest[manifest["complete"]]
+complete = complete_sessions(manifest)
 ages = complete["scan_age"]
-pd.DataFrame(
-    {
-        "paper (dHCP, n=709)": [709, 26.71, 45.14, 40.57, 39.56, 100 * 148 / 709],
-        f"this run ({source})": [
-            len(complete),
-            ages.min(),
-            ages.max(),
-            ages.median(),
-            ages.mean(),
-            100 * complete["preterm"].astype(float).mean(),
-        ],
-    },
-    index=["sessions", "youngest (w)", "oldest (w)", "median (w)", "mean (w)", "preterm-born (%)"],
-).round(2)
+compare_with_paper(manifest, label=f"this run ({source})").round(2)
+
+# %% [markdown]
+# Scan ages by birth. An infant scanned before 37 weeks post-menstrual age was born
+# before 37 weeks, so the youngest scans are all of preterm-born infants; the dHCP scanned
+# some of them again at term-equivalent age (the rescanned infants above).
+
+# %%
+age_ranges(manifest).round(2)
 
 # %%
 plots.age_histogram(complete)
@@ -173,16 +169,7 @@ show_session(oldest, "t1w")
 # to keep in mind, not a finding.
 
 # %%
-rows = []
-for _, row in complete.iterrows():
-    dseg = nib.load(row["dseg"])
-    per_class = volumes_ml(np.asarray(dseg.dataobj), dseg.header.get_zooms()[:3])
-    for tissue, volume in zip(
-        short_names(TISSUE_LABELS), per_class[list(TISSUE_LABELS)], strict=True
-    ):
-        ids = row[["participant_id", "session_id", "scan_age", "preterm"]].to_dict()
-        rows.append({**ids, "tissue": tissue, "volume_ml": volume})
-volumes = pd.DataFrame(rows)
+volumes = tissue_volumes(manifest)
 volumes.to_csv(results / "tissue_volumes.tsv", sep="\t", index=False)
 plots.volumes_by_age(volumes)
 

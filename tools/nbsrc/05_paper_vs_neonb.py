@@ -166,9 +166,9 @@ findings = pd.concat(
     ],
     ignore_index=True,
 )
-findings[["chapter", *shown]].style.format(
-    {"difference": "{:+.3f}", "p_corrected": "{:.2g}"}
-).hide(axis="index")
+findings[["chapter", *shown]].style.format({"difference": "{:+.3f}", "p_corrected": "{:.2g}"}).hide(
+    axis="index"
+)
 
 # %% [markdown]
 # ## Every Dice value against the paper's
