@@ -90,8 +90,8 @@ def pair_with_paper(table: pd.DataFrame, name: str) -> pd.DataFrame:
     Args:
         table: rows indexed ``(group, source)`` where ``source`` is ``"paper"`` for the
             paper's row and anything else for neonb's (as Tables 2 and 4 are written);
-            one numeric column per quantity (e.g. tissue; two column levels are joined
-            as ``"test, Mean DSC"``).
+            one column per quantity (e.g. tissue; two column levels are joined as
+            ``"test, Mean DSC"``), numbers or ``"mean ± std"`` text (its mean is paired).
         name: the table's name, e.g. ``"Table 2"``.
 
     Returns:
@@ -103,7 +103,9 @@ def pair_with_paper(table: pd.DataFrame, name: str) -> pd.DataFrame:
     long = table.stack().rename("value").reset_index()
     long.columns = ["group", "source", "quantity", "value"]
     long["source"] = long["source"].where(long["source"] == "paper", "neonb")
-    long["value"] = pd.to_numeric(long["value"], errors="coerce")
+    # "0.934 ± 0.0004" (mean ± std over runs) pairs by its mean
+    mean = long["value"].astype(str).str.split("±").str[0].str.strip()
+    long["value"] = pd.to_numeric(mean, errors="coerce")
     pairs = long.pivot_table(
         index=["group", "quantity"], columns="source", values="value", sort=False
     )

@@ -37,7 +37,7 @@ def test_run_environments_lists_every_run_with_its_device(tmp_path):
 
 def test_pair_with_paper_matches_each_cell_with_the_papers():
     table = pd.DataFrame(
-        {"CSF": [0.9, 0.8, 0.7], "WM": ["0.5", "0.6", None]},
+        {"CSF": ["0.900 ± 0.01", 0.8, 0.7], "WM": ["0.5", "0.6", None]},  # mean ± std over runs
         index=pd.MultiIndex.from_tuples(
             [("test", "neonb (synthetic)"), ("test", "paper"), ("val", "neonb (synthetic)")],
             names=["set", "source"],
