@@ -59,10 +59,7 @@ PyTorch's OpenMP runtime left at its own defaults, what neonb ran under before."
 
 SPIN = "while True:\n    pass\n"
 TORCH_COMPETITOR = (
-    "import torch\n"
-    "a = torch.randn(512, 512)\n"
-    "while True:\n"
-    "    a = torch.tanh(a @ a * 1e-3)\n"
+    "import torch\na = torch.randn(512, 512)\nwhile True:\n    a = torch.tanh(a @ a * 1e-3)\n"
 )
 
 

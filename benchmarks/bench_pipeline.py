@@ -624,10 +624,10 @@ def format_ab(bench: BenchConfig, variants: Sequence[Variant]) -> str:
             ]
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        for r in rows
-    ]
+    lines = []
+    for r in rows:
+        cells = enumerate(zip(r, widths, strict=True))
+        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in cells))
     lines.insert(1, "-" * len(lines[0]))
     lines.append(
         f"speedup: median step of {base.name} / median step of the variant; max_loss_diff: "

@@ -236,9 +236,7 @@ def masked_dice_ce_heads(
     """
     logits, target = _plain(heads), _plain(label)
     if logits.ndim < 4:
-        raise ValueError(
-            f"heads must be (B, H, C, X, Y, Z), but found shape {tuple(logits.shape)}"
-        )
+        raise ValueError(f"heads must be (B, H, C, X, Y, Z), but found shape {tuple(logits.shape)}")
     _check_shapes(logits[:, 0], target, mask)
     batch, n_heads, classes = logits.shape[:3]
     annotated = (
