@@ -36,7 +36,7 @@ Usage:
     .venv/bin/python benchmarks/bench_pipeline.py --quick              # estimate slow inference
     .venv/bin/python benchmarks/bench_pipeline.py --ab --configs demo --steps 20
     .venv/bin/python benchmarks/bench_pipeline.py --ab --variants today,fused_loss,\
-        channels_last_weights,channels_last,new --configs demo --steps 20
+        channels_last,channels_last_group_norm,new --configs demo --steps 20
 """
 
 from __future__ import annotations
@@ -138,14 +138,14 @@ GB = 1e9
 AB_VARIANTS: dict[str, tuple[str, bool]] = {
     "today": ("contiguous", False),
     "fused_loss": ("contiguous", True),
-    "channels_last_weights": ("weights", False),
     "channels_last": ("channels_last", False),
+    "channels_last_group_norm": ("group_norm", False),
     "new": ("channels_last", True),
 }
 """``--ab`` variants: (memory layout, fused loss). ``contiguous``: PyTorch's default layout;
-``weights``: only ``model.to(memory_format=torch.channels_last_3d)`` and channels-last inputs
-(the instance norms then hand back the default layout); ``channels_last``:
-:func:`neonb.models.channels_last` (instance norms as group norms, which keep the layout).
+``channels_last``: :func:`neonb.models.channels_last` (channels-last weights) and channels-last
+inputs; ``group_norm``: that, and the instance norms replaced by the equivalent group norms
+(one group per channel), which keep the layout (measured, not kept).
 The loss is ``SegmentationLoss(fused=...)``: ``False`` is the per-head MONAI-based loss neonb
 used before."""
 
@@ -553,9 +553,9 @@ def build_variant(
     layout, fused = AB_VARIANTS[name]
     seed_everything(bench.training.seed, torch.device("cpu"), cudnn_benchmark=False)
     model = build_model(bench.training.model).train()
-    if layout == "weights":
-        model = model.to(memory_format=torch.channels_last_3d)
-    elif layout == "channels_last":
+    if layout == "group_norm":
+        swap_instance_norms(model)
+    if layout != "contiguous":
         model = channels_last(model)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], bench.training)
     heads = 1 + bench.training.model.deep_supr_num if bench.training.model.deep_supervision else 1
@@ -567,6 +567,17 @@ def build_variant(
             image = batch["image"].contiguous(memory_format=torch.channels_last_3d)
             own[-1]["image"] = image
     return Variant(name, model, optimizer, loss_fn, own, [], [])
+
+
+def swap_instance_norms(model: nn.Module) -> None:
+    """Replace affine ``InstanceNorm3d`` layers by ``GroupNorm`` with one group per channel
+    (the same function), holding the same parameters."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.InstanceNorm3d and child.affine:
+                norm = nn.GroupNorm(child.num_features, child.num_features, eps=child.eps)
+                norm.weight, norm.bias = child.weight, child.bias
+                setattr(module, name, norm)
 
 
 def measure_ab(

@@ -631,7 +631,7 @@ def _to_device(
 def use_channels_last(channels_last: bool | str, device: torch.device) -> bool:
     """Whether :func:`fit` trains in the channels-last 3D layout: ``"auto"`` on the CPU only.
 
-    On the CPU it makes the demo's training step about 1.5 times faster with the same results
+    On the CPU it makes the demo's training step about 1.2 times faster with the same results
     to float rounding (:func:`neonb.models.channels_last`, ``benchmarks/README.md``); on a GPU
     it has not been measured, so ``"auto"`` leaves it off there.
 
@@ -865,11 +865,10 @@ def fit(
             turns on ``cudnn.benchmark`` for speed on a GPU, where runs are then not
             repeatable. Seeds are set either way; on the CPU this changes nothing.
         channels_last: train in the channels-last 3D layout (:func:`use_channels_last`:
-            ``"auto"`` on the CPU): the model is converted in place with
-            :func:`neonb.models.channels_last` (its instance norms become the equivalent
-            one-group-per-channel group norms, holding the same parameters) and each batch's
-            ``image_key`` tensor is converted before the forward pass. The same results up to
-            float rounding; checkpoints are interchangeable with a run trained without it.
+            ``"auto"`` on the CPU): the model's weights are converted in place with
+            :func:`neonb.models.channels_last` and each batch's ``image_key`` tensor before
+            the forward pass. The same results up to float rounding; checkpoints are
+            interchangeable with a run trained without it.
         config: the resolved configuration, saved as ``config.yaml`` when the run starts.
         image_key: batch key of the network input.
         label_key: batch key of the validation label maps.

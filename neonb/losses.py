@@ -252,8 +252,8 @@ def masked_dice_ce_heads(
 
     log_probs = torch.log_softmax(logits.reshape(batch, n_heads, classes, -1), dim=2)
     probs = log_probs.exp()
-    true_pos = torch.einsum("bhcs,bcs->bhc", probs, onehot)
-    predicted = torch.einsum("bhcs,bs->bhc", probs, weight)
+    true_pos = (probs * onehot[:, None]).sum(dim=3)
+    predicted = probs.sum(dim=3) if mask is None else (probs * weight[:, None, None]).sum(dim=3)
     dice_terms = 1.0 - (2.0 * true_pos + smooth_nr) / (predicted + ground[:, None] + smooth_dr)
     if not include_background:
         dice_terms = dice_terms[:, :, 1:]
@@ -265,7 +265,7 @@ def masked_dice_ce_heads(
     else:
         dice = dice_terms.sum(dim=(0, 2)) * 0.0
 
-    ce_sums = torch.einsum("bhcs,bcs->h", log_probs, onehot)
+    ce_sums = (log_probs * onehot[:, None]).sum(dim=(0, 2, 3))
     ce = -ce_sums / weight.sum().clamp_min(1.0)
     return lambda_dice * dice + lambda_ce * ce
 

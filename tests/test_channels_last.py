@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from neonb.models import ModelConfig, build_model, channels_last
 
@@ -23,17 +22,13 @@ def _pair():
     return reference, converted
 
 
-def test_keeps_parameters_keys_and_modes():
+def test_keeps_parameters_and_keys():
     _, model = _pair()
     before = [id(p) for p in model.parameters()]
     keys = list(model.state_dict())
-    model.eval()
     assert channels_last(model) is model
     assert [id(p) for p in model.parameters()] == before  # an optimiser built before still works
     assert list(model.state_dict()) == keys
-    assert not any(isinstance(m, nn.InstanceNorm3d) for m in model.modules())
-    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
-    assert norms and all(m.num_groups == m.num_channels and not m.training for m in norms)
     assert all(
         p.is_contiguous(memory_format=torch.channels_last_3d)
         for p in model.parameters()
@@ -53,13 +48,4 @@ def test_same_outputs_and_gradients_as_the_original():
     y.square().mean().backward()
     for (name, a), b in zip(reference.named_parameters(), converted.parameters(), strict=True):
         scale = a.grad.abs().max().clamp_min(1e-6)
-        assert (a.grad - b.grad).abs().max() / scale < 2e-2, name
-
-
-def test_leaves_other_norms_alone():
-    model = nn.Sequential(
-        nn.Conv3d(2, 4, 3), nn.InstanceNorm3d(4), nn.InstanceNorm3d(4, affine=True)
-    )
-    channels_last(model)
-    assert type(model[1]) is nn.InstanceNorm3d  # no affine parameters: left as it is
-    assert isinstance(model[2], nn.GroupNorm)
+        assert (a.grad - b.grad).abs().max() / scale < 1e-3, name
