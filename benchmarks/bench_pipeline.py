@@ -21,10 +21,22 @@ each device (the CPU, and a CUDA GPU when there is one) this measures
 On a GPU both fp32 and bf16 autocast are measured, and the peak memory of each configuration
 is compared with the 16 GB of the paper's NVIDIA T4.
 
+With ``--ab`` it instead compares training steps side by side in one process: today's step
+(``today``: the default memory layout and the per-head loss built on MONAI's
+``MaskedDiceLoss``, as neonb trained before) against the step :func:`neonb.engine.fit` takes
+now (``new``: :func:`neonb.models.channels_last` and the fused loss), and optionally each
+lever alone (``--variants``). Every variant starts from the same weights and trains on the same
+batches; the variants take turns step by step (the order rotating every round), so that a
+machine shared with other work slows them alike, and the table gives the median step, its
+ratio to the first variant and how far each variant's losses drift from the first's.
+
 Usage:
     .venv/bin/python benchmarks/bench_pipeline.py                      # demo and paper
     .venv/bin/python benchmarks/bench_pipeline.py --configs demo --steps 10 --out demo.tsv
     .venv/bin/python benchmarks/bench_pipeline.py --quick              # estimate slow inference
+    .venv/bin/python benchmarks/bench_pipeline.py --ab --configs demo --steps 20
+    .venv/bin/python benchmarks/bench_pipeline.py --ab --variants today,fused_loss,\
+        channels_last,channels_last_group_norm,new --configs demo --steps 20
 """
 
 from __future__ import annotations
@@ -62,7 +74,8 @@ from neonb.experiment import (
     training_loader,
 )
 from neonb.inference import autocast, predict_volume
-from neonb.models import build_model
+from neonb.losses import SegmentationLoss, deep_supervision_weights
+from neonb.models import build_model, channels_last
 from neonb.phantom import write_cohort
 from neonb.study import load_params
 from neonb.transforms import eval_transforms
@@ -121,6 +134,29 @@ LARGE_PATCH_VOXELS = 96**3
 """On the CPU, configurations with patches this large default to fewer timed steps."""
 
 GB = 1e9
+
+AB_VARIANTS: dict[str, tuple[str, bool]] = {
+    "today": ("contiguous", False),
+    "fused_loss": ("contiguous", True),
+    "channels_last": ("channels_last", False),
+    "channels_last_group_norm": ("group_norm", False),
+    "new": ("channels_last", True),
+}
+"""``--ab`` variants: (memory layout, fused loss). ``contiguous``: PyTorch's default layout;
+``channels_last``: :func:`neonb.models.channels_last` (channels-last weights) and channels-last
+inputs; ``group_norm``: that, and the instance norms replaced by the equivalent group norms
+(one group per channel), which keep the layout (measured, not kept).
+The loss is ``SegmentationLoss(fused=...)``: ``False`` is the per-head MONAI-based loss neonb
+used before."""
+
+ENV_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
+    "ONEDNN_MAX_CPU_ISA",
+    "ATEN_CPU_CAPABILITY",
+)
+"""Environment variables that change CPU speed; the header prints those that are set."""
 
 
 @dataclass(frozen=True)
@@ -493,6 +529,138 @@ def measure_inference(
 
 
 # =============================================================================================
+# A/B: today's training step against the new one
+# =============================================================================================
+
+
+@dataclass
+class Variant:
+    """One ``--ab`` variant: its model, optimiser and loss, and what its steps gave."""
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    batches: list[dict[str, torch.Tensor]]
+    times: list[float]
+    losses: list[float]
+
+
+def build_variant(
+    name: str, bench: BenchConfig, batches: Sequence[dict[str, torch.Tensor]]
+) -> Variant:
+    """The model (seeded as :func:`measure_training` seeds it), optimiser and loss of ``name``."""
+    layout, fused = AB_VARIANTS[name]
+    seed_everything(bench.training.seed, torch.device("cpu"), cudnn_benchmark=False)
+    model = build_model(bench.training.model).train()
+    if layout == "group_norm":
+        swap_instance_norms(model)
+    if layout != "contiguous":
+        model = channels_last(model)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], bench.training)
+    heads = 1 + bench.training.model.deep_supr_num if bench.training.model.deep_supervision else 1
+    loss_fn = SegmentationLoss(deep_supervision_weights(heads), fused=fused)
+    own = []
+    for batch in batches:
+        own.append(dict(batch))
+        if layout != "contiguous":
+            image = batch["image"].contiguous(memory_format=torch.channels_last_3d)
+            own[-1]["image"] = image
+    return Variant(name, model, optimizer, loss_fn, own, [], [])
+
+
+def swap_instance_norms(model: nn.Module) -> None:
+    """Replace affine ``InstanceNorm3d`` layers by ``GroupNorm`` with one group per channel
+    (the same function), holding the same parameters."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.InstanceNorm3d and child.affine:
+                norm = nn.GroupNorm(child.num_features, child.num_features, eps=child.eps)
+                norm.weight, norm.bias = child.weight, child.bias
+                setattr(module, name, norm)
+
+
+def measure_ab(
+    bench: BenchConfig,
+    batches: Sequence[dict[str, torch.Tensor]],
+    names: Sequence[str],
+    warmup: int,
+    steps: int,
+) -> list[Variant]:
+    """Train every variant for ``warmup + steps`` steps, taking turns step by step.
+
+    Round ``r`` trains each variant on batch ``r`` (cycled), starting with variant ``r mod n``
+    so that none always runs first; only the steps after ``warmup`` are timed.
+    """
+    variants = [build_variant(name, bench, batches) for name in names]
+    device = torch.device("cpu")
+    for step in range(warmup + steps):
+        shift = step % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            batch = variant.batches[step % len(variant.batches)]
+            tick = time.perf_counter()
+            loss = train_step(
+                variant.model, variant.loss_fn, variant.optimizer, batch, False, device
+            )
+            seconds = time.perf_counter() - tick
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"{variant.name}: training loss {loss} at step {step}")
+            if step >= warmup:
+                variant.times.append(seconds)
+            variant.losses.append(loss)
+        say(
+            f"  round {step + 1}/{warmup + steps}: "
+            + ", ".join(f"{v.name} {v.times[-1] if v.times else math.nan:.3f} s" for v in variants)
+        )
+    return variants
+
+
+def format_ab(bench: BenchConfig, variants: Sequence[Variant]) -> str:
+    """The A/B table: median step per variant, its ratio to the first, and the loss drift."""
+    base = variants[0]
+    base_s = statistics.median(base.times)
+    rows = [["config", "variant", "step_s", "min_s", "max_s", "speedup", "max_loss_diff"]]
+    for v in variants:
+        median = statistics.median(v.times)
+        drift = max(abs(a - b) for a, b in zip(v.losses, base.losses, strict=True))
+        rows.append(
+            [
+                bench.name,
+                v.name,
+                f"{median:.3f}",
+                f"{min(v.times):.3f}",
+                f"{max(v.times):.3f}",
+                f"{base_s / median:.2f}x",
+                f"{drift:.1e}",
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for r in rows:
+        cells = enumerate(zip(r, widths, strict=True))
+        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in cells))
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append(
+        f"speedup: median step of {base.name} / median step of the variant; max_loss_diff: "
+        f"largest |loss - {base.name}'s loss| over the {len(base.losses)} steps (same weights "
+        "and batches)"
+    )
+    return "\n".join(lines)
+
+
+def run_ab(bench: BenchConfig, records: Sequence[dict[str, Any]], args: argparse.Namespace) -> str:
+    """Draw real batches for ``bench`` and compare the ``--variants`` on them (CPU)."""
+    steps = args.steps or 10
+    warmup = 1 if args.warmup is None else args.warmup
+    keep = warmup + steps
+    say(f"[{bench.name}] A/B: {keep} batches from {len(records)} subjects")
+    data = measure_data(records, bench.training, max(keep, args.data_batches), keep)
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    variants = measure_ab(bench, data.batches, names, warmup, steps)
+    return format_ab(bench, variants)
+
+
+# =============================================================================================
 # The run
 # =============================================================================================
 
@@ -546,6 +714,8 @@ def hardware_header(devices: Sequence[torch.device]) -> list[str]:
         )
     else:
         lines.append("GPU: none (CPU only; fp32 vs bf16 and the 16 GB check need a GPU)")
+    settings = [f"{k}={os.environ[k]}" for k in ENV_VARIABLES if k in os.environ]
+    lines.append(f"environment: {' '.join(settings) or 'none of ' + ', '.join(ENV_VARIABLES)}")
     lines.append(
         f"load average at start: {load_average()} (timings assume an otherwise idle machine)"
     )
@@ -778,7 +948,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="keep the synthetic cohorts here and reuse them (default: a temporary folder)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of data, weights and sampling")
+    parser.add_argument(
+        "--ab",
+        action="store_true",
+        help="compare training steps of --variants side by side on the CPU instead "
+        "(default --steps 10)",
+    )
+    parser.add_argument(
+        "--variants",
+        default="today,new",
+        help=f"comma-separated --ab variants, the first the reference; of {', '.join(AB_VARIANTS)} "
+        "(default: %(default)s)",
+    )
     args = parser.parse_args(argv)
+    unknown = [n for n in args.variants.split(",") if n.strip() and n.strip() not in AB_VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(AB_VARIANTS)}")
     for name in ("steps", "warmup", "data_batches", "subjects"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
@@ -812,6 +997,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(header), flush=True)
     for c in configs:
         print(f"{c.name}: {c.source}, synthetic subjects at {c.voxel_size:g} mm", flush=True)
+    if args.ab:
+        with cohort_root(args.cohort_dir) as root:
+            for bench in configs:
+                records = synthetic_records(root, args.subjects, bench.voxel_size, args.seed)
+                print()
+                print(run_ab(bench, records, args), flush=True)
+        print(f"load average at end: {load_average()}")
+        print(f"total wall time: {time.perf_counter() - started:.0f} s")
+        return 0
     rows: list[Row] = []
     with cohort_root(args.cohort_dir) as root:
         big = [c for c in configs if c.voxel_size == INFERENCE_VOXEL_SIZE]

@@ -208,3 +208,26 @@ def test_bad_arguments_raise(tmp_path, kwargs):
     kwargs = {"epochs": 1} | kwargs
     with pytest.raises(ConfigError):
         _fit(tmp_path, kwargs.pop("epochs"), **kwargs)
+
+
+def test_channels_last_training_matches_the_default_layout(tmp_path):
+    default_model, default_log = _fit(tmp_path / "default", 2, adam=True, channels_last=False)
+    fast_model, fast_log = _fit(tmp_path / "fast", 2, adam=True)  # "auto": on, on the CPU
+    conv = fast_model.input_block.conv1.conv.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last_3d)
+    assert not default_model.input_block.conv1.conv.weight.is_contiguous(
+        memory_format=torch.channels_last_3d
+    )
+    for column in ("train_loss", "val_dice"):
+        assert fast_log[column].tolist() == pytest.approx(default_log[column].tolist(), rel=1e-3)
+    # the weights of a channels-last run load into a freshly built (default) model
+    fresh = load_weights(_model(), tmp_path / "fast" / "model_best.pt")
+    x = torch.randn(1, 2, PATCH, PATCH, PATCH)
+    with torch.no_grad():
+        expected = fast_model.eval()(x.contiguous(memory_format=torch.channels_last_3d))
+        assert torch.allclose(fresh.eval()(x), expected, atol=1e-4)
+
+
+def test_bad_channels_last_raises(tmp_path):
+    with pytest.raises(ConfigError, match="channels_last"):
+        _fit(tmp_path, 1, channels_last="yes")

@@ -14,6 +14,7 @@ from neonb.losses import (
     SegmentationLoss,
     deep_supervision_weights,
     masked_dice_ce,
+    masked_dice_ce_heads,
 )
 
 C = 10
@@ -230,3 +231,75 @@ def test_segmentation_loss_rejects_bad_output_rank():
     _, label = _data()
     with pytest.raises(ValueError, match="outputs must be"):
         SegmentationLoss()(torch.zeros(2, 10, 6, 5), {"label": label})
+
+
+# ------------------------------------------------------------ fused heads (the fast path)
+
+
+def _heads_and_masks(seed=0):
+    logits, label = _data(seed=seed)
+    heads = torch.stack([logits, logits.flip(-1) * 0.5, 2 * logits.roll(1, dims=2)], dim=1)
+    one_sample = torch.zeros_like(label)
+    one_sample[1] = _slice_mask(label[1:])  # sample 0 has no annotated voxel
+    masks = {
+        "none": None,
+        "slices": _slice_mask(label),
+        "one_sample_empty": one_sample,
+        "all_empty": torch.zeros_like(label),
+    }
+    return heads, label, masks
+
+
+@pytest.mark.parametrize("mask_name", ["none", "slices", "one_sample_empty", "all_empty"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"include_background": False},
+        {"smooth_nr": 0.0, "smooth_dr": 1e-3, "lambda_dice": 0.3, "lambda_ce": 2.0},
+    ],
+)
+def test_fused_heads_equal_per_head_loss_values_and_gradients(mask_name, kwargs):
+    heads, label, masks = _heads_and_masks()
+    mask = masks[mask_name]
+    fused_in = heads.clone().requires_grad_(True)
+    ref_in = heads.clone().requires_grad_(True)
+    got = masked_dice_ce_heads(fused_in, label, mask, **kwargs)
+    expected = torch.stack(
+        [masked_dice_ce(ref_in[:, h], label, mask, **kwargs) for h in range(heads.shape[1])]
+    )
+    assert got.shape == (3,)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=ATOL), (got, expected)
+    weights = torch.tensor([0.5, 0.3, 0.2])
+    (got * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert torch.allclose(fused_in.grad, ref_in.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_heads_ignore_out_of_range_labels_under_the_mask():
+    heads, label, masks = _heads_and_masks()
+    mask = masks["slices"]
+    wild = torch.where(mask > 0, label, torch.full_like(label, 99.0))
+    assert torch.allclose(
+        masked_dice_ce_heads(heads, wild, mask), masked_dice_ce_heads(heads, label, mask)
+    )
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_segmentation_loss_fused_equals_per_head(channels_last):
+    heads, label, masks = _heads_and_masks(seed=3)
+    if channels_last:  # a channels-last network's stacked heads have unusual strides
+        heads = torch.stack(
+            [h.contiguous(memory_format=torch.channels_last_3d) for h in heads.unbind(1)], dim=1
+        )
+    batch = {"label": label.long(), "annotation": masks["slices"]}
+    for outputs in (heads, heads[:, 0]):  # stacked heads, and a single head
+        fused = SegmentationLoss(fused=True)(outputs, batch)
+        per_head = SegmentationLoss(fused=False)(outputs, batch)
+        assert torch.allclose(fused, per_head, rtol=1e-5, atol=ATOL), (fused, per_head)
+
+
+def test_fused_heads_reject_a_single_head_tensor():
+    logits, label = _data()
+    with pytest.raises(ValueError, match="label must have shape"):
+        masked_dice_ce_heads(logits, label)
