@@ -449,9 +449,14 @@ pd.Series(statistics.RULES, name="rule").to_frame()
 # %%
 sweep = results.set_index("condition").loc[plan.sweep].reset_index()
 sweep.to_csv(out / "sweep.tsv", sep="\t", index=False)
-plots.dispersion_sweep(
-    sweep, title=f"Dispersion sweep along the {sweep_plane} plane ({dataset}, {hardware})"
-)
+if plan.sweep:
+    figure = plots.dispersion_sweep(
+        sweep, title=f"Dispersion sweep along the {sweep_plane} plane ({dataset}, {hardware})"
+    )
+else:
+    figure = None
+    print("No sweep at this scale (sweep_plane is empty): see params/paper or params/smoke.")
+figure
 
 # %% [markdown]
 # ---
