@@ -23,7 +23,7 @@ $(VENV)/.neonb-installed: pyproject.toml
 ifneq ($(TORCH_WHEEL),)
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
 endif
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[study,test]"
 	touch $@
 
 study: setup
