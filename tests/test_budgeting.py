@@ -460,7 +460,7 @@ def test_summary_counts_slices_and_voxels(records, tmp_path):
     assert summary.loc["axial", "annotated_voxel_fraction"] == pytest.approx(0.25)
 
 
-def test_evaluate_dice_rows(records):
+def test_evaluate_dice_only_rows(records):
     config = TrainingConfig(patch_size=(8, 8, 8), model=TINY, device="cpu", overlap=0.0)
     torch.manual_seed(0)
     rows = experiment.evaluate(
