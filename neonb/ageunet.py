@@ -29,6 +29,8 @@ piece                      what it is
                            forward hook; output ``{"segmentation": ..., "age": (B,)}``
 :class:`AgeUNetLoss`       ``SegmentationLoss + α(epoch) · MSE`` (weeks², or standardised)
 :func:`segment_with_age`   labels and aggregated ages of one volume (MONAI sliding windows)
+:class:`WindowAges`        the ages of every window: ``neonb.experiment.evaluate``'s
+                           ``window_hook`` for whole test volumes
 :func:`train_ageunet`      one run folder, :data:`AGE_HEAD_FILE` included
 :func:`train_staged_head`  staged: head trained on cached window features
 :func:`load_ageunet_run`   rebuild a trained AgeU-Net from its folder alone

@@ -608,7 +608,7 @@ def evaluate(
             overlap=config.overlap,
             device=config.device,
             sw_batch_size=sw_batch_size,
-            segmentation_logits=hook or segmentation_logits,
+            segmentation_logits=segmentation_logits if hook is None else hook,
         )
         seconds = time.perf_counter() - started
         ids = {
@@ -620,7 +620,8 @@ def evaluate(
         tables.append(
             evaluate_case(predicted, volume["label"], spacing, ids).assign(inference_s=seconds)
         )
-        rows.append({**ids, **(hook.summary() if hook else {}), "inference_s": seconds})
+        summary = {} if hook is None else hook.summary()
+        rows.append({**ids, **summary, "inference_s": seconds})
         if out_dir is not None:
             name = prediction_filename(volume["participant_id"], volume["session_id"])
             save_segmentation(predicted, volume["t2w"], out_dir / name)
