@@ -29,6 +29,8 @@ piece                      what it is
                            forward hook; output ``{"segmentation": ..., "age": (B,)}``
 :class:`AgeUNetLoss`       ``SegmentationLoss + α(epoch) · MSE`` (weeks², or standardised)
 :func:`segment_with_age`   labels and aggregated ages of one volume (MONAI sliding windows)
+:class:`WindowAges`        the ages of every window: ``neonb.experiment.evaluate``'s
+                           ``window_hook`` for whole test volumes
 :func:`train_ageunet`      one run folder, :data:`AGE_HEAD_FILE` included
 :func:`train_staged_head`  staged: head trained on cached window features
 :func:`load_ageunet_run`   rebuild a trained AgeU-Net from its folder alone
@@ -70,7 +72,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
@@ -82,7 +83,6 @@ from monai.utils import convert_to_tensor
 from torch import Tensor, nn
 
 from neonb import distributed
-from neonb.cache import VolumeDataset
 from neonb.engine import BEST_MODEL_FILE, LOG_FILE, write_run_info
 from neonb.errors import ConfigError, DataError
 from neonb.experiment import (
@@ -90,7 +90,7 @@ from neonb.experiment import (
     TrainedRun,
     TrainingConfig,
     build_optimizer,
-    prediction_filename,
+    prepare_volumes,
     read_finished_run,
     segmentation_loss,
     train_segmentation,
@@ -102,21 +102,17 @@ from neonb.inference import (
     foreground_box,
     load_weights,
     resolve_device,
-    save_segmentation,
     segment,
 )
-from neonb.labels import BACKGROUND_LABELS, DRAWEM9, NUM_CLASSES
+from neonb.labels import BACKGROUND_LABELS, NUM_CLASSES
 from neonb.losses import SegmentationLoss
 from neonb.metrics import (
     ClassDiceMetric,
     case_summary,
     class_column,
-    dice_per_class,
-    evaluate_case,
     tissue_indices,
 )
 from neonb.models import ModelConfig, dynunet_kwargs
-from neonb.transforms import preprocessing_transforms
 
 __all__ = [
     "AGE_HEAD_FILE",
@@ -133,10 +129,8 @@ __all__ = [
     "alpha_at",
     "build_ageunet",
     "cache_window_features",
-    "evaluate_with_age",
     "head_ages",
     "load_ageunet_run",
-    "load_volumes",
     "segment_with_age",
     "segmentation_logits",
     "summary_table",
@@ -531,7 +525,10 @@ class WindowAges:
     Given to :func:`neonb.inference.segment`, it is called on the model output of every
     batch of sliding windows: it stores the predicted ages (weeks) and the windows' mean
     tissue probability (softmax mass outside the background labels 0 and 4), and returns
-    the segmentation logits for MONAI to stitch.
+    the segmentation logits for MONAI to stitch. It is a
+    :class:`neonb.experiment.WindowHook`: ``neonb.experiment.evaluate(...,
+    window_hook=WindowAges)`` scores the AgeU-Net's segmentations and ages of whole
+    volumes, with :meth:`summary`'s columns in its per-volume rows.
     """
 
     def __init__(self) -> None:
@@ -549,6 +546,11 @@ class WindowAges:
     def aggregate(self) -> dict[str, float]:
         """:func:`aggregate_ages` of the windows recorded so far."""
         return aggregate_ages(self.ages, self.weights)
+
+    def summary(self) -> dict[str, float | int]:
+        """``age_mean``, ``age_foreground_weighted`` (weeks) and ``n_windows`` so far."""
+        ages = {f"age_{k}": v for k, v in self.aggregate().items()}
+        return {**ages, "n_windows": len(self.ages)}
 
 
 def segment_with_age(
@@ -576,17 +578,6 @@ def segment_with_age(
         Labels ``(X, Y, Z)`` uint8, and ``{"mean": ..., "foreground_weighted": ...}`` in
         weeks.
     """
-    labels, windows = _segment_windows(model, image, patch_size, overlap, device)
-    return labels, windows.aggregate()
-
-
-def _segment_windows(
-    model: nn.Module,
-    image: Tensor | np.ndarray,
-    patch_size: Sequence[int],
-    overlap: float,
-    device: str | torch.device,
-) -> tuple[np.ndarray, WindowAges]:
     windows = WindowAges()
     labels = segment(
         model,
@@ -596,102 +587,15 @@ def _segment_windows(
         device=device,
         segmentation_logits=windows,
     )
-    return labels, windows
-
-
-def load_volumes(
-    records: Sequence[Record], *, cache_dir: str | os.PathLike | None = None
-) -> VolumeDataset:
-    """Whole test volumes ready for :func:`evaluate_with_age`, pre-processed once for many models.
-
-    Each item is the record after ``eval_transforms(crop=False)``: ``image`` ``(2, X, Y, Z)``
-    normalised and ``label`` ``(1, X, Y, Z)`` on the grid of the input files. Items are read
-    when indexed (one volume in memory at a time), from the disk cache ``cache_dir`` (e.g.
-    ``config.cache_dir``) when given, else loaded afresh on every access.
-    """
-    return VolumeDataset(records, preprocessing_transforms(crop=False), None, cache_dir)
-
-
-def _dice_rows(predicted: np.ndarray, label: np.ndarray, ids: Mapping[str, Any]) -> pd.DataFrame:
-    """The Dice columns of :func:`neonb.metrics.evaluate_case`; ``hd95_mm`` left NaN."""
-    return pd.DataFrame(
-        {
-            **{key: [value] * NUM_CLASSES for key, value in ids.items()},
-            "label": list(range(NUM_CLASSES)),
-            "short_name": [DRAWEM9[c].short_name for c in range(NUM_CLASSES)],
-            "is_background": [c in BACKGROUND_LABELS for c in range(NUM_CLASSES)],
-            "dice": dice_per_class(predicted, label, NUM_CLASSES),
-            "hd95_mm": np.nan,
-        }
-    )
-
-
-def evaluate_with_age(
-    model: AgeUNet,
-    records: Sequence[Record],
-    config: TrainingConfig,
-    *,
-    volumes: Sequence[Mapping[str, Any]] | None = None,
-    hd95: bool = False,
-    out_dir: str | os.PathLike | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Score the segmentations and ages of whole test volumes (:func:`segment_with_age`).
-
-    The windows are the baseline's (``config.patch_size``, ``config.overlap``), so the Dice
-    compares with :func:`neonb.experiment.evaluate`'s.
-
-    Args:
-        model: the trained AgeU-Net.
-        records: the test sessions, with ``scan_age`` and ids.
-        config: window size, overlap and device.
-        volumes: :func:`load_volumes` of ``records``, to load them once for many models.
-        hd95: also compute HD95 and volumes (:func:`neonb.metrics.evaluate_case`); off by
-            default, as it costs about as much as the segmentation on a CPU.
-        out_dir: where to save the predicted segmentations (``None``: don't).
-
-    Returns:
-        Per-class rows (``participant_id``, ``session_id``, ``label``, ``short_name``,
-        ``is_background``, ``dice``, ``hd95_mm``, ...; :func:`neonb.metrics.case_summary`
-        reads them), and one row per session: ids, ``scan_age``, ``age_mean``,
-        ``age_foreground_weighted`` (weeks), ``n_windows`` and ``inference_s``.
-    """
-    volumes = load_volumes(records) if volumes is None else volumes
-    if len(volumes) != len(records):
-        raise ConfigError(f"got {len(volumes)} volumes for {len(records)} records")
-    tables, rows = [], []
-    for record, volume in zip(records, volumes, strict=True):
-        started = time.perf_counter()
-        predicted, windows = _segment_windows(
-            model, volume["image"], config.patch_size, config.overlap, config.device
-        )
-        seconds = time.perf_counter() - started
-        label = np.asarray(volume["label"][0], dtype=np.uint8)
-        ids = {"participant_id": record["participant_id"], "session_id": record["session_id"]}
-        if hd95:
-            spacing = nib.load(record["t2w"]).header.get_zooms()[:3]
-            tables.append(evaluate_case(predicted, label, spacing, ids))
-        else:
-            tables.append(_dice_rows(predicted, label, ids))
-        if out_dir is not None:
-            name = prediction_filename(record["participant_id"], record["session_id"])
-            save_segmentation(predicted, record["t2w"], Path(out_dir) / name)
-        rows.append(
-            {
-                **ids,
-                "scan_age": float(record["scan_age"]),
-                **{f"age_{k}": v for k, v in windows.aggregate().items()},
-                "n_windows": len(windows.ages),
-                "inference_s": seconds,
-            }
-        )
-    return pd.concat(tables, ignore_index=True), pd.DataFrame(rows)
+    return labels, windows.aggregate()
 
 
 def age_errors(ages: pd.DataFrame, baseline_age: float) -> pd.DataFrame:
     """MAE (weeks) and MSE (weeks²) of each aggregation and of a constant predictor.
 
     Args:
-        ages: rows of :func:`evaluate_with_age` (``scan_age``, ``age_<aggregation>``).
+        ages: per-volume rows of :func:`neonb.experiment.evaluate` with
+            ``window_hook=WindowAges`` (``scan_age``, ``age_<aggregation>``).
         baseline_age: the constant prediction, e.g. the mean training age.
 
     Returns:
@@ -804,11 +708,12 @@ def cache_window_features(
 
     Args:
         model: the AgeU-Net whose (frozen) segmentation path computes the features.
-        records: sessions with ``scan_age`` (loaded with :func:`load_volumes`).
+        records: sessions with ``scan_age`` (loaded with
+            :func:`neonb.experiment.prepare_volumes`).
         config: window size (``patch_size``), ``overlap`` and ``device``.
     """
     rows, ages, volume = [], [], []
-    for index, (record, loaded) in enumerate(zip(records, load_volumes(records), strict=True)):
+    for index, (record, loaded) in enumerate(zip(records, prepare_volumes(records), strict=True)):
         features = window_features(
             model,
             loaded["image"],
@@ -1193,9 +1098,10 @@ def summary_table(
     """The chapter's table: test Dice of the baseline and every AgeU-Net, age errors.
 
     Args:
-        per_class: :func:`evaluate_with_age` rows of every model, with a ``by`` column and,
-            for replicated runs, a ``run`` column.
-        ages: :func:`evaluate_with_age` ages of every model, with the same columns.
+        per_class: per-class rows of :func:`neonb.experiment.evaluate` of every model,
+            with a ``by`` column and, for replicated runs, a ``run`` column.
+        ages: its per-volume rows with ``window_hook=WindowAges`` (the ages) of every
+            model, with the same columns.
         baseline_per_class: the baseline's per-class test rows (one run).
         mean_age: the mean predictor's constant age (mean training age), weeks.
         by: the column naming the model (variant).
@@ -1313,8 +1219,9 @@ def age_verdicts(
        mean predictor** (a lower point MAE alone is not enough).
 
     Args:
-        ages: :func:`evaluate_with_age` ages with ``participant_id``, ``session_id``,
-            ``scan_age``, ``predicted``, a ``by`` column and, for replicated runs, ``run``.
+        ages: per-volume ages (:func:`neonb.experiment.evaluate`, ``window_hook=WindowAges``)
+            with ``participant_id``, ``session_id``, ``scan_age``, ``predicted``, a ``by``
+            column and, for replicated runs, ``run``.
         mean_age: the mean predictor's constant age (mean training age), weeks.
         by: the column naming the variant.
         run: the column numbering a variant's runs (absent: one run each).

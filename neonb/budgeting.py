@@ -19,7 +19,7 @@ counts only annotated voxels. This module makes those choices and masks:
 4. :func:`write_masks` writes the masks as ``uint8`` NIfTI files with the label's affine;
    :func:`condition_records` adds their paths as the ``annotation`` key of the training
    records, which :mod:`neonb.transforms` loads and moves with image and label.
-5. :func:`condition_config`, :func:`evaluate_dice` and :func:`condition_results`: equal
+5. :func:`condition_config`, :func:`neonb.experiment.evaluate` and :func:`condition_results`: equal
    epochs or equal steps per condition, whole-volume Dice, and one results row per
    condition.
 

@@ -4,8 +4,9 @@ An *experiment* here is what a notebook does with neonb's parts: build disk-cach
 datasets (:class:`neonb.cache.VolumeDataset`) from session records
 (:func:`neonb.data.to_data_dicts`), train a DynUNet with the masked Dice + cross-entropy
 loss under deep supervision (:func:`train_segmentation`), and evaluate it on whole test
-volumes with sliding windows (:func:`evaluate`), writing the predicted segmentations as
-NIfTI files named as BIDS derivatives.
+volumes with sliding windows (:func:`prepare_volumes`, then :func:`evaluate`: Dice per
+class, optionally HD95, a window hook such as the AgeU-Net's age, and the predicted
+segmentations as NIfTI files named as BIDS derivatives).
 
 Every setting of a run is one :class:`TrainingConfig`, which reads and writes plain
 dictionaries so the notebooks take it from their papermill parameters and the run folder
@@ -14,7 +15,9 @@ records it (``config.yaml``).
 Example:
     >>> config = TrainingConfig.from_dict({"patch_size": [48, 48, 48], "epochs": 2})
     >>> run = train_segmentation(train_records, val_records, config, "runs/baseline")
-    >>> per_class = evaluate(run.model, test_records, config, out_dir="runs/baseline/test")
+    >>> volumes = prepare_volumes(test_records, cache_dir=config.cache_dir)
+    >>> scores = evaluate(run.model, volumes, config, hd95=True, out_dir="runs/baseline/test")
+    >>> neonb.metrics.case_summary(scores.per_class)    # one row per session
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import nibabel as nib
 import numpy as np
@@ -51,14 +54,12 @@ from neonb.engine import (
 )
 from neonb.errors import ConfigError, DataError
 from neonb.inference import load_weights, save_segmentation, segment
-from neonb.labels import BACKGROUND_LABELS, DRAWEM9, NUM_CLASSES
 from neonb.losses import SegmentationLoss, deep_supervision_weights
-from neonb.metrics import dice_per_class, evaluate_case
+from neonb.metrics import evaluate_case
 from neonb.models import ModelConfig, build_model, check_patch_size
 from neonb.transforms import (
     AugmentationConfig,
     augmentation_transforms,
-    eval_transforms,
     preprocessing_transforms,
     validation_transforms,
 )
@@ -376,8 +377,10 @@ class PreparedVolumes(Sequence[dict[str, Any]]):
 
     Indexing (or iterating) gives one dict per session: ``image`` (2, X, Y, Z) on the stored
     grid (not cropped, z-normalised as in :func:`neonb.transforms.eval_transforms`),
-    ``label`` (X, Y, Z) uint8, and the ids and scan age of the record. Only the volume being
-    used is in memory: 100 dHCP test volumes at 0.5 mm would take 16 GB held together.
+    ``label`` (X, Y, Z) uint8, the ids and scan age of the record, and ``t2w``, the path of
+    its T2w image (the voxel size of HD95 and the reference grid of a written prediction).
+    Only the volume being used is in memory: 100 dHCP test volumes at 0.5 mm would take
+    16 GB held together.
     """
 
     def __init__(self, records: Sequence[Record], cache_dir: str | os.PathLike | None) -> None:
@@ -399,14 +402,15 @@ class PreparedVolumes(Sequence[dict[str, Any]]):
             "label": np.asarray(sample["label"][0], dtype=np.uint8),
             "participant_id": record["participant_id"],
             "session_id": record["session_id"],
-            "scan_age": record.get("scan_age", np.nan),
+            "scan_age": float(record.get("scan_age", np.nan)),
+            "t2w": record["t2w"],
         }
 
 
 def prepare_volumes(
     records: Sequence[Record], *, cache_dir: str | os.PathLike | None = None
 ) -> PreparedVolumes:
-    """Test volumes for scoring several networks on them, pre-processed once.
+    """Test volumes for :func:`evaluate`, pre-processed once for every network scored on them.
 
     Args:
         records: sessions with ``t1w``, ``t2w``, ``label``, ids and ``scan_age``.
@@ -416,95 +420,10 @@ def prepare_volumes(
     Returns:
         A sequence of one dict per session, loaded when indexed (:class:`PreparedVolumes`):
         ``image`` (2, X, Y, Z) on the stored grid (not cropped, z-normalised as in
-        :func:`neonb.transforms.eval_transforms`), ``label`` (X, Y, Z) uint8, and the ids
-        and scan age of the record.
+        :func:`neonb.transforms.eval_transforms`), ``label`` (X, Y, Z) uint8, the ids and
+        scan age of the record, and the path of its ``t2w`` image.
     """
-    return PreparedVolumes(records, cache_dir)
-
-
-def evaluate_dice(
-    model: nn.Module,
-    volumes: Sequence[Mapping[str, Any]],
-    config: TrainingConfig,
-    *,
-    sw_batch_size: int = 8,
-    progress: bool = False,
-) -> pd.DataFrame:
-    """Per-class Dice of whole-volume sliding-window segmentations of prepared volumes.
-
-    The same segmentation as :func:`evaluate` (windows of
-    ``config.patch_size`` with ``config.overlap`` inside the foreground box), scored
-    with Dice only: the paper's Tables 4-6 need nothing more, and six networks on the
-    same test set are scored without loading the volumes six times or computing
-    Hausdorff distances (the label-budgeting chapter scores each condition the same
-    way). ``sw_batch_size`` windows go through the network at once,
-    which on a CPU is several times faster than one at a time and gives the same labels.
-
-    Args:
-        model: the trained network.
-        volumes: rows of :func:`prepare_volumes`.
-        config: gives the window size, overlap and device.
-        sw_batch_size: windows per forward pass.
-        progress: show a progress bar.
-
-    Returns:
-        One row per session and class: ``participant_id, session_id, scan_age, label,
-        short_name, is_background, dice`` and ``inference_s`` (the segmentation time).
-    """
-    tables = []
-    for volume in tqdm(volumes, desc="sliding-window inference", disable=not progress):
-        started = time.perf_counter()
-        predicted = segment(
-            model,
-            volume["image"],
-            patch_size=config.patch_size,
-            overlap=config.overlap,
-            device=config.device,
-            sw_batch_size=sw_batch_size,
-        )
-        seconds = time.perf_counter() - started
-        tables.append(
-            pd.DataFrame(
-                {
-                    "participant_id": volume["participant_id"],
-                    "session_id": volume["session_id"],
-                    "scan_age": volume["scan_age"],
-                    "label": range(NUM_CLASSES),
-                    "short_name": [DRAWEM9[c].short_name for c in range(NUM_CLASSES)],
-                    "is_background": [c in BACKGROUND_LABELS for c in range(NUM_CLASSES)],
-                    "dice": dice_per_class(predicted, volume["label"]),
-                    "inference_s": seconds,
-                }
-            )
-        )
-    return pd.concat(tables, ignore_index=True)
-
-
-def subject_dice(
-    per_class: pd.DataFrame,
-    by: Sequence[str] = ("strategy", "participant_id", "session_id", "scan_age"),
-) -> pd.DataFrame:
-    """Mean Dice per subject, over all classes and over the tissues alone.
-
-    The Dice part of :func:`neonb.metrics.case_summary`, for rows of
-    :func:`evaluate_dice` (which has no Hausdorff distances).
-
-    Args:
-        per_class: rows of :func:`evaluate_dice` with the ``by`` columns.
-        by: the columns that identify a subject's result.
-
-    Returns:
-        One row per subject (and strategy): the ``by`` columns, ``dice_mean`` (10
-        classes) and ``dice_mean_nobg`` (8 tissues), ``NaN`` class scores skipped.
-    """
-    keys = list(by)
-    tissue = per_class[~per_class["is_background"]]
-    return pd.DataFrame(
-        {
-            "dice_mean": per_class.groupby(keys, sort=False)["dice"].mean(),
-            "dice_mean_nobg": tissue.groupby(keys, sort=False)["dice"].mean(),
-        }
-    ).reset_index()
+    return PreparedVolumes(_check_records(records, "evaluation"), cache_dir)
 
 
 def optimizer_steps(n_volumes: int, config: TrainingConfig) -> int:
@@ -571,59 +490,139 @@ def prediction_filename(participant_id: str, session_id: str) -> str:
     return f"sub-{participant_id}_ses-{session_id}_desc-neonb_dseg.nii.gz"
 
 
+class WindowHook(Protocol):
+    """Something recorded from every sliding window while a volume is segmented.
+
+    An instance is a ``segmentation_logits`` function (:func:`neonb.inference.segment`): it
+    is called on the model output of every batch of windows, records what it wants, and
+    returns the segmentation logits ``(B, C, X, Y, Z)``. After the volume, :meth:`summary`
+    gives the columns it adds to the volume's row of :func:`evaluate`.
+    :class:`neonb.ageunet.WindowAges` is one: the AgeU-Net's age of every window.
+    """
+
+    def __call__(self, outputs: Any) -> torch.Tensor: ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+
+class Evaluation(NamedTuple):
+    """The scores of :func:`evaluate`.
+
+    Attributes:
+        per_class: one row per volume and class: ``participant_id``, ``session_id``,
+            ``scan_age``, ``label`` (class index), ``short_name``, ``is_background``,
+            ``dice``; with ``hd95=True`` also ``hd95_mm``, ``volume_pred_ml`` and
+            ``volume_true_ml`` (:func:`neonb.metrics.evaluate_case`); last ``inference_s``,
+            the volume's segmentation time in seconds.
+        per_volume: one row per volume: ``participant_id``, ``session_id``, ``scan_age``,
+            the columns of the window hook's summary (e.g. ``age_mean``,
+            ``age_foreground_weighted``, ``n_windows``) and ``inference_s``.
+    """
+
+    per_class: pd.DataFrame
+    per_volume: pd.DataFrame
+
+
+VOLUME_KEYS = ("image", "label", "participant_id", "session_id")
+"""Keys every volume given to :func:`evaluate` has (:func:`prepare_volumes` gives them)."""
+
+
+def _check_volume(volume: Mapping[str, Any], needs_t2w: bool) -> None:
+    needed = [*VOLUME_KEYS, "t2w"] if needs_t2w else list(VOLUME_KEYS)
+    missing = [key for key in needed if key not in volume]
+    if missing:
+        raise ConfigError(
+            f"a volume to evaluate lacks {missing} (it has {sorted(volume)}); "
+            "prepare the volumes with neonb.experiment.prepare_volumes"
+        )
+
+
 def evaluate(
     model: nn.Module,
-    records: Sequence[Record],
+    volumes: Sequence[Mapping[str, Any]],
     config: TrainingConfig,
     *,
-    out_dir: str | os.PathLike | None = None,
+    hd95: bool = False,
+    window_hook: Callable[[], WindowHook] | None = None,
     segmentation_logits: Callable[[Any], torch.Tensor] | None = None,
-    progress: bool = True,
-) -> pd.DataFrame:
+    out_dir: str | os.PathLike | None = None,
+    sw_batch_size: int = 1,
+    progress: bool = False,
+) -> Evaluation:
     """Segment whole volumes with overlapping sliding windows and score every class.
 
-    Volumes keep their stored grid (normalised, not cropped), so each prediction lies on
-    the input's voxels and is saved with the input's affine and header.
+    The one evaluation of the study: each volume is segmented by
+    :func:`neonb.inference.segment` (windows of ``config.patch_size`` with
+    ``config.overlap`` inside the foreground box, softmax probabilities averaged, argmax)
+    and scored per class with Dice (:func:`neonb.metrics.evaluate_case`), optionally with
+    HD95 and class volumes. Volumes keep their stored grid (normalised, not cropped), so a
+    prediction lies on the input's voxels and is written with the T2w image's affine and
+    header. The volumes are prepared once (:func:`prepare_volumes`) and scored by as many
+    networks as needed.
 
     Args:
         model: the trained network.
-        records: sessions with ``t1w``, ``t2w``, ``label`` and ids.
-        config: gives the window size (``patch_size``), ``overlap`` and device.
-        out_dir: where to write ``sub-X_ses-Y_desc-neonb_dseg.nii.gz`` files (``None``:
-            don't write them).
-        segmentation_logits: for models with more than one output.
+        volumes: rows of :func:`prepare_volumes` (``image`` (2, X, Y, Z), ``label``
+            (X, Y, Z), ``participant_id``, ``session_id``, ``scan_age``, ``t2w``).
+        config: gives the window size (``patch_size``), ``overlap`` and ``device``.
+        hd95: also compute the 95th-percentile Hausdorff distance (mm) and the predicted
+            and true volume (mL) of every class, at the voxel size of the ``t2w`` image's
+            header. Off by default: on a CPU it costs about as much as the segmentation.
+        window_hook: called once per volume to make a :class:`WindowHook` that picks the
+            segmentation logits of every batch of windows and records something per window;
+            its summary becomes columns of ``per_volume``. For the AgeU-Net's age:
+            ``window_hook=neonb.ageunet.WindowAges``.
+        segmentation_logits: picks the logits out of the output of a model with more than
+            one output (not with ``window_hook``, which does that itself).
+        out_dir: where to write ``sub-X_ses-Y_desc-neonb_dseg.nii.gz``
+            (:func:`prediction_filename`; ``None``: don't write them).
+        sw_batch_size: windows per forward pass. Several at once are faster on a CPU; the
+            labels may differ from one at a time in float rounding only.
         progress: show a progress bar.
 
     Returns:
-        Tidy rows, one per session and class (:func:`neonb.metrics.evaluate_case`), with
-        ``scan_age`` added and ``inference_s``, the sliding-window time of the session.
+        The per-class and per-volume rows (:class:`Evaluation`).
+
+    Raises:
+        ConfigError: for no volumes, a volume without the keys above, or both
+            ``window_hook`` and ``segmentation_logits``.
     """
-    records = _check_records(records, "evaluation")
-    prepare = eval_transforms(crop=False)
+    if len(volumes) == 0:
+        raise ConfigError("no evaluation volumes given")
+    if window_hook is not None and segmentation_logits is not None:
+        raise ConfigError(
+            "give window_hook or segmentation_logits, not both: the hook picks the logits"
+        )
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-    tables = []
-    for record in tqdm(records, desc="sliding-window inference", disable=not progress):
-        sample = prepare(record)
+    tables, rows = [], []
+    for volume in tqdm(volumes, desc="sliding-window inference", disable=not progress):
+        _check_volume(volume, needs_t2w=hd95 or out_dir is not None)
+        hook = window_hook() if window_hook is not None else None
         started = time.perf_counter()
         predicted = segment(
             model,
-            sample["image"],
+            volume["image"],
             patch_size=config.patch_size,
             overlap=config.overlap,
             device=config.device,
-            segmentation_logits=segmentation_logits,
+            sw_batch_size=sw_batch_size,
+            segmentation_logits=segmentation_logits if hook is None else hook,
         )
         seconds = time.perf_counter() - started
-        label = np.asarray(sample["label"][0], dtype=np.uint8)
-        spacing = nib.load(record["t2w"]).header.get_zooms()[:3]
-        ids = {"participant_id": record["participant_id"], "session_id": record["session_id"]}
-        table = evaluate_case(predicted, label, spacing, ids)
-        table["scan_age"] = record.get("scan_age", np.nan)
-        table["inference_s"] = seconds
-        tables.append(table)
+        ids = {
+            "participant_id": volume["participant_id"],
+            "session_id": volume["session_id"],
+            "scan_age": volume.get("scan_age", np.nan),
+        }
+        spacing = nib.load(volume["t2w"]).header.get_zooms()[:3] if hd95 else None
+        tables.append(
+            evaluate_case(predicted, volume["label"], spacing, ids).assign(inference_s=seconds)
+        )
+        summary = {} if hook is None else hook.summary()
+        rows.append({**ids, **summary, "inference_s": seconds})
         if out_dir is not None:
-            name = prediction_filename(record["participant_id"], record["session_id"])
-            save_segmentation(predicted, record["t2w"], out_dir / name)
-    return pd.concat(tables, ignore_index=True)
+            name = prediction_filename(volume["participant_id"], volume["session_id"])
+            save_segmentation(predicted, volume["t2w"], out_dir / name)
+    return Evaluation(pd.concat(tables, ignore_index=True), pd.DataFrame(rows))

@@ -288,29 +288,27 @@ def volumes_ml(
 def evaluate_case(
     pred: ArrayLike,
     label: ArrayLike,
-    spacing: Sequence[float],
+    spacing: Sequence[float] | None,
     ids: Mapping[str, object],
     num_classes: int = NUM_CLASSES,
 ) -> pd.DataFrame:
-    """Dice, HD95 and volumes of every class of one case, as tidy rows.
+    """Dice, and with a voxel size HD95 and volumes, of every class of one case, as tidy rows.
 
     Args:
         pred: predicted label map, shape ``(X, Y, Z)``.
         label: reference label map, same shape.
-        spacing: voxel size along ``X, Y, Z`` in mm.
+        spacing: voxel size along ``X, Y, Z`` in mm; ``None``: Dice only (the distances
+            and volumes need it, and HD95 costs about as much as a CPU segmentation).
         ids: identifiers copied into every row, in order, as the first columns,
             typically ``{"participant_id": ..., "session_id": ...}``.
         num_classes: number of classes ``C``.
 
     Returns:
         ``C`` rows with the ``ids`` columns, then ``label`` (class index),
-        ``short_name`` (as in the paper), ``is_background`` (labels 0 and 4),
-        ``dice``, ``hd95_mm``, ``volume_pred_ml`` and ``volume_true_ml``.
+        ``short_name`` (as in the paper), ``is_background`` (labels 0 and 4) and
+        ``dice``; with a ``spacing`` also ``hd95_mm``, ``volume_pred_ml`` and
+        ``volume_true_ml``.
     """
-    dice = dice_per_class(pred, label, num_classes)
-    hd95 = hd95_per_class(pred, label, spacing, num_classes)
-    vol_pred = volumes_ml(pred, spacing, num_classes)
-    vol_true = volumes_ml(label, spacing, num_classes)
     rows = {key: [value] * num_classes for key, value in ids.items()}
     rows |= {
         "label": list(range(num_classes)),
@@ -318,39 +316,53 @@ def evaluate_case(
             DRAWEM9[c].short_name if c in DRAWEM9 else str(c) for c in range(num_classes)
         ],
         "is_background": [c in BACKGROUND_LABELS for c in range(num_classes)],
-        "dice": dice,
-        "hd95_mm": hd95,
-        "volume_pred_ml": vol_pred,
-        "volume_true_ml": vol_true,
+        "dice": dice_per_class(pred, label, num_classes),
     }
+    if spacing is not None:
+        rows |= {
+            "hd95_mm": hd95_per_class(pred, label, spacing, num_classes),
+            "volume_pred_ml": volumes_ml(pred, spacing, num_classes),
+            "volume_true_ml": volumes_ml(label, spacing, num_classes),
+        }
     return pd.DataFrame(rows)
 
 
 def case_summary(
     per_class: pd.DataFrame, by: Sequence[str] = ("participant_id", "session_id")
 ) -> pd.DataFrame:
-    """Per-case means of the rows of :func:`evaluate_case` (``NaN`` entries skipped).
+    """Per-case means of per-class rows (``NaN`` entries skipped): the per-subject table.
 
     Args:
-        per_class: rows as returned by :func:`evaluate_case`, for one or more cases.
-        by: the columns that identify a case (add ``run`` or ``split`` if present).
+        per_class: rows of :func:`evaluate_case` or :func:`neonb.experiment.evaluate`, for
+            one or more cases, models and runs.
+        by: the columns that identify a case's result, e.g. ``("strategy", "run",
+            "participant_id", "session_id", "scan_age")``.
 
     Returns:
-        One row per case with ``dice_mean`` (all classes), ``dice_mean_nobg`` (tissues
-        only: labels 0 and 4 excluded), ``hd95_mean_mm`` and ``hd95_mean_nobg_mm``.
+        One row per case: the ``by`` columns, ``dice_mean`` (all classes) and
+        ``dice_mean_nobg`` (tissues only: labels 0 and 4 excluded); when the rows have
+        ``hd95_mm``, also ``hd95_mean_mm`` and ``hd95_mean_nobg_mm``.
+
+    Raises:
+        ConfigError: naming the columns of ``by`` (or ``dice``, ``is_background``) that
+            ``per_class`` lacks.
     """
     keys = list(by)
+    missing = [c for c in [*keys, "dice", "is_background"] if c not in per_class.columns]
+    if missing:
+        raise ConfigError(
+            f"per_class lacks the column(s) {missing}; it has {list(per_class.columns)}"
+        )
     tissue = per_class[~per_class["is_background"]]
     groups = {"all": per_class.groupby(keys, sort=False), "nobg": tissue.groupby(keys, sort=False)}
-    out = pd.DataFrame(
-        {
-            "dice_mean": groups["all"]["dice"].mean(),
-            "dice_mean_nobg": groups["nobg"]["dice"].mean(),
-            "hd95_mean_mm": groups["all"]["hd95_mm"].mean(),
-            "hd95_mean_nobg_mm": groups["nobg"]["hd95_mm"].mean(),
-        }
-    )
-    return out.reset_index()
+    columns = {
+        "dice_mean": groups["all"]["dice"].mean(),
+        "dice_mean_nobg": groups["nobg"]["dice"].mean(),
+    }
+    if "hd95_mm" in per_class.columns:
+        columns["hd95_mean_mm"] = groups["all"]["hd95_mm"].mean()
+        columns["hd95_mean_nobg_mm"] = groups["nobg"]["hd95_mm"].mean()
+    return pd.DataFrame(columns).reset_index()
 
 
 def format_mean_std(mean: float, std: float, decimals: int = 3) -> str:

@@ -442,7 +442,7 @@ class TrainedRuns:
         names: Mapping[str, str] | None = None,
         sw_batch_size: int = 8,
     ) -> pd.DataFrame:
-        """Per-class test Dice of every run (:func:`neonb.experiment.evaluate_dice`).
+        """Per-class test Dice of every run (:func:`neonb.experiment.evaluate`).
 
         Args:
             volumes: the test volumes (:func:`neonb.experiment.prepare_volumes`), loaded once
@@ -452,16 +452,19 @@ class TrainedRuns:
             sw_batch_size: windows per forward pass.
 
         Returns:
-            :func:`~neonb.experiment.evaluate_dice` rows with ``by`` and ``run`` columns.
+            The per-class rows of :func:`~neonb.experiment.evaluate` (Dice, no HD95) with
+            ``by`` and ``run`` columns.
         """
-        from neonb.experiment import evaluate_dice
+        from neonb.experiment import evaluate
 
         names = names or {}
         tables = []
         for run_id, trained in self.trained.items():
             run = self.runs[run_id]
-            table = evaluate_dice(trained.model, volumes, config, sw_batch_size=sw_batch_size)
-            tables.append(table.assign(**{by: self._name(run, names), "run": run.replicate}))
+            scores = evaluate(trained.model, volumes, config, sw_batch_size=sw_batch_size)
+            tables.append(
+                scores.per_class.assign(**{by: self._name(run, names), "run": run.replicate})
+            )
         return pd.concat(tables, ignore_index=True)
 
 

@@ -266,7 +266,7 @@ def average_runs(
     """Each subject's score averaged over the runs of its group: the unit of every test.
 
     Args:
-        table: one row per run, group and subject (e.g. :func:`neonb.experiment.subject_dice`
+        table: one row per run, group and subject (e.g. :func:`neonb.metrics.case_summary`
             rows with ``run`` and ``strategy``).
         value: the score column, or several.
         by: the group column.

@@ -23,10 +23,8 @@ from neonb.ageunet import (
     aggregate_ages,
     alpha_at,
     build_ageunet,
-    evaluate_with_age,
     head_ages,
     load_ageunet_run,
-    load_volumes,
     segment_with_age,
     segmentation_logits,
     summary_table,
@@ -35,7 +33,13 @@ from neonb.ageunet import (
     window_features,
 )
 from neonb.errors import ConfigError
-from neonb.experiment import TrainingConfig, segmentation_loss, train_segmentation
+from neonb.experiment import (
+    TrainingConfig,
+    evaluate,
+    prepare_volumes,
+    segmentation_loss,
+    train_segmentation,
+)
 from neonb.inference import segment
 from neonb.labels import NUM_CLASSES
 from neonb.models import ModelConfig, build_model
@@ -493,11 +497,14 @@ def test_joint_and_staged_runs_reload_from_their_folders(records, tmp_path):
     age_log = (tmp_path / "joint" / AGE_LOG_FILE).read_text().splitlines()
     assert age_log[0].split("\t")[:2] == ["epoch", "alpha"] and len(age_log) == 3
 
-    per_class, ages = evaluate_with_age(joint.model, records[3:], config, out_dir=tmp_path / "p")
+    volumes = prepare_volumes(records[3:])
+    per_class, ages = evaluate(
+        joint.model, volumes, config, window_hook=WindowAges, out_dir=tmp_path / "p"
+    )
     assert per_class["label"].tolist() == list(range(NUM_CLASSES))
     assert per_class["dice"].dropna().between(0, 1).all()
     assert len(list((tmp_path / "p").glob("*_dseg.nii.gz"))) == 1
-    volume = load_volumes(records[3:])[0]
+    volume = volumes[0]
     _, expected = segment_with_age(
         joint.model, volume["image"], patch_size=(16, 16, 16), overlap=config.overlap
     )

@@ -460,12 +460,12 @@ def test_summary_counts_slices_and_voxels(records, tmp_path):
     assert summary.loc["axial", "annotated_voxel_fraction"] == pytest.approx(0.25)
 
 
-def test_evaluate_dice_rows(records):
+def test_evaluate_dice_only_rows(records):
     config = TrainingConfig(patch_size=(8, 8, 8), model=TINY, device="cpu", overlap=0.0)
     torch.manual_seed(0)
-    rows = experiment.evaluate_dice(
+    rows = experiment.evaluate(
         build_model(TINY).eval(), experiment.prepare_volumes(records[:2]), config
-    )
+    ).per_class
     assert len(rows) == 2 * 10
     assert set(rows["participant_id"]) == {"P0", "P1"}
     assert rows["is_background"].sum() == 2 * 2

@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
+import torch
+from monai.metrics import compute_dice
+from monai.networks.utils import one_hot
 
 from neonb import data
+from neonb.ageunet import AgeHeadConfig, WindowAges, build_ageunet, segment_with_age
 from neonb.errors import ConfigError, DataError
 from neonb.experiment import (
     TrainingConfig,
     evaluate,
     load_trained_run,
     prediction_filename,
+    prepare_volumes,
     train_segmentation,
 )
+from neonb.inference import segment
 from neonb.labels import NUM_CLASSES
+from neonb.metrics import dice_per_class, evaluate_case
+from neonb.models import build_model
 from neonb.phantom import write_cohort
+from neonb.transforms import eval_transforms
 
 TINY = {
     "patch_size": [16, 16, 16],
@@ -53,8 +63,11 @@ def test_train_then_evaluate_writes_run_and_predictions(records, tmp_path):
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert not run.model.training
 
-    table = evaluate(run.model, records[3:], config, out_dir=tmp_path / "pred", progress=False)
-    assert len(table) == NUM_CLASSES
+    scores = evaluate(
+        run.model, prepare_volumes(records[3:]), config, hd95=True, out_dir=tmp_path / "pred"
+    )
+    table = scores.per_class
+    assert len(table) == NUM_CLASSES and len(scores.per_volume) == 1
     assert table["label"].tolist() == list(range(NUM_CLASSES))
     assert table["dice"].dropna().between(0, 1).all()
     assert table["dice"].notna().sum() >= 2  # both background classes are always present
@@ -108,3 +121,78 @@ def test_train_segmentation_uses_the_configured_optimizer(
 def test_load_trained_run_names_the_missing_file(tmp_path):
     with pytest.raises(DataError, match=r"config\.yaml.*01_pipeline"):
         load_trained_run(tmp_path / "run-0")
+
+
+def test_evaluate_matches_the_scores_computed_directly(records, tmp_path):
+    """Dice, HD95, written labels and ages equal segment() + neonb.metrics / MONAI by hand."""
+    config = TrainingConfig.from_dict({**TINY, "device": "cpu"})
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    volumes = prepare_volumes(records[:2])
+    scores = evaluate(model, volumes, config, hd95=True, out_dir=tmp_path / "pred")
+    window = {"patch_size": config.patch_size, "overlap": config.overlap, "device": "cpu"}
+    expected = []
+    for record in records[:2]:
+        sample = eval_transforms(crop=False)(dict(record))  # what the old evaluate() did
+        label = np.asarray(sample["label"][0], dtype=np.uint8)
+        predicted = segment(model, sample["image"], **window)
+        spacing = nib.load(record["t2w"]).header.get_zooms()[:3]
+        ids = {k: record[k] for k in ("participant_id", "session_id", "scan_age")}
+        expected.append(evaluate_case(predicted, label, spacing, ids))
+        written = prediction_filename(record["participant_id"], record["session_id"])
+        assert np.array_equal(nib.load(tmp_path / "pred" / written).get_fdata(), predicted)
+        monai_dice = compute_dice(
+            one_hot(torch.as_tensor(predicted)[None, None].long(), NUM_CLASSES),
+            one_hot(torch.as_tensor(label)[None, None].long(), NUM_CLASSES),
+            include_background=True,
+            ignore_empty=False,
+        )[0].numpy()
+        present = (np.bincount(predicted.ravel(), minlength=NUM_CLASSES) > 0) | (
+            np.bincount(label.ravel(), minlength=NUM_CLASSES) > 0
+        )
+        assert np.isnan(expected[-1]["dice"][~present]).all()
+        np.testing.assert_allclose(expected[-1]["dice"][present], monai_dice[present], rtol=1e-6)
+    got = scores.per_class.drop(columns="inference_s")
+    pd.testing.assert_frame_equal(got, pd.concat(expected, ignore_index=True), check_exact=True)
+    assert got["hd95_mm"].notna().any() and got["dice"].between(0.01, 0.99).any()
+    assert (scores.per_class["inference_s"] > 0).all()
+    assert list(scores.per_volume.columns) == [
+        "participant_id", "session_id", "scan_age", "inference_s"
+    ]  # fmt: skip
+
+    # Dice only: the same Dice columns, no distances or volumes
+    dice_only = evaluate(model, volumes, config).per_class
+    assert "hd95_mm" not in dice_only
+    pd.testing.assert_frame_equal(
+        dice_only.drop(columns="inference_s"), got[dice_only.columns[:-1]]
+    )
+
+    # the AgeU-Net's ages through the window hook: as segment_with_age gives them
+    torch.manual_seed(1)
+    net = build_ageunet(config.model, AgeHeadConfig(), age_mean=38.0, age_std=3.5).eval()
+    per_class, per_volume = evaluate(net, volumes, config, window_hook=WindowAges)
+    for i, volume in enumerate(volumes):
+        labels, age = segment_with_age(net, volume["image"], **window)
+        rows = per_class.iloc[i * NUM_CLASSES : (i + 1) * NUM_CLASSES]
+        np.testing.assert_array_equal(rows["dice"], dice_per_class(labels, volume["label"]))
+        assert per_volume.loc[i, "age_mean"] == age["mean"]
+        assert per_volume.loc[i, "age_foreground_weighted"] == age["foreground_weighted"]
+        assert per_volume.loc[i, "n_windows"] >= 1
+    assert list(per_volume.columns) == [
+        "participant_id", "session_id", "scan_age",
+        "age_mean", "age_foreground_weighted", "n_windows", "inference_s",
+    ]  # fmt: skip
+
+
+def test_evaluate_refuses_what_it_cannot_score(records):
+    config = TrainingConfig.from_dict({**TINY, "device": "cpu"})
+    model = build_model(config.model)
+    with pytest.raises(ConfigError, match="no evaluation volumes"):
+        evaluate(model, [], config)
+    with pytest.raises(ConfigError, match="no evaluation sessions"):
+        prepare_volumes([])
+    volume = {k: v for k, v in prepare_volumes(records[:1])[0].items() if k != "t2w"}
+    with pytest.raises(ConfigError, match=r"lacks \['t2w'\].*prepare_volumes"):
+        evaluate(model, [volume], config, hd95=True)
+    with pytest.raises(ConfigError, match="window_hook or segmentation_logits"):
+        evaluate(model, [volume], config, window_hook=WindowAges, segmentation_logits=lambda o: o)

@@ -160,6 +160,36 @@ def test_case_summary_means_skip_nan_and_background():
     assert summary.loc[1, "hd95_mean_mm"] == 0.0
 
 
+def test_evaluate_case_without_spacing_scores_dice_only():
+    pred, label = _halves()
+    ids = {"participant_id": "A", "session_id": "1", "scan_age": 40.5}
+    full = evaluate_case(pred, label, (1.0, 1.0, 1.0), ids)
+    dice_only = evaluate_case(pred, label, None, ids)
+    assert list(dice_only.columns) == [
+        "participant_id", "session_id", "scan_age", "label", "short_name", "is_background", "dice"
+    ]  # fmt: skip
+    pd.testing.assert_frame_equal(dice_only, full[dice_only.columns])
+
+
+def test_case_summary_groups_by_the_given_columns_with_or_without_hd95():
+    pred, label = _halves()
+    rows = [
+        evaluate_case(p, label, None, {"participant_id": "A", "session_id": "1"}).assign(
+            strategy=s, run=r
+        )
+        for s, r, p in [("none", 0, pred), ("deep", 0, label), ("deep", 1, pred)]
+    ]
+    by = ("strategy", "run", "participant_id", "session_id")
+    summary = case_summary(pd.concat(rows, ignore_index=True), by=by)
+    assert list(summary.columns) == [*by, "dice_mean", "dice_mean_nobg"]  # no HD95 columns
+    assert summary[["strategy", "run"]].values.tolist() == [["none", 0], ["deep", 0], ["deep", 1]]
+    assert summary["dice_mean_nobg"].tolist() == pytest.approx(
+        [(2 / 3 + 62 / 79 + 0.0) / 3, 1.0, (2 / 3 + 62 / 79 + 0.0) / 3]
+    )
+    with pytest.raises(ConfigError, match=r"lacks the column\(s\) \['condition'\]"):
+        case_summary(rows[0], by=("condition", "participant_id"))
+
+
 def test_summarize_runs_mean_std_and_format():
     per_run = pd.DataFrame(
         {

@@ -13,6 +13,7 @@ import torch
 from neonb import data, experiment, plots, report, transfer
 from neonb.errors import ConfigError
 from neonb.experiment import TrainingConfig, build_optimizer, segmentation_loss
+from neonb.metrics import case_summary
 from neonb.models import ModelConfig, build_model
 from neonb.phantom import write_cohort
 from neonb.statistics import CONTRADICTED, HOLDS
@@ -179,9 +180,9 @@ def test_fine_tune_trains_a_copy_and_scores_it(records, tmp_path):
     pd.testing.assert_frame_equal(again.log, run.log)  # reloaded, not trained again
 
     volumes = experiment.prepare_volumes(records[2:])
-    scores = experiment.evaluate_dice(run.model, volumes, config).assign(strategy="shallow")
+    scores = experiment.evaluate(run.model, volumes, config).per_class.assign(strategy="shallow")
     assert len(scores) == 10 and scores["dice"].dropna().between(0, 1).all()
-    subjects = experiment.subject_dice(scores)
+    subjects = case_summary(scores, by=("strategy", "participant_id", "session_id", "scan_age"))
     assert len(subjects) == 1
     tissue = scores.loc[~scores["is_background"], "dice"]
     assert subjects["dice_mean_nobg"].item() == pytest.approx(tissue.mean())

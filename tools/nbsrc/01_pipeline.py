@@ -194,15 +194,12 @@ plots.dice_curves(logs, title=f"Validation Dice per tissue ({dataset}, {hardware
 # percentile Hausdorff distance in mm.
 
 # %%
+test_volumes = experiment.prepare_volumes(records["test"], cache_dir=config.cache_dir)
 per_case = pd.concat(
     [
         experiment.evaluate(
-            trained.model,
-            records["test"],
-            config,
-            out_dir=trained.run_dir / "test",
-            progress=False,
-        ).assign(run=run)
+            trained.model, test_volumes, config, hd95=True, out_dir=trained.run_dir / "test"
+        ).per_class.assign(run=run)
         for run, trained in enumerate(trained_runs)
     ],
     ignore_index=True,

@@ -77,7 +77,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from neonb import ageunet, paper, plots, runs, splits, study
+from neonb import ageunet, experiment, paper, plots, runs, splits, study
 from neonb.inference import describe_hardware
 
 plots.use_book_renderer()
@@ -246,12 +246,12 @@ plots.dice_curves(
 # count less. The volumes are loaded once for all variants; HD95 is not computed here.
 
 # %%
-volumes = ageunet.load_volumes(records["test"], cache_dir=config.cache_dir)
+volumes = experiment.prepare_volumes(records["test"], cache_dir=config.cache_dir)
 per_class, ages = [], []
 for name, run in trained.items():
     variant, k = chapter.replicates[name]
-    table, predicted = ageunet.evaluate_with_age(
-        run.model, records["test"], settings[name][0], volumes=volumes
+    table, predicted = experiment.evaluate(
+        run.model, volumes, settings[name][0], window_hook=ageunet.WindowAges
     )
     per_class.append(table.assign(variant=variant, run=k))
     ages.append(predicted.assign(variant=variant, run=k))

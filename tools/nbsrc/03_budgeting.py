@@ -91,6 +91,7 @@ import pandas as pd
 
 from neonb import budgeting, experiment, plots, report, runs, splits, statistics, study
 from neonb.inference import describe_hardware
+from neonb.metrics import case_summary
 
 plots.use_book_renderer()
 out = Path(results_dir) / "03_budgeting"
@@ -317,9 +318,7 @@ started = time.perf_counter()
 test_volumes = experiment.prepare_volumes(test_records, cache_dir=config.cache_dir)
 per_case = trained.evaluate(test_volumes, config.replace(overlap=test_overlap), by="condition")
 per_case.to_csv(out / "test_per_class.tsv", sep="\t", index=False)
-cases = experiment.subject_dice(
-    per_case, by=("condition", "run", "participant_id", "session_id", "scan_age")
-)
+cases = case_summary(per_case, by=("condition", "run", "participant_id", "session_id", "scan_age"))
 cases.to_csv(out / "test_per_subject.tsv", sep="\t", index=False)
 print(
     f"{len(trained.trained)} models x {len(test_records)} test volumes segmented in "

@@ -86,6 +86,7 @@ from neonb import (
     transfer,
 )
 from neonb.inference import describe_hardware
+from neonb.metrics import case_summary
 
 plots.use_book_renderer()
 out = Path(results_dir) / "04_transfer"
@@ -262,9 +263,7 @@ per_case = trained.evaluate(
     volumes, source_config, by="strategy", names=names, sw_batch_size=sw_batch_size
 )
 per_case.to_csv(out / "test_per_class.tsv", sep="\t", index=False)
-cases = experiment.subject_dice(
-    per_case, by=("strategy", "run", "participant_id", "session_id", "scan_age")
-)
+cases = case_summary(per_case, by=("strategy", "run", "participant_id", "session_id", "scan_age"))
 cases.to_csv(out / "test_per_subject.tsv", sep="\t", index=False)
 seconds = per_case.groupby(["strategy", "run", "participant_id"])["inference_s"].first()
 print(
