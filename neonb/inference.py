@@ -101,8 +101,36 @@ def use_amp(amp: bool | str, device: torch.device) -> bool:
     return device.type == "cuda" and amp in ("auto", True)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX instructions).
+
+    Where it does, oneDNN's bf16 convolutions do about twice the work per cycle of fp32;
+    elsewhere bf16 is emulated and slower than fp32.
+    """
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def use_inference_amp(amp: bool | str, device: torch.device) -> bool:
+    """Whether inference runs under bf16 autocast.
+
+    ``True``: on any CUDA device or CPU. ``"auto"``: on CUDA, and on a CPU that computes
+    bf16 natively (:func:`cpu_has_native_bf16`), where it halves the time per window and
+    gives the fp32 labels within Dice 0.999 (``benchmarks/README.md``). ``False``: fp32.
+    Training decides with :func:`use_amp` (CUDA only).
+
+    Raises:
+        ConfigError: if ``amp`` is not ``"auto"``, ``True`` or ``False``.
+    """
+    if amp not in ("auto", True, False):
+        raise ConfigError(f"amp must be 'auto', True or False, got {amp!r}")
+    if device.type not in ("cuda", "cpu") or amp is False:
+        return False
+    return amp is True or device.type == "cuda" or cpu_has_native_bf16()
+
+
 def autocast(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when ``enabled``, else a no-op context."""
+    """bf16 autocast on ``device`` (CUDA or CPU) when ``enabled``, else a no-op context."""
     if enabled:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -127,6 +155,47 @@ def _check_window(patch_size: Sequence[int], overlap: float) -> tuple[int, ...]:
     return size
 
 
+def use_channels_last(channels_last: bool | str, device: torch.device) -> bool:
+    """Whether to run the network in the channels-last 3D memory format (NDHWC).
+
+    ``"auto"`` turns it on for the CPU, where oneDNN's 3D convolutions then skip the
+    reordering of every layer's input and output (see ``benchmarks/README.md``), and off
+    elsewhere (not measured on a GPU).
+
+    Raises:
+        ConfigError: if ``channels_last`` is not ``"auto"``, ``True`` or ``False``.
+    """
+    if channels_last not in ("auto", True, False):
+        raise ConfigError(f"channels_last must be 'auto', True or False, got {channels_last!r}")
+    if channels_last == "auto":
+        return device.type == "cpu"
+    return bool(channels_last)
+
+
+def _is_channels_last(model: nn.Module) -> bool:
+    """Whether the model's first 5-D weight is stored channels-last (as ``.to()`` leaves it)."""
+    for parameter in model.parameters():
+        if parameter.ndim == 5:
+            return parameter.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+@contextlib.contextmanager
+def _inference_state(model: nn.Module, device: torch.device, channels_last: bool):
+    """Put ``model`` on ``device``, in eval mode and the memory format; restore mode and format."""
+    was_training, was_channels_last = model.training, _is_channels_last(model)
+    model.to(device).eval()
+    if channels_last != was_channels_last:
+        model.to(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        if channels_last != was_channels_last:
+            restored = torch.channels_last_3d if was_channels_last else torch.contiguous_format
+            model.to(memory_format=restored)
+
+
 def predict_volume(
     model: nn.Module,
     image: torch.Tensor | np.ndarray,
@@ -137,6 +206,7 @@ def predict_volume(
     mode: str = "constant",
     device: str | torch.device = "auto",
     amp: bool | str = "auto",
+    channels_last: bool | str = "auto",
     segmentation_logits: SegmentationLogits | None = None,
 ) -> torch.Tensor:
     """Class probabilities of a whole volume by overlapping sliding windows.
@@ -144,8 +214,11 @@ def predict_volume(
     Each window's logits are turned into softmax probabilities in float32; overlapping
     windows are averaged with equal weight (``mode="constant"``, as in the paper) or
     with a Gaussian weight (``mode="gaussian"``, as in nnU-Net). The model is moved to
-    ``device`` and put in eval mode for the call (its previous mode is restored); no
-    gradients are kept; on CUDA the forward pass runs under bf16 autocast.
+    ``device`` and put in eval mode for the call (its previous mode and memory format are
+    restored); the windows run under :func:`torch.inference_mode` (no autograd
+    bookkeeping); on CUDA the forward pass runs under bf16 autocast, on the CPU in the
+    channels-last 3D memory format. Neither the inference mode nor the memory format
+    changes the arithmetic beyond float rounding (``tests/test_inference.py``).
 
     Args:
         model: segmentation network, e.g. a MONAI ``DynUNet``.
@@ -155,7 +228,10 @@ def predict_volume(
         sw_batch_size: windows per forward pass.
         mode: blending of overlapping windows, ``"constant"`` or ``"gaussian"``.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda:0"``, ...
-        amp: bf16 autocast on CUDA: ``"auto"``/``True`` on, ``False`` off.
+        amp: bf16 autocast (:func:`use_inference_amp`): ``"auto"`` on CUDA and on a CPU
+            with native bf16, ``True`` on, ``False`` off (fp32).
+        channels_last: run the network channels-last (:func:`use_channels_last`):
+            ``"auto"`` (on the CPU), ``True`` or ``False``.
         segmentation_logits: picks ``(B, C, X, Y, Z)`` logits from the model output;
             default :func:`default_segmentation_logits`.
 
@@ -165,33 +241,52 @@ def predict_volume(
     Raises:
         ConfigError: if ``image`` is not 4-D or the window settings are invalid.
     """
+    probs = _probabilities(
+        model, image, patch_size=patch_size, overlap=overlap, sw_batch_size=sw_batch_size,
+        mode=mode, device=device, amp=amp, channels_last=channels_last,
+        segmentation_logits=segmentation_logits,
+    )  # fmt: skip
+    return probs.clone()  # a plain tensor again, not an inference-mode one
+
+
+def _probabilities(
+    model: nn.Module,
+    image: torch.Tensor | np.ndarray,
+    *,
+    patch_size: Sequence[int],
+    overlap: float = 0.5,
+    sw_batch_size: int = 1,
+    mode: str = "constant",
+    device: str | torch.device = "auto",
+    amp: bool | str = "auto",
+    channels_last: bool | str = "auto",
+    segmentation_logits: SegmentationLogits | None = None,
+) -> torch.Tensor:
+    """:func:`predict_volume`'s probabilities as an inference-mode tensor (read-only)."""
     size = _check_window(patch_size, overlap)
     image = convert_to_tensor(image, track_meta=False)
     _check_image(image)
     dev = resolve_device(device)
-    amp_on = use_amp(amp, dev)
+    amp_on = use_inference_amp(amp, dev)
+    last = use_channels_last(channels_last, dev)
     extract = segmentation_logits or default_segmentation_logits
-    was_training = model.training
-    model.to(dev).eval()
+    layout = torch.channels_last_3d if last else torch.contiguous_format
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
         with autocast(amp_on, dev):
-            logits = extract(model(window))
-        return torch.softmax(logits.float(), dim=1)
+            logits = extract(model(window.contiguous(memory_format=layout)))
+        return torch.softmax(logits.float(), dim=1).contiguous()
 
-    try:
-        with torch.no_grad():
-            probs = sliding_window_inference(
-                image[None].float().to(dev),
-                roi_size=size,
-                sw_batch_size=sw_batch_size,
-                predictor=predictor,
-                overlap=overlap,
-                mode=mode,
-            )
-    finally:
-        model.train(was_training)
-    return convert_to_tensor(probs, track_meta=False)[0].float().cpu()
+    with _inference_state(model, dev, last), torch.inference_mode():
+        probs = sliding_window_inference(
+            image[None].float().to(dev),
+            roi_size=size,
+            sw_batch_size=sw_batch_size,
+            predictor=predictor,
+            overlap=overlap,
+            mode=mode,
+        )
+        return convert_to_tensor(probs, track_meta=False)[0].float().cpu()
 
 
 def foreground_box(image: torch.Tensor | np.ndarray) -> tuple[slice, slice, slice]:
@@ -234,7 +329,7 @@ def segment(
         Labels, shape ``(X, Y, Z)``, uint8.
     """
     box = foreground_box(image) if crop_foreground else (slice(None),) * 3
-    probs = predict_volume(model, image[(slice(None), *box)], **kwargs)
+    probs = _probabilities(model, image[(slice(None), *box)], **kwargs)
     labels = np.zeros(tuple(image.shape[1:]), dtype=np.uint8)
     labels[box] = probs.argmax(dim=0).to(torch.uint8).numpy()
     return labels
