@@ -97,7 +97,7 @@ from neonb.data import (
 from neonb.errors import ConfigError, DataError, NeonbError, NeonbWarning
 from neonb.export import METADATA_FILE, WEIGHTS_FILE, ExportedModel, load_exported_model
 from neonb.files import atomic_write, exclusive_lock, temporary_name
-from neonb.inference import save_segmentation, segment
+from neonb.inference import resolve_device, save_segmentation, segment, use_inference_amp
 from neonb.labels import DRAWEM9
 from neonb.metrics import class_column, dice_per_class, volumes_ml
 from neonb.transforms import preprocessing_transforms
@@ -620,19 +620,27 @@ def _notes(mapping: GridMapping, model: ExportedModel) -> list[str]:
 
 
 def _predict(
-    model: ExportedModel, image: torch.Tensor, device: str | torch.device
+    model: ExportedModel, image: torch.Tensor, device: str | torch.device, amp: bool | str
 ) -> tuple[np.ndarray, dict[str, float] | None]:
+    """Labels (and, for an AgeU-Net, ages as :func:`neonb.ageunet.segment_with_age` gives them)."""
+    windows = None
     if model.age_head is not None:
-        from neonb.ageunet import segment_with_age
+        from neonb.ageunet import WindowAges
 
-        labels, ages = segment_with_age(
-            model.model, image, patch_size=model.patch_size, overlap=model.overlap, device=device
-        )
-        return np.asarray(labels, np.uint8), {key: float(value) for key, value in ages.items()}
+        windows = WindowAges()
     labels = segment(
-        model.model, image, patch_size=model.patch_size, overlap=model.overlap, device=device
-    )
-    return labels, None
+        model.model, image, patch_size=model.patch_size, overlap=model.overlap, device=device,
+        amp=amp, segmentation_logits=windows,
+    )  # fmt: skip
+    if windows is None:
+        return labels, None
+    ages = windows.aggregate()
+    return np.asarray(labels, np.uint8), {key: float(value) for key, value in ages.items()}
+
+
+def precision(device: str | torch.device, amp: bool | str = "auto") -> str:
+    """``"bf16"`` or ``"fp32"``: what the network computes in (:func:`use_inference_amp`)."""
+    return "bf16" if use_inference_amp(amp, resolve_device(device)) else "fp32"
 
 
 def _volume_table(labels: np.ndarray, zooms: Sequence[float], model: ExportedModel) -> pd.DataFrame:
@@ -675,6 +683,7 @@ def segment_scan(
     prefix: str | None = None,
     scan_age: float | None = None,
     device: str | torch.device = "auto",
+    amp: bool | str = "auto",
 ) -> SegmentationResult:
     """Segment one session and write its outputs (see the module docstring).
 
@@ -687,6 +696,8 @@ def segment_scan(
         prefix: output name prefix; default :func:`output_prefix` of ``t2w``.
         scan_age: the scan age (weeks PMA), recorded beside the predicted age.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
+        amp: bf16 autocast of the network (:func:`neonb.inference.use_inference_amp`):
+            ``"auto"`` (CUDA, or a CPU with native bf16), ``True``, ``False`` (fp32).
 
     Returns:
         The outputs written, the tissue volumes, ages, Dice and notes.
@@ -702,10 +713,10 @@ def segment_scan(
     _check_device(device)
     session = _prepare_session(
         _as_model(model), t2w, out_dir, t1w=t1w, reference=reference, prefix=prefix,
-        scan_age=scan_age, started=started,
+        scan_age=scan_age, started=started, precision=precision(device, amp),
     )  # fmt: skip
     try:
-        return _finish_session(session, *_infer_session(session, device))
+        return _finish_session(session, *_infer_session(session, device, amp))
     except BaseException:
         _remove_created(session.created)
         raise
@@ -752,6 +763,7 @@ class _Session:
     header_warnings: list[str]
     started: float
     created: list[Path]
+    precision: str
 
 
 def _prepare_session(
@@ -764,6 +776,7 @@ def _prepare_session(
     prefix: str | None,
     scan_age: float | None,
     started: float,
+    precision: str,
 ) -> _Session:
     """Steps 1-3 of :func:`segment_scan` up to the network: read, check, plan, prepare.
 
@@ -805,16 +818,16 @@ def _prepare_session(
     return _Session(
         model, image, images, reference_image, anchor, mapping, paths,
         sources={"t2w": t2w, "t1w": t1w}, scan_age=scan_age,
-        header_warnings=header_warnings, started=started, created=created,
+        header_warnings=header_warnings, started=started, created=created, precision=precision,
     )  # fmt: skip
 
 
 def _infer_session(
-    session: _Session, device: str | torch.device
+    session: _Session, device: str | torch.device, amp: bool | str = "auto"
 ) -> tuple[np.ndarray, dict[str, float] | None, float]:
     """The network's part of :func:`segment_scan`: labels on the model's grid, ages, seconds."""
     inference_started = time.perf_counter()
-    labels_model, ages = _predict(session.model, session.image.as_tensor(), device)
+    labels_model, ages = _predict(session.model, session.image.as_tensor(), device, amp)
     return labels_model, ages, time.perf_counter() - inference_started
 
 
@@ -847,6 +860,7 @@ def _finish_session(
         dice["dice"] = dice_per_class(labels, reference_labels, num_classes=len(dice))
     notes = _notes(mapping, model)
     sidecar = _sidecar(session.sources, model, mapping, notes)
+    sidecar["InferencePrecision"] = session.precision
     sidecar["Warnings"] = session.header_warnings
     writers: dict[str, Callable[[Path], Any]] = {
         "dseg_tsv": _write_tsv(pd.DataFrame(model.metadata["labels"])),
@@ -1162,6 +1176,7 @@ def segment_batch(
     progress: bool = True,
     echo: Callable[[str], Any] | None = None,
     prefetch: bool = True,
+    amp: bool | str = "auto",
 ) -> BatchResult:
     """Segment every session of a manifest TSV or a dHCP/BIDS folder.
 
@@ -1185,6 +1200,7 @@ def segment_batch(
         echo: called with a line per failed session (default: ``tqdm.write``).
         prefetch: overlap reading and writing with the network's work (``False``: one
             session after the other, each step in turn).
+        amp: bf16 autocast of the network, as in :func:`segment_scan`.
 
     Returns:
         The per-session summary, also written to ``out_dir/segment_batch.tsv``.
@@ -1205,7 +1221,7 @@ def segment_batch(
     try:
         with exclusive_lock(out_dir / BATCH_LOCK_FILE, "a neonb segment --batch"):
             return _run_batch(
-                model, source, sessions, out_dir, evaluate, device, progress, echo, prefetch
+                model, source, sessions, out_dir, evaluate, device, progress, echo, prefetch, amp
             )
     except BaseException:
         _remove_created(created)
@@ -1252,10 +1268,11 @@ def _run_batch(
     progress: bool,
     echo: Callable[[str], Any] | None,
     prefetch: bool = True,
+    amp: bool | str = "auto",
 ) -> BatchResult:
     _write_dataset_description(out_dir)
     batch = _Batch(
-        model, source, out_dir, evaluate, device, echo or tqdm.write,
+        model, source, out_dir, evaluate, device, amp, echo or tqdm.write,
         rows=[None] * len(sessions),
         bar=tqdm(
             total=len(sessions), desc="segmenting", unit="session",
@@ -1307,6 +1324,7 @@ class _Batch:
     out_dir: Path
     evaluate: bool
     device: str | torch.device
+    amp: bool | str
     echo: Callable[[str], Any]
     rows: list[dict[str, Any] | None]
     bar: Any
@@ -1374,6 +1392,7 @@ class _Batch:
             self.out_dir / f"sub-{pid}" / f"ses-{sid}" / "anat",
             t1w=session.t1w or None, reference=reference, prefix=f"sub-{pid}_ses-{sid}",
             scan_age=session.scan_age, started=job.started,
+            precision=precision(self.device, self.amp),
         )  # fmt: skip
         return job
 
@@ -1393,7 +1412,7 @@ class _Batch:
     def infer(self, session: _Session) -> tuple[np.ndarray, dict[str, float] | None, float]:
         """The network's work on one session; its output folder is taken back on an error."""
         try:
-            return _infer_session(session, self.device)
+            return _infer_session(session, self.device, self.amp)
         except BaseException:
             _remove_created(session.created)
             raise

@@ -123,6 +123,21 @@ def test_segment_one_scan_writes_every_output(model_dir, manifest, tmp_path, cap
     sidecar = json.loads((out / f"{prefix}_dseg.json").read_text())
     assert sidecar["Resampled"] is False and sidecar["Reoriented"] is False
     assert Path(sidecar["Sources"][0]) == paths["t2w"].resolve()
+    assert sidecar["InferencePrecision"] == segmentation.precision("cpu")
+
+
+def test_precision_fp32_and_bf16_on_the_command_line(model_dir, manifest, tmp_path):
+    paths, _ = _session(manifest)
+    labels = {}
+    for choice in ("fp32", "bf16"):
+        out = tmp_path / choice
+        args = ["segment", "--t2", str(paths["t2w"]), "--t1", str(paths["t1w"])]
+        args += ["--model", str(model_dir), "--out", str(out), "--precision", choice]
+        assert main([*args, "--device", "cpu"]) == 0
+        sidecar = json.loads(next(out.glob("*_dseg.json")).read_text())
+        assert sidecar["InferencePrecision"] == choice
+        labels[choice] = np.asarray(nib.load(next(out.glob("*_dseg.nii.gz"))).dataobj)
+    assert (labels["fp32"] == labels["bf16"]).mean() > 0.95  # a 2-epoch model: near ties
 
 
 def test_normalisation_is_the_training_one(model_dir, manifest):
