@@ -15,8 +15,8 @@ Each row times, in the same process and one after the other:
   when the grids differ, pre-processing, sliding windows inside the head's bounding box,
   mapping back, writing every output);
 * ``reference_seconds``: the naive path, MONAI's ``sliding_window_inference`` over the
-  whole, uncropped volume at overlap 0.5, one window at a time, ``torch.no_grad``, the
-  network in the default memory format (network time only: it reads and writes nothing).
+  whole, uncropped volume at overlap 0.5, one window at a time, fp32 under
+  ``torch.no_grad`` (network time only: it reads and writes nothing).
 
 ``windows`` and ``reference_windows`` count the windows of each, ``voxels_same`` the
 fraction of voxels where the two label maps agree (with untrained weights this says
@@ -181,7 +181,8 @@ def main() -> None:
         work = Path(tmp)
         model_dir = args.model or _fresh_model_dir(args.config, work, args.seed)
         model = load_exported_model(model_dir)
-        print(f"model: {model.metadata['architecture']} {model.metadata['model']['filters']}, "
+        filters = model.metadata["model"].get("filters") or "default filters"
+        print(f"model: {model.metadata['architecture']} {filters}, "
               f"{'x'.join(map(str, model.patch_size))} windows, overlap {model.overlap:g}, "
               f"trained at {model.voxel_size_mm[0]:g} mm")  # fmt: skip
         print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "

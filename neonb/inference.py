@@ -9,6 +9,14 @@ map is the argmax; no post-processing follows. Volumes smaller than a window are
 padded by MONAI and the output is cropped back, so the output always has the input's
 spatial shape.
 
+This is the one inference path of neonb: ``neonb segment``
+(:func:`neonb.segmentation.segment_scan`) and the study's evaluation
+(:func:`neonb.experiment.evaluate`, :func:`~neonb.experiment.evaluate_dice`) both call
+:func:`segment`. Windows are placed over the head's bounding box only, run under
+:func:`torch.inference_mode`, and in bf16 where that is native (CUDA; CPUs with AVX-512
+BF16 or AMX: :func:`use_inference_amp`); ``benchmarks/README.md`` measures each of these
+levers, and the channels-last memory format, which is left off.
+
 Example:
     >>> model = load_weights(build_model(cfg), "runs/baseline/model_best.pt")
     >>> labels = segment(model, image, patch_size=(128, 128, 128))   # image (2, X, Y, Z)
@@ -158,18 +166,16 @@ def _check_window(patch_size: Sequence[int], overlap: float) -> tuple[int, ...]:
 def use_channels_last(channels_last: bool | str, device: torch.device) -> bool:
     """Whether to run the network in the channels-last 3D memory format (NDHWC).
 
-    ``"auto"`` turns it on for the CPU, where oneDNN's 3D convolutions then skip the
-    reordering of every layer's input and output (see ``benchmarks/README.md``), and off
-    elsewhere (not measured on a GPU).
+    ``"auto"`` leaves it off: on the CPU it did not shorten a 128³ window of the paper's
+    network, in fp32 or bf16 (``benchmarks/README.md``), unlike the training step; on a
+    GPU it has not been measured. ``True`` turns it on, on any device.
 
     Raises:
         ConfigError: if ``channels_last`` is not ``"auto"``, ``True`` or ``False``.
     """
     if channels_last not in ("auto", True, False):
         raise ConfigError(f"channels_last must be 'auto', True or False, got {channels_last!r}")
-    if channels_last == "auto":
-        return device.type == "cpu"
-    return bool(channels_last)
+    return channels_last is True
 
 
 def _is_channels_last(model: nn.Module) -> bool:
@@ -216,9 +222,9 @@ def predict_volume(
     with a Gaussian weight (``mode="gaussian"``, as in nnU-Net). The model is moved to
     ``device`` and put in eval mode for the call (its previous mode and memory format are
     restored); the windows run under :func:`torch.inference_mode` (no autograd
-    bookkeeping); on CUDA the forward pass runs under bf16 autocast, on the CPU in the
-    channels-last 3D memory format. Neither the inference mode nor the memory format
-    changes the arithmetic beyond float rounding (``tests/test_inference.py``).
+    bookkeeping) and, where bf16 is native (:func:`use_inference_amp`), under bf16
+    autocast. Neither the inference mode nor the memory format changes the arithmetic
+    beyond float rounding; bf16 changes a few voxels' labels (``benchmarks/README.md``).
 
     Args:
         model: segmentation network, e.g. a MONAI ``DynUNet``.
@@ -231,7 +237,7 @@ def predict_volume(
         amp: bf16 autocast (:func:`use_inference_amp`): ``"auto"`` on CUDA and on a CPU
             with native bf16, ``True`` on, ``False`` off (fp32).
         channels_last: run the network channels-last (:func:`use_channels_last`):
-            ``"auto"`` (on the CPU), ``True`` or ``False``.
+            ``"auto"`` (off), ``True`` or ``False``.
         segmentation_logits: picks ``(B, C, X, Y, Z)`` logits from the model output;
             default :func:`default_segmentation_logits`.
 

@@ -18,9 +18,12 @@ This is what ``neonb segment`` does (:mod:`neonb.cli`). For one session,
 2. reorients the images to the voxel-axis orientation the model was trained on (lossless:
    axes are permuted and flipped with :mod:`nibabel.orientations`) and, when the voxel size
    differs from the model's, resamples them to it (MONAI ``Spacing``, bilinear) and says so;
-3. z-normalises each channel over its non-zero voxels as in training, and segments by
-   sliding windows inside the head's bounding box (:func:`neonb.inference.segment`; an
-   AgeU-Net also predicts the scan age, :func:`neonb.ageunet.segment_with_age`);
+3. pre-processes the image with the training's own function
+   (:func:`neonb.transforms.preprocessing_transforms`, uncropped: each channel z-normalised
+   over its non-zero voxels; :func:`prepare_image`), and segments by sliding windows inside
+   the head's bounding box (:func:`neonb.inference.segment`, the study's inference path;
+   an AgeU-Net also predicts the scan age from the same windows, as
+   :func:`neonb.ageunet.segment_with_age`);
 4. maps the labels back onto the input's own voxel grid (nearest neighbour, then the inverse
    reorientation) and writes, with BIDS-derivative names derived from the input's
    (:func:`output_prefix`), e.g. for ``sub-1_ses-2_desc-restore_T2w.nii.gz``::
@@ -40,7 +43,8 @@ This is what ``neonb segment`` does (:mod:`neonb.cli`). For one session,
 
 :func:`segment_batch` runs this over a manifest TSV or a dHCP/BIDS folder with a progress
 bar, skips sessions whose outputs all exist (so an interrupted batch resumes where it
-stopped), and reports a failing session without stopping the others (a participant or
+stopped), overlaps reading the next session and writing the last one with the network's
+work on the current one, and reports a failing session without stopping the others (a participant or
 session id that is not a BIDS label fails its session, and no folder is made from it). A
 lock file in the output folder (:data:`BATCH_LOCK_FILE`) refuses a second batch into it.
 

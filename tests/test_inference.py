@@ -217,8 +217,8 @@ def _head_image(shape=(30, 34, 26), seed=0):
 
 
 def test_fast_path_gives_the_reference_labels():
-    """segment() in fp32 (head box, inference mode, channels-last on the CPU) against the
-    naive path: MONAI's sliding windows over the head box, no_grad, the default format."""
+    """segment() in fp32 (head box, inference mode) against the naive path: MONAI's
+    sliding windows over the head box under no_grad."""
     model = _dynunet(seed=3).eval()
     image = _head_image()
     box = foreground_box(image)
