@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 from collections.abc import Callable, Mapping, Sequence
@@ -44,6 +45,11 @@ from neonb.files import atomic_write
 
 SegmentationLogits = Callable[[Any], torch.Tensor]
 """Takes a model's raw output and returns segmentation logits ``(B, C, X, Y, Z)``."""
+
+SW_BATCH_VOXELS: int = 8 * 48**3
+"""Voxels of the windows that go through the network at once by default: 8 of the demo's 48³
+windows (3.5 times as fast as one at a time on 2 CPU cores, ``benchmarks/README.md``), one
+of the paper's 128³ windows (whose activations take about 4 GB in fp32)."""
 
 NIFTI_LABEL_INTENT: str = "label"
 """NIfTI intent of a label map (code 1002), so viewers show it as classes."""
@@ -144,6 +150,16 @@ def autocast(enabled: bool, device: torch.device) -> contextlib.AbstractContextM
     return contextlib.nullcontext()
 
 
+def default_sw_batch_size(patch_size: Sequence[int]) -> int:
+    """Windows per forward pass: as many as fit :data:`SW_BATCH_VOXELS`, at least one.
+
+    Example:
+        >>> default_sw_batch_size((48, 48, 48)), default_sw_batch_size((128, 128, 128))
+        (8, 1)
+    """
+    return max(1, SW_BATCH_VOXELS // math.prod(int(n) for n in patch_size))
+
+
 def _check_image(image: torch.Tensor) -> None:
     """Raise :class:`ConfigError` unless ``image`` is ``(C, X, Y, Z)``."""
     if image.ndim != 4:
@@ -208,7 +224,7 @@ def predict_volume(
     *,
     patch_size: Sequence[int],
     overlap: float = 0.5,
-    sw_batch_size: int = 1,
+    sw_batch_size: int | None = None,
     mode: str = "constant",
     device: str | torch.device = "auto",
     amp: bool | str = "auto",
@@ -231,7 +247,7 @@ def predict_volume(
         image: one intensity-normalised volume, shape ``(2, X, Y, Z)`` (T1w, T2w).
         patch_size: window size in voxels, the training patch size (paper: 128³).
         overlap: fraction of a window shared with its neighbour along each axis.
-        sw_batch_size: windows per forward pass.
+        sw_batch_size: windows per forward pass; ``None``: :func:`default_sw_batch_size`.
         mode: blending of overlapping windows, ``"constant"`` or ``"gaussian"``.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda:0"``, ...
         amp: bf16 autocast (:func:`use_inference_amp`): ``"auto"`` on CUDA and on a CPU
@@ -261,7 +277,7 @@ def _probabilities(
     *,
     patch_size: Sequence[int],
     overlap: float = 0.5,
-    sw_batch_size: int = 1,
+    sw_batch_size: int | None = None,
     mode: str = "constant",
     device: str | torch.device = "auto",
     amp: bool | str = "auto",
@@ -270,6 +286,7 @@ def _probabilities(
 ) -> torch.Tensor:
     """:func:`predict_volume`'s probabilities as an inference-mode tensor (read-only)."""
     size = _check_window(patch_size, overlap)
+    sw_batch_size = sw_batch_size or default_sw_batch_size(size)
     image = convert_to_tensor(image, track_meta=False)
     _check_image(image)
     dev = resolve_device(device)

@@ -293,3 +293,9 @@ def test_inference_amp_follows_the_cpu(monkeypatch, amp, device, native, expecte
     assert inference.use_inference_amp(amp, torch.device(device)) is expected
     with pytest.raises(ConfigError, match="amp"):
         inference.use_inference_amp("bf16", torch.device(device))
+
+
+def test_default_windows_per_pass_fit_the_voxel_budget():
+    assert inference.default_sw_batch_size((48, 48, 48)) == 8  # the demo's windows
+    assert inference.default_sw_batch_size((128, 128, 128)) == 1  # the paper's
+    assert inference.default_sw_batch_size(PATCH) == inference.SW_BATCH_VOXELS // 16**3
