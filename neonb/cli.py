@@ -83,7 +83,7 @@ def _export(args: argparse.Namespace) -> None:
     print(f"model exported to {out}")
 
 
-PRECISION_AMP: dict[str, bool | str] = {"auto": "auto", "fp32": False, "bf16": True}
+PRECISION_AMP: dict[str, bool | str] = {"auto": "native", "fp32": False, "bf16": True}
 """``neonb segment --precision`` -> the ``amp`` of :func:`neonb.segmentation.segment_scan`."""
 
 

@@ -13,9 +13,11 @@ This is the one inference path of neonb: ``neonb segment``
 (:func:`neonb.segmentation.segment_scan`) and the study's evaluation
 (:func:`neonb.experiment.evaluate`, :func:`~neonb.experiment.evaluate_dice`) both call
 :func:`segment`. Windows are placed over the head's bounding box only, run under
-:func:`torch.inference_mode`, and in bf16 where that is native (CUDA; CPUs with AVX-512
-BF16 or AMX: :func:`use_inference_amp`); ``benchmarks/README.md`` measures each of these
-levers, and the channels-last memory format, which is left off.
+:func:`torch.inference_mode`; ``neonb segment`` also runs them in bf16 where that is
+native (``amp="native"``: CUDA, CPUs with AVX-512 BF16 or AMX; :func:`use_inference_amp`)
+and several small windows per pass (:func:`default_sw_batch_size`), which the study's
+evaluation can ask for too; ``benchmarks/README.md`` measures each of these levers, and the
+channels-last memory format, which is left off.
 
 Example:
     >>> model = load_weights(build_model(cfg), "runs/baseline/model_best.pt")
@@ -128,19 +130,23 @@ def cpu_has_native_bf16() -> bool:
 def use_inference_amp(amp: bool | str, device: torch.device) -> bool:
     """Whether inference runs under bf16 autocast.
 
-    ``True``: on any CUDA device or CPU. ``"auto"``: on CUDA, and on a CPU that computes
-    bf16 natively (:func:`cpu_has_native_bf16`), where it halves the time per window and
-    gives the fp32 labels within Dice 0.999 (``benchmarks/README.md``). ``False``: fp32.
-    Training decides with :func:`use_amp` (CUDA only).
+    ``True``: on any CUDA device or CPU. ``"auto"``: on CUDA only, as in training
+    (:func:`use_amp`), so the study's results on a CPU stay fp32. ``"native"``: on CUDA, and
+    on a CPU that computes bf16 natively (:func:`cpu_has_native_bf16`), where a window of
+    the paper's network takes a quarter to a half of the fp32 time and the labels stay
+    within Dice 0.999 of fp32 (``benchmarks/README.md``); ``neonb segment``'s default.
+    ``False``: fp32.
 
     Raises:
-        ConfigError: if ``amp`` is not ``"auto"``, ``True`` or ``False``.
+        ConfigError: if ``amp`` is not ``"auto"``, ``"native"``, ``True`` or ``False``.
     """
-    if amp not in ("auto", True, False):
-        raise ConfigError(f"amp must be 'auto', True or False, got {amp!r}")
+    if amp not in ("auto", "native", True, False):
+        raise ConfigError(f"amp must be 'auto', 'native', True or False, got {amp!r}")
     if device.type not in ("cuda", "cpu") or amp is False:
         return False
-    return amp is True or device.type == "cuda" or cpu_has_native_bf16()
+    if amp == "native":
+        return device.type == "cuda" or cpu_has_native_bf16()
+    return amp is True or device.type == "cuda"
 
 
 def autocast(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:
@@ -224,7 +230,7 @@ def predict_volume(
     *,
     patch_size: Sequence[int],
     overlap: float = 0.5,
-    sw_batch_size: int | None = None,
+    sw_batch_size: int = 1,
     mode: str = "constant",
     device: str | torch.device = "auto",
     amp: bool | str = "auto",
@@ -247,11 +253,12 @@ def predict_volume(
         image: one intensity-normalised volume, shape ``(2, X, Y, Z)`` (T1w, T2w).
         patch_size: window size in voxels, the training patch size (paper: 128³).
         overlap: fraction of a window shared with its neighbour along each axis.
-        sw_batch_size: windows per forward pass; ``None``: :func:`default_sw_batch_size`.
+        sw_batch_size: windows per forward pass (``neonb segment`` passes
+            :func:`default_sw_batch_size`).
         mode: blending of overlapping windows, ``"constant"`` or ``"gaussian"``.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda:0"``, ...
-        amp: bf16 autocast (:func:`use_inference_amp`): ``"auto"`` on CUDA and on a CPU
-            with native bf16, ``True`` on, ``False`` off (fp32).
+        amp: bf16 autocast (:func:`use_inference_amp`): ``"auto"`` on CUDA, ``"native"``
+            also on a CPU with native bf16, ``True`` on, ``False`` off (fp32).
         channels_last: run the network channels-last (:func:`use_channels_last`):
             ``"auto"`` (off), ``True`` or ``False``.
         segmentation_logits: picks ``(B, C, X, Y, Z)`` logits from the model output;
@@ -277,7 +284,7 @@ def _probabilities(
     *,
     patch_size: Sequence[int],
     overlap: float = 0.5,
-    sw_batch_size: int | None = None,
+    sw_batch_size: int = 1,
     mode: str = "constant",
     device: str | torch.device = "auto",
     amp: bool | str = "auto",
@@ -286,7 +293,6 @@ def _probabilities(
 ) -> torch.Tensor:
     """:func:`predict_volume`'s probabilities as an inference-mode tensor (read-only)."""
     size = _check_window(patch_size, overlap)
-    sw_batch_size = sw_batch_size or default_sw_batch_size(size)
     image = convert_to_tensor(image, track_meta=False)
     _check_image(image)
     dev = resolve_device(device)

@@ -101,7 +101,13 @@ from neonb.data import (
 from neonb.errors import ConfigError, DataError, NeonbError, NeonbWarning
 from neonb.export import METADATA_FILE, WEIGHTS_FILE, ExportedModel, load_exported_model
 from neonb.files import atomic_write, exclusive_lock, temporary_name
-from neonb.inference import resolve_device, save_segmentation, segment, use_inference_amp
+from neonb.inference import (
+    default_sw_batch_size,
+    resolve_device,
+    save_segmentation,
+    segment,
+    use_inference_amp,
+)
 from neonb.labels import DRAWEM9
 from neonb.metrics import class_column, dice_per_class, volumes_ml
 from neonb.transforms import preprocessing_transforms
@@ -635,6 +641,7 @@ def _predict(
     labels = segment(
         model.model, image, patch_size=model.patch_size, overlap=model.overlap, device=device,
         amp=amp, segmentation_logits=windows,
+        sw_batch_size=default_sw_batch_size(model.patch_size),
     )  # fmt: skip
     if windows is None:
         return labels, None
@@ -642,7 +649,7 @@ def _predict(
     return np.asarray(labels, np.uint8), {key: float(value) for key, value in ages.items()}
 
 
-def precision(device: str | torch.device, amp: bool | str = "auto") -> str:
+def precision(device: str | torch.device, amp: bool | str = "native") -> str:
     """``"bf16"`` or ``"fp32"``: what the network computes in (:func:`use_inference_amp`)."""
     return "bf16" if use_inference_amp(amp, resolve_device(device)) else "fp32"
 
@@ -687,7 +694,7 @@ def segment_scan(
     prefix: str | None = None,
     scan_age: float | None = None,
     device: str | torch.device = "auto",
-    amp: bool | str = "auto",
+    amp: bool | str = "native",
 ) -> SegmentationResult:
     """Segment one session and write its outputs (see the module docstring).
 
@@ -701,7 +708,8 @@ def segment_scan(
         scan_age: the scan age (weeks PMA), recorded beside the predicted age.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         amp: bf16 autocast of the network (:func:`neonb.inference.use_inference_amp`):
-            ``"auto"`` (CUDA, or a CPU with native bf16), ``True``, ``False`` (fp32).
+            ``"native"`` (CUDA, or a CPU with native bf16), ``"auto"`` (CUDA), ``True``,
+            ``False`` (fp32).
 
     Returns:
         The outputs written, the tissue volumes, ages, Dice and notes.
@@ -1180,7 +1188,7 @@ def segment_batch(
     progress: bool = True,
     echo: Callable[[str], Any] | None = None,
     prefetch: bool = True,
-    amp: bool | str = "auto",
+    amp: bool | str = "native",
 ) -> BatchResult:
     """Segment every session of a manifest TSV or a dHCP/BIDS folder.
 
@@ -1272,7 +1280,7 @@ def _run_batch(
     progress: bool,
     echo: Callable[[str], Any] | None,
     prefetch: bool = True,
-    amp: bool | str = "auto",
+    amp: bool | str = "native",
 ) -> BatchResult:
     _write_dataset_description(out_dir)
     batch = _Batch(

@@ -279,8 +279,10 @@ def test_bf16_windows_keep_the_labels_of_a_confident_model():
 @pytest.mark.parametrize(
     ("amp", "device", "native", "expected"),
     [
-        ("auto", "cpu", True, True),
-        ("auto", "cpu", False, False),
+        ("native", "cpu", True, True),
+        ("native", "cpu", False, False),
+        ("auto", "cpu", True, False),
+        ("native", "cuda", False, True),
         (True, "cpu", False, True),
         (False, "cpu", True, False),
         ("auto", "cuda", False, True),
