@@ -83,6 +83,10 @@ def _export(args: argparse.Namespace) -> None:
     print(f"model exported to {out}")
 
 
+PRECISION_AMP: dict[str, bool | str] = {"auto": "native", "fp32": False, "bf16": True}
+"""``neonb segment --precision`` -> the ``amp`` of :func:`neonb.segmentation.segment_scan`."""
+
+
 def _segment(args: argparse.Namespace) -> None:
     from neonb.errors import ConfigError, DataError
     from neonb.export import load_exported_model
@@ -104,6 +108,7 @@ def _segment(args: argparse.Namespace) -> None:
             reference=args.reference,
             scan_age=args.scan_age,
             device=args.device,
+            amp=PRECISION_AMP[args.precision],
         )
         for note in result.notes:
             print(f"note: {note}")
@@ -112,8 +117,9 @@ def _segment(args: argparse.Namespace) -> None:
             print(f"predicted scan age: {result.ages['mean']:.1f} weeks PMA")
         return
     result = segment_batch(
-        model, args.batch, args.out, evaluate=args.evaluate, device=args.device, progress=True
-    )
+        model, args.batch, args.out, evaluate=args.evaluate, device=args.device, progress=True,
+        amp=PRECISION_AMP[args.precision],
+    )  # fmt: skip
     counts = {status: result.count(status) for status in ("done", "skipped", "failed")}
     print(
         f"{len(result.summary)} sessions: {counts['done']} segmented, "
@@ -333,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     segment.add_argument(
         "--device", default="auto", help="auto (GPU when there is one), cpu or cuda"
+    )
+    segment.add_argument(
+        "--precision",
+        choices=sorted(PRECISION_AMP),
+        default="auto",
+        help="what the network computes in: auto (bf16 on a GPU or a CPU with native bf16, "
+        "about twice as fast, labels within Dice 0.999 of fp32; fp32 elsewhere), fp32, bf16",
     )
     segment.set_defaults(handler=_segment)
     return parser

@@ -9,6 +9,16 @@ map is the argmax; no post-processing follows. Volumes smaller than a window are
 padded by MONAI and the output is cropped back, so the output always has the input's
 spatial shape.
 
+This is the one inference path of neonb: ``neonb segment``
+(:func:`neonb.segmentation.segment_scan`) and the study's evaluation
+(:func:`neonb.experiment.evaluate`, :func:`~neonb.experiment.evaluate_dice`) both call
+:func:`segment`. Windows are placed over the head's bounding box only, run under
+:func:`torch.inference_mode`; ``neonb segment`` also runs them in bf16 where that is
+native (``amp="native"``: CUDA, CPUs with AVX-512 BF16 or AMX; :func:`use_inference_amp`)
+and several small windows per pass (:func:`default_sw_batch_size`), which the study's
+evaluation can ask for too; ``benchmarks/README.md`` measures each of these levers, and the
+channels-last memory format, which is left off.
+
 Example:
     >>> model = load_weights(build_model(cfg), "runs/baseline/model_best.pt")
     >>> labels = segment(model, image, patch_size=(128, 128, 128))   # image (2, X, Y, Z)
@@ -18,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +47,11 @@ from neonb.files import atomic_write
 
 SegmentationLogits = Callable[[Any], torch.Tensor]
 """Takes a model's raw output and returns segmentation logits ``(B, C, X, Y, Z)``."""
+
+SW_BATCH_VOXELS: int = 8 * 48**3
+"""Voxels of the windows that go through the network at once by default: 8 of the demo's 48³
+windows (3.5 times as fast as one at a time on 2 CPU cores, ``benchmarks/README.md``), one
+of the paper's 128³ windows (whose activations take about 4 GB in fp32)."""
 
 NIFTI_LABEL_INTENT: str = "label"
 """NIfTI intent of a label map (code 1002), so viewers show it as classes."""
@@ -101,11 +117,53 @@ def use_amp(amp: bool | str, device: torch.device) -> bool:
     return device.type == "cuda" and amp in ("auto", True)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX instructions).
+
+    Where it does, oneDNN's bf16 convolutions do about twice the work per cycle of fp32;
+    elsewhere bf16 is emulated and slower than fp32.
+    """
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def use_inference_amp(amp: bool | str, device: torch.device) -> bool:
+    """Whether inference runs under bf16 autocast.
+
+    ``True``: on any CUDA device or CPU. ``"auto"``: on CUDA only, as in training
+    (:func:`use_amp`), so the study's results on a CPU stay fp32. ``"native"``: on CUDA, and
+    on a CPU that computes bf16 natively (:func:`cpu_has_native_bf16`), where a window of
+    the paper's network takes a quarter to a half of the fp32 time and the labels stay
+    within Dice 0.999 of fp32 (``benchmarks/README.md``); ``neonb segment``'s default.
+    ``False``: fp32.
+
+    Raises:
+        ConfigError: if ``amp`` is not ``"auto"``, ``"native"``, ``True`` or ``False``.
+    """
+    if amp not in ("auto", "native", True, False):
+        raise ConfigError(f"amp must be 'auto', 'native', True or False, got {amp!r}")
+    if device.type not in ("cuda", "cpu") or amp is False:
+        return False
+    if amp == "native":
+        return device.type == "cuda" or cpu_has_native_bf16()
+    return amp is True or device.type == "cuda"
+
+
 def autocast(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when ``enabled``, else a no-op context."""
+    """bf16 autocast on ``device`` (CUDA or CPU) when ``enabled``, else a no-op context."""
     if enabled:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def default_sw_batch_size(patch_size: Sequence[int]) -> int:
+    """Windows per forward pass: as many as fit :data:`SW_BATCH_VOXELS`, at least one.
+
+    Example:
+        >>> default_sw_batch_size((48, 48, 48)), default_sw_batch_size((128, 128, 128))
+        (8, 1)
+    """
+    return max(1, SW_BATCH_VOXELS // math.prod(int(n) for n in patch_size))
 
 
 def _check_image(image: torch.Tensor) -> None:
@@ -127,6 +185,45 @@ def _check_window(patch_size: Sequence[int], overlap: float) -> tuple[int, ...]:
     return size
 
 
+def use_channels_last(channels_last: bool | str, device: torch.device) -> bool:
+    """Whether to run the network in the channels-last 3D memory format (NDHWC).
+
+    ``"auto"`` leaves it off: on the CPU it did not shorten a 128³ window of the paper's
+    network, in fp32 or bf16 (``benchmarks/README.md``), unlike the training step; on a
+    GPU it has not been measured. ``True`` turns it on, on any device.
+
+    Raises:
+        ConfigError: if ``channels_last`` is not ``"auto"``, ``True`` or ``False``.
+    """
+    if channels_last not in ("auto", True, False):
+        raise ConfigError(f"channels_last must be 'auto', True or False, got {channels_last!r}")
+    return channels_last is True
+
+
+def _is_channels_last(model: nn.Module) -> bool:
+    """Whether the model's first 5-D weight is stored channels-last (as ``.to()`` leaves it)."""
+    for parameter in model.parameters():
+        if parameter.ndim == 5:
+            return parameter.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+@contextlib.contextmanager
+def _inference_state(model: nn.Module, device: torch.device, channels_last: bool):
+    """Put ``model`` on ``device``, in eval mode and the memory format; restore mode and format."""
+    was_training, was_channels_last = model.training, _is_channels_last(model)
+    model.to(device).eval()
+    if channels_last != was_channels_last:
+        model.to(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        if channels_last != was_channels_last:
+            restored = torch.channels_last_3d if was_channels_last else torch.contiguous_format
+            model.to(memory_format=restored)
+
+
 def predict_volume(
     model: nn.Module,
     image: torch.Tensor | np.ndarray,
@@ -137,6 +234,7 @@ def predict_volume(
     mode: str = "constant",
     device: str | torch.device = "auto",
     amp: bool | str = "auto",
+    channels_last: bool | str = "auto",
     segmentation_logits: SegmentationLogits | None = None,
 ) -> torch.Tensor:
     """Class probabilities of a whole volume by overlapping sliding windows.
@@ -144,18 +242,25 @@ def predict_volume(
     Each window's logits are turned into softmax probabilities in float32; overlapping
     windows are averaged with equal weight (``mode="constant"``, as in the paper) or
     with a Gaussian weight (``mode="gaussian"``, as in nnU-Net). The model is moved to
-    ``device`` and put in eval mode for the call (its previous mode is restored); no
-    gradients are kept; on CUDA the forward pass runs under bf16 autocast.
+    ``device`` and put in eval mode for the call (its previous mode and memory format are
+    restored); the windows run under :func:`torch.inference_mode` (no autograd
+    bookkeeping) and, where bf16 is native (:func:`use_inference_amp`), under bf16
+    autocast. Neither the inference mode nor the memory format changes the arithmetic
+    beyond float rounding; bf16 changes a few voxels' labels (``benchmarks/README.md``).
 
     Args:
         model: segmentation network, e.g. a MONAI ``DynUNet``.
         image: one intensity-normalised volume, shape ``(2, X, Y, Z)`` (T1w, T2w).
         patch_size: window size in voxels, the training patch size (paper: 128³).
         overlap: fraction of a window shared with its neighbour along each axis.
-        sw_batch_size: windows per forward pass.
+        sw_batch_size: windows per forward pass (``neonb segment`` passes
+            :func:`default_sw_batch_size`).
         mode: blending of overlapping windows, ``"constant"`` or ``"gaussian"``.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda:0"``, ...
-        amp: bf16 autocast on CUDA: ``"auto"``/``True`` on, ``False`` off.
+        amp: bf16 autocast (:func:`use_inference_amp`): ``"auto"`` on CUDA, ``"native"``
+            also on a CPU with native bf16, ``True`` on, ``False`` off (fp32).
+        channels_last: run the network channels-last (:func:`use_channels_last`):
+            ``"auto"`` (off), ``True`` or ``False``.
         segmentation_logits: picks ``(B, C, X, Y, Z)`` logits from the model output;
             default :func:`default_segmentation_logits`.
 
@@ -165,33 +270,52 @@ def predict_volume(
     Raises:
         ConfigError: if ``image`` is not 4-D or the window settings are invalid.
     """
+    probs = _probabilities(
+        model, image, patch_size=patch_size, overlap=overlap, sw_batch_size=sw_batch_size,
+        mode=mode, device=device, amp=amp, channels_last=channels_last,
+        segmentation_logits=segmentation_logits,
+    )  # fmt: skip
+    return probs.clone()  # a plain tensor again, not an inference-mode one
+
+
+def _probabilities(
+    model: nn.Module,
+    image: torch.Tensor | np.ndarray,
+    *,
+    patch_size: Sequence[int],
+    overlap: float = 0.5,
+    sw_batch_size: int = 1,
+    mode: str = "constant",
+    device: str | torch.device = "auto",
+    amp: bool | str = "auto",
+    channels_last: bool | str = "auto",
+    segmentation_logits: SegmentationLogits | None = None,
+) -> torch.Tensor:
+    """:func:`predict_volume`'s probabilities as an inference-mode tensor (read-only)."""
     size = _check_window(patch_size, overlap)
     image = convert_to_tensor(image, track_meta=False)
     _check_image(image)
     dev = resolve_device(device)
-    amp_on = use_amp(amp, dev)
+    amp_on = use_inference_amp(amp, dev)
+    last = use_channels_last(channels_last, dev)
     extract = segmentation_logits or default_segmentation_logits
-    was_training = model.training
-    model.to(dev).eval()
+    layout = torch.channels_last_3d if last else torch.contiguous_format
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
         with autocast(amp_on, dev):
-            logits = extract(model(window))
-        return torch.softmax(logits.float(), dim=1)
+            logits = extract(model(window.contiguous(memory_format=layout)))
+        return torch.softmax(logits.float(), dim=1).contiguous()
 
-    try:
-        with torch.no_grad():
-            probs = sliding_window_inference(
-                image[None].float().to(dev),
-                roi_size=size,
-                sw_batch_size=sw_batch_size,
-                predictor=predictor,
-                overlap=overlap,
-                mode=mode,
-            )
-    finally:
-        model.train(was_training)
-    return convert_to_tensor(probs, track_meta=False)[0].float().cpu()
+    with _inference_state(model, dev, last), torch.inference_mode():
+        probs = sliding_window_inference(
+            image[None].float().to(dev),
+            roi_size=size,
+            sw_batch_size=sw_batch_size,
+            predictor=predictor,
+            overlap=overlap,
+            mode=mode,
+        )
+        return convert_to_tensor(probs, track_meta=False)[0].float().cpu()
 
 
 def foreground_box(image: torch.Tensor | np.ndarray) -> tuple[slice, slice, slice]:
@@ -234,7 +358,7 @@ def segment(
         Labels, shape ``(X, Y, Z)``, uint8.
     """
     box = foreground_box(image) if crop_foreground else (slice(None),) * 3
-    probs = predict_volume(model, image[(slice(None), *box)], **kwargs)
+    probs = _probabilities(model, image[(slice(None), *box)], **kwargs)
     labels = np.zeros(tuple(image.shape[1:]), dtype=np.uint8)
     labels[box] = probs.argmax(dim=0).to(torch.uint8).numpy()
     return labels

@@ -18,9 +18,12 @@ This is what ``neonb segment`` does (:mod:`neonb.cli`). For one session,
 2. reorients the images to the voxel-axis orientation the model was trained on (lossless:
    axes are permuted and flipped with :mod:`nibabel.orientations`) and, when the voxel size
    differs from the model's, resamples them to it (MONAI ``Spacing``, bilinear) and says so;
-3. z-normalises each channel over its non-zero voxels as in training, and segments by
-   sliding windows inside the head's bounding box (:func:`neonb.inference.segment`; an
-   AgeU-Net also predicts the scan age, :func:`neonb.ageunet.segment_with_age`);
+3. pre-processes the image with the training's own function
+   (:func:`neonb.transforms.preprocessing_transforms`, uncropped: each channel z-normalised
+   over its non-zero voxels; :func:`prepare_image`), and segments by sliding windows inside
+   the head's bounding box (:func:`neonb.inference.segment`, the study's inference path;
+   an AgeU-Net also predicts the scan age from the same windows, as
+   :func:`neonb.ageunet.segment_with_age`);
 4. maps the labels back onto the input's own voxel grid (nearest neighbour, then the inverse
    reorientation) and writes, with BIDS-derivative names derived from the input's
    (:func:`output_prefix`), e.g. for ``sub-1_ses-2_desc-restore_T2w.nii.gz``::
@@ -40,7 +43,8 @@ This is what ``neonb segment`` does (:mod:`neonb.cli`). For one session,
 
 :func:`segment_batch` runs this over a manifest TSV or a dHCP/BIDS folder with a progress
 bar, skips sessions whose outputs all exist (so an interrupted batch resumes where it
-stopped), and reports a failing session without stopping the others (a participant or
+stopped), overlaps reading the next session and writing the last one with the network's
+work on the current one, and reports a failing session without stopping the others (a participant or
 session id that is not a BIDS label fails its session, and no folder is made from it). A
 lock file in the output folder (:data:`BATCH_LOCK_FILE`) refuses a second batch into it.
 
@@ -54,6 +58,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -62,6 +67,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +77,7 @@ import numpy as np
 import pandas as pd
 import torch
 from monai.data import MetaTensor
-from monai.transforms import NormalizeIntensity, Spacing, SpatialResample
+from monai.transforms import Spacing, SpatialResample
 from nibabel import orientations
 from nibabel.spatialimages import SpatialImage
 from tqdm import tqdm
@@ -95,9 +101,16 @@ from neonb.data import (
 from neonb.errors import ConfigError, DataError, NeonbError, NeonbWarning
 from neonb.export import METADATA_FILE, WEIGHTS_FILE, ExportedModel, load_exported_model
 from neonb.files import atomic_write, exclusive_lock, temporary_name
-from neonb.inference import save_segmentation, segment
+from neonb.inference import (
+    default_sw_batch_size,
+    resolve_device,
+    save_segmentation,
+    segment,
+    use_inference_amp,
+)
 from neonb.labels import DRAWEM9
 from neonb.metrics import class_column, dice_per_class, volumes_ml
+from neonb.transforms import preprocessing_transforms
 
 __all__ = [
     "BATCH_COLUMNS",
@@ -117,6 +130,7 @@ __all__ = [
     "output_paths",
     "output_prefix",
     "plan_grid",
+    "prepare_image",
     "save_qc_png",
     "read_batch",
     "segment_batch",
@@ -616,19 +630,28 @@ def _notes(mapping: GridMapping, model: ExportedModel) -> list[str]:
 
 
 def _predict(
-    model: ExportedModel, image: torch.Tensor, device: str | torch.device
+    model: ExportedModel, image: torch.Tensor, device: str | torch.device, amp: bool | str
 ) -> tuple[np.ndarray, dict[str, float] | None]:
+    """Labels (and, for an AgeU-Net, ages as :func:`neonb.ageunet.segment_with_age` gives them)."""
+    windows = None
     if model.age_head is not None:
-        from neonb.ageunet import segment_with_age
+        from neonb.ageunet import WindowAges
 
-        labels, ages = segment_with_age(
-            model.model, image, patch_size=model.patch_size, overlap=model.overlap, device=device
-        )
-        return np.asarray(labels, np.uint8), {key: float(value) for key, value in ages.items()}
+        windows = WindowAges()
     labels = segment(
-        model.model, image, patch_size=model.patch_size, overlap=model.overlap, device=device
-    )
-    return labels, None
+        model.model, image, patch_size=model.patch_size, overlap=model.overlap, device=device,
+        amp=amp, segmentation_logits=windows,
+        sw_batch_size=default_sw_batch_size(model.patch_size),
+    )  # fmt: skip
+    if windows is None:
+        return labels, None
+    ages = windows.aggregate()
+    return np.asarray(labels, np.uint8), {key: float(value) for key, value in ages.items()}
+
+
+def precision(device: str | torch.device, amp: bool | str = "native") -> str:
+    """``"bf16"`` or ``"fp32"``: what the network computes in (:func:`use_inference_amp`)."""
+    return "bf16" if use_inference_amp(amp, resolve_device(device)) else "fp32"
 
 
 def _volume_table(labels: np.ndarray, zooms: Sequence[float], model: ExportedModel) -> pd.DataFrame:
@@ -671,6 +694,7 @@ def segment_scan(
     prefix: str | None = None,
     scan_age: float | None = None,
     device: str | torch.device = "auto",
+    amp: bool | str = "native",
 ) -> SegmentationResult:
     """Segment one session and write its outputs (see the module docstring).
 
@@ -683,6 +707,9 @@ def segment_scan(
         prefix: output name prefix; default :func:`output_prefix` of ``t2w``.
         scan_age: the scan age (weeks PMA), recorded beside the predicted age.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
+        amp: bf16 autocast of the network (:func:`neonb.inference.use_inference_amp`):
+            ``"native"`` (CUDA, or a CPU with native bf16), ``"auto"`` (CUDA), ``True``,
+            ``False`` (fp32).
 
     Returns:
         The outputs written, the tissue volumes, ages, Dice and notes.
@@ -696,7 +723,78 @@ def segment_scan(
     """
     started = time.perf_counter()
     _check_device(device)
-    model = _as_model(model)
+    session = _prepare_session(
+        _as_model(model), t2w, out_dir, t1w=t1w, reference=reference, prefix=prefix,
+        scan_age=scan_age, started=started, precision=precision(device, amp),
+    )  # fmt: skip
+    try:
+        return _finish_session(session, *_infer_session(session, device, amp))
+    except BaseException:
+        _remove_created(session.created)
+        raise
+
+
+def prepare_image(
+    volumes: Sequence[np.ndarray], mapping: GridMapping, channels: Sequence[str]
+) -> MetaTensor:
+    """A session's network input: on the model's grid, pre-processed as in training.
+
+    The volumes are brought onto the model's grid (:func:`to_model_grid`), then go through
+    the pre-processing the model was trained and evaluated with,
+    :func:`neonb.transforms.preprocessing_transforms` without the crop (z-normalisation of
+    each channel over its non-zero voxels), so ``neonb segment`` and the study prepare an
+    image alike.
+
+    Args:
+        volumes: arrays of shape ``mapping.shape``, one per channel, in the order of ``channels``.
+        mapping: from :func:`plan_grid`.
+        channels: the model's input channels, e.g. ``("t1w", "t2w")``.
+
+    Returns:
+        ``(C, X', Y', Z')`` float32, with the model grid's affine.
+    """
+    grid = to_model_grid(volumes, mapping)
+    sample = {key: grid[i : i + 1] for i, key in enumerate(channels)}
+    prepare = preprocessing_transforms(crop=False, label=False, channels=channels)
+    return prepare(sample)["image"]
+
+
+@dataclass
+class _Session:
+    """One session between its stages: read and prepared, segmented, written."""
+
+    model: ExportedModel
+    image: MetaTensor
+    images: Mapping[str, nib.Nifti1Image]
+    reference_image: nib.Nifti1Image | None
+    anchor: nib.Nifti1Image
+    mapping: GridMapping
+    paths: Mapping[str, Path]
+    sources: Mapping[str, str | os.PathLike | None]
+    scan_age: float | None
+    header_warnings: list[str]
+    started: float
+    created: list[Path]
+    precision: str
+
+
+def _prepare_session(
+    model: ExportedModel,
+    t2w: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    t1w: str | os.PathLike | None,
+    reference: str | os.PathLike | None,
+    prefix: str | None,
+    scan_age: float | None,
+    started: float,
+    precision: str,
+) -> _Session:
+    """Steps 1-3 of :func:`segment_scan` up to the network: read, check, plan, prepare.
+
+    Creates the output folder (after every check, so a refused input leaves none); on a
+    failure after that it is removed again.
+    """
     images, reference_image = load_inputs(
         {"t2w": t2w, "t1w": t1w},
         model.channels,
@@ -711,7 +809,7 @@ def segment_scan(
         for warning in geometry_warnings(image)
     ]
     for warning in header_warnings:
-        warnings.warn(warning, NeonbWarning, stacklevel=2)
+        warnings.warn(warning, NeonbWarning, stacklevel=3)
     out_dir = Path(out_dir)
     paths = output_paths(
         out_dir,
@@ -724,39 +822,37 @@ def segment_scan(
     mapping = plan_grid(anchor, model.orientation, model.voxel_size_mm)
     created = _prepare_out_dir(out_dir)
     try:
-        return _segment_and_write(
-            model, images, reference_image, anchor, mapping, paths,
-            sources={"t2w": t2w, "t1w": t1w}, scan_age=scan_age, device=device,
-            header_warnings=header_warnings, started=started,
-        )  # fmt: skip
+        volumes = [np.asanyarray(images[key].dataobj) for key in model.channels]
+        image = prepare_image(volumes, mapping, model.channels)
     except BaseException:
         _remove_created(created)
         raise
+    return _Session(
+        model, image, images, reference_image, anchor, mapping, paths,
+        sources={"t2w": t2w, "t1w": t1w}, scan_age=scan_age,
+        header_warnings=header_warnings, started=started, created=created, precision=precision,
+    )  # fmt: skip
 
 
-def _segment_and_write(
-    model: ExportedModel,
-    images: Mapping[str, nib.Nifti1Image],
-    reference_image: nib.Nifti1Image | None,
-    anchor: nib.Nifti1Image,
-    mapping: GridMapping,
-    paths: Mapping[str, Path],
-    *,
-    sources: Mapping[str, str | os.PathLike | None],
-    scan_age: float | None,
-    device: str | torch.device,
-    header_warnings: list[str],
-    started: float,
-) -> SegmentationResult:
-    """Steps 2-4 of :func:`segment_scan`, once the inputs are checked and ``paths`` planned."""
-    t2w = sources["t2w"]
-    image = to_model_grid([np.asanyarray(images[key].dataobj) for key in model.channels], mapping)
-    grid_affine = image.affine.clone()
-    normalised = NormalizeIntensity(nonzero=True, channel_wise=True)(image.as_tensor())
+def _infer_session(
+    session: _Session, device: str | torch.device, amp: bool | str = "auto"
+) -> tuple[np.ndarray, dict[str, float] | None, float]:
+    """The network's part of :func:`segment_scan`: labels on the model's grid, ages, seconds."""
     inference_started = time.perf_counter()
-    labels_model, ages = _predict(model, normalised, device)
-    inference_s = time.perf_counter() - inference_started
-    labels = from_model_grid(labels_model, grid_affine, mapping)
+    labels_model, ages = _predict(session.model, session.image.as_tensor(), device, amp)
+    return labels_model, ages, time.perf_counter() - inference_started
+
+
+def _finish_session(
+    session: _Session,
+    labels_model: np.ndarray,
+    ages: dict[str, float] | None,
+    inference_s: float,
+) -> SegmentationResult:
+    """Step 4 of :func:`segment_scan`: labels back on the input's grid, tables, writes."""
+    model, anchor, mapping, paths = session.model, session.anchor, session.mapping, session.paths
+    t2w = session.sources["t2w"]
+    labels = from_model_grid(labels_model, session.image.affine, mapping)
     if not np.isin(labels, _brain_labels(model)).any():
         raise DataError(
             anchor.get_filename() or str(t2w),
@@ -770,13 +866,14 @@ def _segment_and_write(
     zooms = tuple(float(z) for z in nib.affines.voxel_sizes(anchor.affine)[:3])
     volumes = _volume_table(labels, zooms, model)
     dice = None
-    if reference_image is not None:
-        reference_labels = np.asanyarray(reference_image.dataobj).astype(np.int64)
+    if session.reference_image is not None:
+        reference_labels = np.asanyarray(session.reference_image.dataobj).astype(np.int64)
         dice = volumes[["index", "name", "abbreviation"]].copy()
         dice["dice"] = dice_per_class(labels, reference_labels, num_classes=len(dice))
     notes = _notes(mapping, model)
-    sidecar = _sidecar(sources, model, mapping, notes)
-    sidecar["Warnings"] = header_warnings
+    sidecar = _sidecar(session.sources, model, mapping, notes)
+    sidecar["InferencePrecision"] = session.precision
+    sidecar["Warnings"] = session.header_warnings
     writers: dict[str, Callable[[Path], Any]] = {
         "dseg_tsv": _write_tsv(pd.DataFrame(model.metadata["labels"])),
         "sidecar": _write_text(json.dumps(sidecar, indent=2) + "\n"),
@@ -787,6 +884,7 @@ def _segment_and_write(
         "dseg": lambda _tmp: save_segmentation(labels, anchor.get_filename(), paths["dseg"]),
     }
     if ages is not None:
+        scan_age = session.scan_age
         age_row = {
             "predicted_age_weeks": ages.get("mean", math.nan),
             "predicted_age_foreground_weighted_weeks": ages.get("foreground_weighted", math.nan),
@@ -802,9 +900,9 @@ def _segment_and_write(
         ages=ages,
         dice=dice,
         notes=notes,
-        warnings=header_warnings,
+        warnings=session.header_warnings,
         inference_s=inference_s,
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - session.started,
     )
 
 
@@ -1089,12 +1187,20 @@ def segment_batch(
     device: str | torch.device = "auto",
     progress: bool = True,
     echo: Callable[[str], Any] | None = None,
+    prefetch: bool = True,
+    amp: bool | str = "native",
 ) -> BatchResult:
     """Segment every session of a manifest TSV or a dHCP/BIDS folder.
 
     Outputs go to ``out_dir/sub-<id>/ses-<id>/anat/`` as BIDS derivatives. A session whose
     outputs all exist is skipped, so running the same batch again resumes it. A session that
     fails (a bad image, a missing T1w) is reported and the batch goes on.
+
+    With ``prefetch``, the work overlaps: while the network segments one session, a thread
+    reads, checks and prepares the next (:func:`segment_scan`'s steps 1-3), and another
+    maps back and writes the previous one (step 4). Each session's outputs, errors and row
+    in the summary are the same as one at a time, in the order of ``source``. The progress
+    bar shows sessions per minute (sessions segmented or failed, not those skipped).
 
     Args:
         model: an :class:`~neonb.export.ExportedModel` or its folder.
@@ -1104,6 +1210,9 @@ def segment_batch(
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         progress: show a tqdm progress bar.
         echo: called with a line per failed session (default: ``tqdm.write``).
+        prefetch: overlap reading and writing with the network's work (``False``: one
+            session after the other, each step in turn).
+        amp: bf16 autocast of the network, as in :func:`segment_scan`.
 
     Returns:
         The per-session summary, also written to ``out_dir/segment_batch.tsv``.
@@ -1123,7 +1232,9 @@ def segment_batch(
     created = _prepare_out_dir(out_dir)
     try:
         with exclusive_lock(out_dir / BATCH_LOCK_FILE, "a neonb segment --batch"):
-            return _run_batch(model, source, sessions, out_dir, evaluate, device, progress, echo)
+            return _run_batch(
+                model, source, sessions, out_dir, evaluate, device, progress, echo, prefetch, amp
+            )
     except BaseException:
         _remove_created(created)
         raise
@@ -1150,6 +1261,15 @@ def _check_batch_outputs(
     check_no_input_replaced(inputs, outputs)
 
 
+SUMMARY_COLUMNS: tuple[str, ...] = ("participant_id", "session_id", "status", "seconds", "message")
+"""Columns of :data:`BATCH_SUMMARY_FILE`, one row per session."""
+
+MAX_PENDING_WRITES = 1
+"""Sessions of a batch that may wait to be written while the network works on the next."""
+
+_BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+
+
 def _run_batch(
     model: ExportedModel,
     source: Path,
@@ -1159,28 +1279,195 @@ def _run_batch(
     device: str | torch.device,
     progress: bool,
     echo: Callable[[str], Any] | None,
+    prefetch: bool = True,
+    amp: bool | str = "native",
 ) -> BatchResult:
     _write_dataset_description(out_dir)
-    echo = echo or tqdm.write
-    rows = []
-    bar = tqdm(
-        sessions.itertuples(index=False),
-        total=len(sessions),
-        desc="segmenting",
-        unit="session",
-        disable=not progress,
-    )
+    batch = _Batch(
+        model, source, out_dir, evaluate, device, amp, echo or tqdm.write,
+        rows=[None] * len(sessions),
+        bar=tqdm(
+            total=len(sessions), desc="segmenting", unit="session",
+            bar_format=_BAR_FORMAT, disable=not progress,
+        ),
+    )  # fmt: skip
     try:
-        for session in bar:
-            rows.append(_batch_session(model, source, session, out_dir, evaluate, device, echo))
+        batch.run(list(sessions.itertuples(index=False)), prefetch)
     finally:
-        summary = pd.DataFrame(
-            rows, columns=["participant_id", "session_id", "status", "seconds", "message"]
-        )
+        batch.bar.close()
+        rows = [row for row in batch.rows if row is not None]
+        summary = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
         summary_path = out_dir / BATCH_SUMMARY_FILE
         atomic_write(summary_path, _write_tsv(summary))
     tables = gather_tables(out_dir, sessions, age=model.age_head is not None)
     return BatchResult(summary, summary_path, tables)
+
+
+class _Immediate(Executor):
+    """An executor that runs each call at once, in the calling thread (no prefetch)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as err:  # handed to whoever asks for the result
+            future.set_exception(err)
+        return future
+
+
+@dataclass
+class _Job:
+    """A session of a batch on its way: its summary row, and its preparation under way."""
+
+    index: int
+    row: dict[str, Any]
+    started: float
+    status: str = ""
+    error: NeonbError | None = None
+    prepared: Future | None = None
+
+
+@dataclass
+class _Batch:
+    """The sessions of one :func:`segment_batch`, run through read -> network -> write."""
+
+    model: ExportedModel
+    source: Path
+    out_dir: Path
+    evaluate: bool
+    device: str | torch.device
+    amp: bool | str
+    echo: Callable[[str], Any]
+    rows: list[dict[str, Any] | None]
+    bar: Any
+    processed: int = 0
+    began: float = field(default_factory=time.perf_counter)
+
+    def run(self, sessions: Sequence[Any], prefetch: bool) -> None:
+        """Segment ``sessions`` in order; rows land in :attr:`rows` as sessions finish.
+
+        With ``prefetch``, session ``i + 1`` is prepared in a reading thread while the
+        network works on session ``i``, and session ``i`` is written in a writing thread
+        while the network works on ``i + 1``; at most :data:`MAX_PENDING_WRITES` sessions
+        wait to be written (each holds its images in memory).
+        """
+        reader = ThreadPoolExecutor(1, "neonb-read") if prefetch else _Immediate()
+        writer = ThreadPoolExecutor(1, "neonb-write") if prefetch else _Immediate()
+        writes: dict[int, tuple[_Job, Future]] = {}
+        upcoming: _Job | None = None
+        try:
+            for i, row in enumerate(sessions):
+                job = upcoming or self.start(i, row, reader)
+                session = self.prepared(job)
+                upcoming = None
+                if prefetch and i + 1 < len(sessions):
+                    upcoming = self.start(i + 1, sessions[i + 1], reader)
+                if session is not None:
+                    labels, ages, seconds = self.infer(session)
+                    future = writer.submit(_finish_or_remove, session, labels, ages, seconds)
+                    writes[i] = (job, future)
+                self.collect(writes, keep=MAX_PENDING_WRITES)
+            self.collect(writes, keep=0)
+        finally:  # interrupted: finish the writes under way, take back a prefetched session
+            if upcoming is not None and upcoming.prepared is not None:
+                if not upcoming.prepared.cancel():
+                    with contextlib.suppress(BaseException):
+                        _remove_created(upcoming.prepared.result().created)
+            with contextlib.suppress(BaseException):
+                self.collect(writes, keep=0)
+            reader.shutdown(wait=True)
+            writer.shutdown(wait=True)
+
+    def start(self, index: int, session: Any, reader: Executor) -> _Job:
+        """Decide what to do with a session and, unless it is done or failed, prepare it."""
+        pid, sid = session.participant_id, session.session_id
+        job = _Job(
+            index,
+            {"participant_id": pid, "session_id": sid, "seconds": 0.0, "message": ""},
+            time.perf_counter(),
+        )
+        if not _valid_ids(session):  # no output path may be built from these ids
+            job.error = DataError(self.source, session.problem)
+            return job
+        reference = session.dseg if self.evaluate and session.dseg else None
+        expected = _session_outputs(
+            self.out_dir, pid, sid, age=self.model.age_head is not None, dice=reference is not None
+        )
+        if all(path.is_file() for path in expected.values()):
+            job.status, job.row["message"] = "skipped", "outputs already there"
+            return job
+        if session.problem or not session.t2w:
+            job.error = DataError(f"sub-{pid}/ses-{sid}", session.problem or "no T2w image")
+            return job
+        job.prepared = reader.submit(
+            _prepare_session, self.model, session.t2w,
+            self.out_dir / f"sub-{pid}" / f"ses-{sid}" / "anat",
+            t1w=session.t1w or None, reference=reference, prefix=f"sub-{pid}_ses-{sid}",
+            scan_age=session.scan_age, started=job.started,
+            precision=precision(self.device, self.amp),
+        )  # fmt: skip
+        return job
+
+    def prepared(self, job: _Job) -> _Session | None:
+        """The job's prepared session, or ``None`` when its row is final (skipped, failed)."""
+        if job.status == "skipped":
+            self.finish(job, {**job.row, "status": "skipped"})
+            return None
+        try:
+            if job.error is not None:
+                raise job.error
+            return job.prepared.result()
+        except NeonbError as err:
+            self.finish(job, self.failed(job, err))
+            return None
+
+    def infer(self, session: _Session) -> tuple[np.ndarray, dict[str, float] | None, float]:
+        """The network's work on one session; its output folder is taken back on an error."""
+        try:
+            return _infer_session(session, self.device, self.amp)
+        except BaseException:
+            _remove_created(session.created)
+            raise
+
+    def collect(self, writes: dict[int, tuple[_Job, Future]], *, keep: int) -> None:
+        """Record the sessions whose writing has ended, waiting until at most ``keep`` are left."""
+        for index in sorted(writes):
+            job, future = writes[index]
+            if len(writes) <= keep and not future.done():
+                continue
+            del writes[index]
+            try:
+                result = future.result()
+            except NeonbError as err:
+                self.finish(job, self.failed(job, err))
+                continue
+            message = "; ".join([*result.notes, *(f"warning: {w}" for w in result.warnings)])
+            row = {**job.row, "status": "done", "seconds": result.seconds, "message": message}
+            self.finish(job, row)
+
+    def failed(self, job: _Job, err: NeonbError) -> dict[str, Any]:
+        """The row of a failed session, said through :attr:`echo`."""
+        return _failed(job.row, err, job.started, self.echo)
+
+    def finish(self, job: _Job, row: dict[str, Any]) -> None:
+        """Record a session's final row and move the progress bar."""
+        self.rows[job.index] = row
+        if row["status"] != "skipped":
+            self.processed += 1
+            minutes = (time.perf_counter() - self.began) / 60
+            self.bar.set_postfix_str(f"{self.processed / minutes:.1f} sessions/min", refresh=False)
+        self.bar.update(1)
+
+
+def _finish_or_remove(
+    session: _Session, labels: np.ndarray, ages: dict[str, float] | None, seconds: float
+) -> SegmentationResult:
+    """:func:`_finish_session`, taking the session's output folder back on an error."""
+    try:
+        return _finish_session(session, labels, ages, seconds)
+    except BaseException:
+        _remove_created(session.created)
+        raise
 
 
 def _session_outputs(out_dir: Path, pid: str, sid: str, **kinds: bool) -> dict[str, Path]:
@@ -1233,49 +1520,6 @@ def gather_tables(
             atomic_write(path, _write_tsv(pd.DataFrame(rows)))
             written[kind] = path
     return written
-
-
-def _batch_session(
-    model: ExportedModel,
-    source: Path,
-    session: Any,
-    out_dir: Path,
-    evaluate: bool,
-    device: str | torch.device,
-    echo: Callable[[str], Any],
-) -> dict[str, Any]:
-    pid, sid = session.participant_id, session.session_id
-    row = {"participant_id": pid, "session_id": sid, "seconds": 0.0, "message": ""}
-    started = time.perf_counter()
-    if not _valid_ids(session):  # no output path may be built from these ids
-        return _failed(row, DataError(source, session.problem), started, echo)
-    prefix = f"sub-{pid}_ses-{sid}"
-    session_dir = out_dir / f"sub-{pid}" / f"ses-{sid}" / "anat"
-    reference = session.dseg if evaluate and session.dseg else None
-    expected = _session_outputs(
-        out_dir, pid, sid, age=model.age_head is not None, dice=reference is not None
-    )
-    if all(path.is_file() for path in expected.values()):
-        return {**row, "status": "skipped", "message": "outputs already there"}
-    try:
-        if session.problem:
-            raise DataError(f"sub-{pid}/ses-{sid}", session.problem)
-        if not session.t2w:
-            raise DataError(f"sub-{pid}/ses-{sid}", "no T2w image")
-        result = segment_scan(
-            model,
-            session.t2w,
-            session_dir,
-            t1w=session.t1w or None,
-            reference=reference,
-            prefix=prefix,
-            scan_age=session.scan_age,
-            device=device,
-        )
-    except NeonbError as err:
-        return _failed(row, err, started, echo)
-    message = "; ".join([*result.notes, *(f"warning: {w}" for w in result.warnings)])
-    return {**row, "status": "done", "seconds": result.seconds, "message": message}
 
 
 def _failed(

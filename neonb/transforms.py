@@ -356,7 +356,13 @@ class ApplyBrainMaskd(MapTransform):
         return d
 
 
-def preprocessing_transforms(*, crop: bool = True, keep_box: bool = False) -> Compose:
+def preprocessing_transforms(
+    *,
+    crop: bool = True,
+    keep_box: bool = False,
+    label: bool = True,
+    channels: Sequence[str] = MODALITY_KEYS,
+) -> Compose:
     """Deterministic pre-processing of a raw sample (§3.2.1), safe to cache.
 
     Steps: load the volumes (:class:`LoadVolumed`), create the annotation mask when missing
@@ -373,22 +379,29 @@ def preprocessing_transforms(*, crop: bool = True, keep_box: bool = False) -> Co
         keep_box: with ``crop``, also keep the crop box as ``foreground_start_coord`` and
             ``foreground_end_coord`` (voxel indices on the stored grid, end exclusive), for
             masks loaded after the disk cache (:class:`neonb.cache.VolumeDataset`).
+        label: load ``label`` and make ``annotation``; ``False`` for images alone, as
+            ``neonb segment`` prepares a scan (:mod:`neonb.segmentation`).
+        channels: the modality keys concatenated into ``image``, in order (T1w, T2w).
 
     Returns:
         A ``Compose`` mapping a raw sample to ``image`` ``(2, X, Y, Z)``, ``label`` and
         ``annotation`` ``(1, X, Y, Z)``; other keys pass through.
     """
+    spatial = list(SPATIAL_KEYS) if label else ["image"]
     transforms: list[Any] = [
-        LoadVolumed(REQUIRED_KEYS, optional_keys=("annotation", BRAIN_MASK_KEY)),
-        EnsureAnnotationd(),
-        ConcatItemsd(keys=list(MODALITY_KEYS), name="image", dim=0),
-        DeleteItemsd(keys=list(MODALITY_KEYS)),
+        LoadVolumed(
+            [*channels, "label"] if label else list(channels),
+            optional_keys=("annotation", BRAIN_MASK_KEY) if label else (BRAIN_MASK_KEY,),
+        ),
+        *([EnsureAnnotationd()] if label else []),
+        ConcatItemsd(keys=list(channels), name="image", dim=0),
+        DeleteItemsd(keys=list(channels)),
         ApplyBrainMaskd("image"),
     ]
     if crop:
         transforms.append(
             CropForegroundd(
-                keys=list(SPATIAL_KEYS),
+                keys=spatial,
                 source_key="image",
                 select_fn=_is_nonzero,
                 start_coord_key="foreground_start_coord" if keep_box else None,
@@ -397,7 +410,7 @@ def preprocessing_transforms(*, crop: bool = True, keep_box: bool = False) -> Co
         )
     transforms += [
         NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
-        EnsureTyped(keys=list(SPATIAL_KEYS), dtype=torch.float32),
+        EnsureTyped(keys=spatial, dtype=torch.float32),
     ]
     return Compose(transforms)
 

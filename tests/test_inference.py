@@ -6,9 +6,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.inferers import sliding_window_inference
 from monai.networks.nets import DynUNet
 from torch import nn
 
+from neonb import inference
 from neonb.errors import ConfigError, DataError
 from neonb.inference import (
     default_segmentation_logits,
@@ -71,7 +73,9 @@ def test_overlapping_windows_are_averaged_into_the_full_volume_result():
     torch.manual_seed(0)
     pointwise = nn.Conv3d(2, 10, kernel_size=1)  # the same answer at a voxel in every window
     image = torch.randn(2, 37, 41, 29)
-    probs = predict_volume(pointwise, image, patch_size=PATCH, overlap=0.5, sw_batch_size=8)
+    probs = predict_volume(
+        pointwise, image, patch_size=PATCH, overlap=0.5, sw_batch_size=8, amp=False
+    )
     with torch.no_grad():
         expected = torch.softmax(pointwise(image[None]), 1)[0]
     torch.testing.assert_close(probs, expected)
@@ -202,3 +206,98 @@ def test_load_weights_errors(tmp_path):
 def test_describe_hardware_names_the_cpu_and_its_threads():
     text = describe_hardware("cpu")
     assert text.startswith("CPU (") and f"{torch.get_num_threads()} threads" in text
+
+
+def _head_image(shape=(30, 34, 26), seed=0):
+    """Two channels, non-zero inside an off-centre block (a 'head'), zero around it."""
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.zeros(2, *shape)
+    image[:, 3:27, 5:31, 2:22] = torch.randn(2, 24, 26, 20, generator=generator)
+    return image
+
+
+def test_fast_path_gives_the_reference_labels():
+    """segment() in fp32 (head box, inference mode) against the naive path: MONAI's
+    sliding windows over the head box under no_grad."""
+    model = _dynunet(seed=3).eval()
+    image = _head_image()
+    box = foreground_box(image)
+    with torch.no_grad():
+        reference = sliding_window_inference(
+            image[(slice(None), *box)][None], roi_size=PATCH, sw_batch_size=1,
+            predictor=lambda x: torch.softmax(model(x), 1), overlap=0.5, mode="constant",
+        )[0]  # fmt: skip
+    cropped = image[(slice(None), *box)]
+    fast = predict_volume(model, cropped, patch_size=PATCH, device="cpu", amp=False)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-4)
+    labels = segment(model, image, patch_size=PATCH, device="cpu", amp=False)
+    expected = np.zeros(image.shape[1:], np.uint8)
+    expected[box] = reference.argmax(0).numpy()
+    assert (labels == expected).mean() > 0.999  # float rounding may flip a tie
+    assert labels[box].any() and not labels[:3].any()  # labels inside the box only
+
+
+@pytest.mark.parametrize("start_channels_last", [False, True])
+def test_channels_last_changes_no_result_and_is_undone(start_channels_last):
+    model = _dynunet(seed=4)
+    if start_channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    model.train()
+    image = _head_image(seed=1)
+    kwargs = {"patch_size": PATCH, "overlap": 0.25, "device": "cpu", "sw_batch_size": 2}
+    kwargs["amp"] = False
+    last = predict_volume(model, image, channels_last=True, **kwargs)
+    plain = predict_volume(model, image, channels_last=False, **kwargs)
+    torch.testing.assert_close(last, plain, atol=1e-5, rtol=1e-4)
+    assert model.training
+    weight = next(p for p in model.parameters() if p.ndim == 5)
+    assert weight.is_contiguous(memory_format=torch.channels_last_3d) == start_channels_last
+    assert not last.is_inference()  # a plain tensor, which may be changed in place
+    last += 1
+
+
+def test_channels_last_must_be_auto_or_a_bool():
+    with pytest.raises(ConfigError, match="channels_last"):
+        predict_volume(_dynunet(), torch.zeros(2, 8, 8, 8), patch_size=PATCH, channels_last="yes")
+
+
+def test_bf16_windows_keep_the_labels_of_a_confident_model():
+    torch.manual_seed(5)
+    model = nn.Conv3d(2, 10, kernel_size=3, padding=1)
+    with torch.no_grad():
+        model.weight *= 20  # well-separated logits, as a trained network gives
+    image = _head_image(seed=2)
+    kwargs = {"patch_size": PATCH, "overlap": 0.5, "device": "cpu"}
+    fp32 = predict_volume(model, image, amp=False, **kwargs)
+    bf16 = predict_volume(model, image, amp=True, **kwargs)
+    assert not torch.equal(bf16, fp32)  # the windows did run in bf16
+    assert bf16.dtype == torch.float32  # probabilities are averaged in float32
+    agree = (bf16.argmax(0) == fp32.argmax(0)).float().mean()
+    assert agree > 0.99
+
+
+@pytest.mark.parametrize(
+    ("amp", "device", "native", "expected"),
+    [
+        ("native", "cpu", True, True),
+        ("native", "cpu", False, False),
+        ("auto", "cpu", True, False),
+        ("native", "cuda", False, True),
+        (True, "cpu", False, True),
+        (False, "cpu", True, False),
+        ("auto", "cuda", False, True),
+        (False, "cuda", True, False),
+        ("auto", "meta", True, False),
+    ],
+)
+def test_inference_amp_follows_the_cpu(monkeypatch, amp, device, native, expected):
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: native)
+    assert inference.use_inference_amp(amp, torch.device(device)) is expected
+    with pytest.raises(ConfigError, match="amp"):
+        inference.use_inference_amp("bf16", torch.device(device))
+
+
+def test_default_windows_per_pass_fit_the_voxel_budget():
+    assert inference.default_sw_batch_size((48, 48, 48)) == 8  # the demo's windows
+    assert inference.default_sw_batch_size((128, 128, 128)) == 1  # the paper's
+    assert inference.default_sw_batch_size(PATCH) == inference.SW_BATCH_VOXELS // 16**3

@@ -26,9 +26,9 @@ from neonb.segmentation import (
     output_paths,
     output_prefix,
     plan_grid,
+    prepare_image,
     segment_batch,
     segment_scan,
-    to_model_grid,
 )
 from neonb.transforms import eval_transforms
 
@@ -123,20 +123,36 @@ def test_segment_one_scan_writes_every_output(model_dir, manifest, tmp_path, cap
     sidecar = json.loads((out / f"{prefix}_dseg.json").read_text())
     assert sidecar["Resampled"] is False and sidecar["Reoriented"] is False
     assert Path(sidecar["Sources"][0]) == paths["t2w"].resolve()
+    assert sidecar["InferencePrecision"] == segmentation.precision("cpu")
+
+
+def test_precision_fp32_and_bf16_on_the_command_line(model_dir, manifest, tmp_path):
+    paths, _ = _session(manifest)
+    labels = {}
+    for choice in ("fp32", "bf16"):
+        out = tmp_path / choice
+        args = ["segment", "--t2", str(paths["t2w"]), "--t1", str(paths["t1w"])]
+        args += ["--model", str(model_dir), "--out", str(out), "--precision", choice]
+        assert main([*args, "--device", "cpu"]) == 0
+        sidecar = json.loads(next(out.glob("*_dseg.json")).read_text())
+        assert sidecar["InferencePrecision"] == choice
+        labels[choice] = np.asarray(nib.load(next(out.glob("*_dseg.nii.gz"))).dataobj)
+    assert (labels["fp32"] == labels["bf16"]).mean() > 0.95  # a 2-epoch model: near ties
 
 
 def test_normalisation_is_the_training_one(model_dir, manifest):
+    """neonb segment and the study's evaluation prepare an image through one function."""
     paths, _ = _session(manifest)
     model = load_exported_model(model_dir)
     t2w, t1w = nib.load(paths["t2w"]), nib.load(paths["t1w"])
     mapping = plan_grid(t2w, model.orientation, model.voxel_size_mm)
-    ours = to_model_grid([t1w.get_fdata(), t2w.get_fdata()], mapping)
-    from monai.transforms import NormalizeIntensity
-
-    ours = NormalizeIntensity(nonzero=True, channel_wise=True)(ours.as_tensor())
+    ours = prepare_image([t1w.get_fdata(), t2w.get_fdata()], mapping, model.channels)
     sample = {"t1w": str(paths["t1w"]), "t2w": str(paths["t2w"]), "label": str(paths["dseg"])}
     theirs = eval_transforms(crop=False)(sample)["image"]
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs.as_tensor()), atol=1e-5)
+    assert ours.dtype == theirs.dtype == torch.float32
+    assert torch.equal(ours.as_tensor(), theirs.as_tensor())
+    np.testing.assert_allclose(ours.affine, theirs.affine)
+    assert float(ours[0][ours[0] != 0].std()) == pytest.approx(1.0, abs=1e-3)  # normalised
 
 
 def _reorient(image: nib.Nifti1Image, codes: str, path: Path) -> Path:
@@ -236,26 +252,64 @@ def test_batch_reports_failures_and_resumes(model_dir, manifest, tmp_path, capsy
     assert done.stat().st_mtime_ns == stamp  # a finished session is not redone
 
 
-def test_interrupted_batch_resumes(model_dir, manifest, tmp_path, monkeypatch):
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_interrupted_batch_resumes(model_dir, manifest, tmp_path, monkeypatch, prefetch):
     tsv = _manifest_tsv(manifest, tmp_path / "batch.tsv", rows=[0, 1, 2])
-    real = segmentation.segment_scan
+    real = segmentation._infer_session
     calls = []
 
     def interrupt_second(*args, **kwargs):
-        calls.append(args[1])
+        calls.append(args[0])
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(segmentation, "segment_scan", interrupt_second)
+    monkeypatch.setattr(segmentation, "_infer_session", interrupt_second)
+    out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        segment_batch(model_dir, tsv, tmp_path / "out", device="cpu", progress=False)
-    summary = pd.read_csv(tmp_path / "out" / BATCH_SUMMARY_FILE, sep="\t")
-    assert list(summary["status"]) == ["done"]
-    monkeypatch.setattr(segmentation, "segment_scan", real)
-    result = segment_batch(model_dir, tsv, tmp_path / "out", device="cpu", progress=False)
+        segment_batch(model_dir, tsv, out, device="cpu", progress=False, prefetch=prefetch)
+    summary = pd.read_csv(out / BATCH_SUMMARY_FILE, sep="\t")
+    assert list(summary["status"]) == ["done"]  # the first was written before the interrupt
+    folders = {p.name for p in out.iterdir() if p.is_dir()}
+    assert folders == {f"sub-{manifest.iloc[0].participant_id}"}  # none left for 2nd and 3rd
+    monkeypatch.setattr(segmentation, "_infer_session", real)
+    result = segment_batch(model_dir, tsv, out, device="cpu", progress=False, prefetch=prefetch)
     assert list(result.summary["status"]) == ["skipped", "done", "done"]
-    assert not [p for p in (tmp_path / "out").rglob(".*") if p.is_file()]  # no temporary files
+    assert not [p for p in out.rglob(".*") if p.is_file()]  # no temporary files
+
+
+def test_prefetching_batch_gives_the_same_outputs_and_order(model_dir, manifest, tmp_path):
+    broken = tmp_path / "broken_T2w.nii.gz"
+    broken.write_bytes(b"not a gzip file")
+    table = manifest[["participant_id", "session_id", "scan_age", "t1w", "t2w"]].copy()
+    table["t2w"] = table["t2w"].astype(object)
+    table.loc[1, "t2w"] = str(broken)
+    tsv = tmp_path / "batch.tsv"
+    table.to_csv(tsv, sep="\t", index=False)
+    lines = []
+    one_by_one = segment_batch(
+        model_dir, tsv, tmp_path / "a", device="cpu", progress=False, prefetch=False
+    )
+    overlapped = segment_batch(
+        model_dir, tsv, tmp_path / "b", device="cpu", progress=False, echo=lines.append
+    )
+    columns = ["participant_id", "session_id", "status", "message"]
+    pd.testing.assert_frame_equal(one_by_one.summary[columns], overlapped.summary[columns])
+    assert list(overlapped.summary["participant_id"]) == list(manifest["participant_id"])
+    assert list(overlapped.summary["status"]) == ["done", "failed", "done", "done"]
+    assert len(lines) == 1 and "corrupt gzip" in lines[0]
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    for name in _files(tmp_path / "a"):
+        if name.endswith("_dseg.nii.gz"):
+            a, b = (np.asarray(nib.load(tmp_path / d / name).dataobj) for d in "ab")
+            assert np.array_equal(a, b)
+
+
+def test_progress_bar_shows_sessions_per_minute(model_dir, manifest, tmp_path, capsys):
+    tsv = _manifest_tsv(manifest, tmp_path / "batch.tsv", rows=[0, 1])
+    segment_batch(model_dir, tsv, tmp_path / "out", device="cpu", progress=True)
+    bar = capsys.readouterr().err
+    assert "2/2" in bar and " sessions/min" in bar
 
 
 def test_batch_over_a_release_folder_evaluates(model_dir, cohort, manifest, tmp_path):
