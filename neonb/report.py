@@ -225,3 +225,28 @@ def table3(class_dice: pd.DataFrame, label: str = "neonb") -> pd.DataFrame:
     table.index = pd.MultiIndex.from_tuples(table.index, names=["condition", "source"])
     table.columns = pd.MultiIndex.from_tuples(table.columns, names=["set", "metric"])
     return table
+
+
+FINDING_COLUMNS: list[str] = [
+    "paper (dHCP)",
+    "source",
+    "difference",
+    "difference_low",
+    "difference_high",
+    "test",
+    "p_corrected",
+    "verdict",
+]
+"""The columns of :func:`neonb.statistics.check_claims` rows that a chapter shows."""
+
+
+def findings_view(findings: pd.DataFrame, decimals: int = 4) -> pd.DataFrame:
+    """The paper's findings as a chapter shows them: what the paper reports, the difference
+    with its 95 % interval, the test that decided, its corrected p and the verdict.
+
+    Args:
+        findings: rows of :func:`neonb.statistics.check_claims` with a ``paper (dHCP)``
+            column (:func:`neonb.budgeting.paper_findings`, :func:`neonb.transfer.paper_findings`).
+        decimals: rounding of the numbers.
+    """
+    return findings[[c for c in FINDING_COLUMNS if c in findings.columns]].round(decimals)

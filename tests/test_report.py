@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from neonb import paper
+from neonb import paper, report
 from neonb.labels import DRAWEM9
 from neonb.metrics import class_column
 from neonb.report import case_class_dice, table1, table2, validation_class_dice
@@ -80,3 +80,21 @@ def test_the_papers_age_deviation_is_the_root_of_its_mse():
     assert math.sqrt(reported["final training MSE (w²)"]) == pytest.approx(
         reported["final training RMSE (w)"], abs=0.005
     )
+
+
+def test_findings_view_shows_the_verdict_and_the_test_that_decided_it():
+    from neonb.statistics import Claim, check_claims
+
+    cases = pd.DataFrame(
+        {
+            "strategy": ["a"] * 4 + ["b"] * 4,
+            "participant_id": ["s1", "s2", "s3", "s4"] * 2,
+            "dice": [0.9, 0.8, 0.85, 0.7, 0.8, 0.7, 0.75, 0.6],
+        }
+    )
+    findings = check_claims(cases, "dice", [Claim("a beats b", "a", "b")])
+    findings.insert(0, "paper (dHCP)", "reported")
+    view = report.findings_view(findings)
+    assert list(view.columns) == report.FINDING_COLUMNS
+    assert view.loc["a beats b", "verdict"] == "holds"
+    assert view.loc["a beats b", "difference"] == pytest.approx(0.1)

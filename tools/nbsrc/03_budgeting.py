@@ -415,18 +415,7 @@ findings = budgeting.paper_findings(
     full=budgeting.full_conditions(schedule, both_schedules),
 )
 findings.to_csv(out / "findings.tsv", sep="\t")
-findings[
-    [
-        "paper (dHCP)",
-        "source",
-        "difference",
-        "difference_low",
-        "difference_high",
-        "test",
-        "p_corrected",
-        "verdict",
-    ]
-].round(4)
+report.findings_view(findings)
 
 # %% [markdown]
 # The rules behind the verdicts:

@@ -365,17 +365,7 @@ report.pvalue_triangle(paired, paper.table5())
 # %%
 findings = transfer.paper_findings(cases, margin=equivalence_margin)
 findings.to_csv(out / "findings.tsv", sep="\t")
-findings[
-    [
-        "paper (dHCP)",
-        "difference",
-        "difference_low",
-        "difference_high",
-        "test",
-        "p_corrected",
-        "verdict",
-    ]
-].round(4)
+report.findings_view(findings)
 
 # %% [markdown]
 # The rules behind the verdicts:
