@@ -455,22 +455,33 @@ def _direction_verdict(sign: float, p_corrected: float, alpha: float) -> str:
     return NOT_CONTRADICTED if sign > 0 else NOT_SUPPORTED
 
 
+def _varies(values: np.ndarray) -> bool:
+    """Whether values differ by more than float rounding (a t-test of constants is undefined)."""
+    return bool(np.ptp(values) > 1e-9 * max(1.0, float(np.abs(values).max())))
+
+
 def _claim_test(claim: Claim, x: np.ndarray, y: np.ndarray, margin: float) -> dict:
     """Statistic and uncorrected p of one claim (x: group a, y: group b, paired)."""
     d = x - y
     if claim.kind == "greater":
-        p = float(stats.ttest_rel(x, y).pvalue) if np.ptp(d) > 0 else float(np.mean(d) == 0)
+        if not _varies(d):  # every subject moved alike: certain, unless not at all
+            return {
+                "estimate": float(d.mean()),
+                "sign": float(d.mean()),
+                "p": float(abs(d.mean()) < 1e-12),
+            }
+        p = float(stats.ttest_rel(x, y).pvalue)
         return {"estimate": float(d.mean()), "sign": float(d.mean()), "p": p}
     if claim.kind == "equivalent":
-        if np.ptp(d) > 0:
+        if _varies(d):
             p_tost = float(ttost_paired(x, y, -margin, margin)[0])
             p_diff = float(stats.ttest_rel(x, y).pvalue)
         else:  # every difference equal: within the margin or not, with certainty
-            p_tost = 0.0 if abs(d[0]) < margin else 1.0
-            p_diff = 1.0 if d[0] == 0 else 0.0
+            p_tost = 0.0 if abs(d.mean()) < margin else 1.0
+            p_diff = 1.0 if abs(d.mean()) < 1e-12 else 0.0
         return {"estimate": float(d.mean()), "sign": 0.0, "p": p_tost, "p_difference": p_diff}
     sd_x, sd_y = float(np.std(x, ddof=1)), float(np.std(y, ddof=1))
-    if np.ptp(x + y) > 0 and np.ptp(d) > 0:
+    if _varies(x + y) and _varies(d):
         p = float(stats.pearsonr(x + y, d).pvalue)
     else:
         p = 1.0
