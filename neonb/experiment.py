@@ -53,7 +53,7 @@ from neonb.engine import (
     sgd_nesterov,
 )
 from neonb.errors import ConfigError, DataError
-from neonb.inference import load_weights, save_segmentation, segment
+from neonb.inference import default_sw_batch_size, load_weights, save_segmentation, segment
 from neonb.losses import SegmentationLoss, deep_supervision_weights
 from neonb.metrics import evaluate_case
 from neonb.models import ModelConfig, build_model, check_patch_size
@@ -546,7 +546,7 @@ def evaluate(
     window_hook: Callable[[], WindowHook] | None = None,
     segmentation_logits: Callable[[Any], torch.Tensor] | None = None,
     out_dir: str | os.PathLike | None = None,
-    sw_batch_size: int = 1,
+    sw_batch_size: int | None = None,
     progress: bool = False,
 ) -> Evaluation:
     """Segment whole volumes with overlapping sliding windows and score every class.
@@ -576,8 +576,10 @@ def evaluate(
             one output (not with ``window_hook``, which does that itself).
         out_dir: where to write ``sub-X_ses-Y_desc-neonb_dseg.nii.gz``
             (:func:`prediction_filename`; ``None``: don't write them).
-        sw_batch_size: windows per forward pass. Several at once are faster on a CPU; the
-            labels may differ from one at a time in float rounding only.
+        sw_batch_size: windows per forward pass (``None``: as many as
+            :func:`neonb.inference.default_sw_batch_size` allows, as ``neonb segment`` does).
+            Several at once are faster on a CPU; the labels may differ from one at a time in
+            float rounding only.
         progress: show a progress bar.
 
     Returns:
@@ -607,7 +609,7 @@ def evaluate(
             patch_size=config.patch_size,
             overlap=config.overlap,
             device=config.device,
-            sw_batch_size=sw_batch_size,
+            sw_batch_size=sw_batch_size or default_sw_batch_size(config.patch_size),
             segmentation_logits=segmentation_logits if hook is None else hook,
         )
         seconds = time.perf_counter() - started

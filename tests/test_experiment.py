@@ -175,8 +175,11 @@ def test_evaluate_matches_the_scores_computed_directly(records, tmp_path):
         labels, age = segment_with_age(net, volume["image"], **window)
         rows = per_class.iloc[i * NUM_CLASSES : (i + 1) * NUM_CLASSES]
         np.testing.assert_array_equal(rows["dice"], dice_per_class(labels, volume["label"]))
-        assert per_volume.loc[i, "age_mean"] == age["mean"]
-        assert per_volume.loc[i, "age_foreground_weighted"] == age["foreground_weighted"]
+        # windows go through the network in batches here, one at a time there: float rounding
+        assert per_volume.loc[i, "age_mean"] == pytest.approx(age["mean"], rel=1e-9)
+        assert per_volume.loc[i, "age_foreground_weighted"] == pytest.approx(
+            age["foreground_weighted"], rel=1e-9
+        )
         assert per_volume.loc[i, "n_windows"] >= 1
     assert list(per_volume.columns) == [
         "participant_id", "session_id", "scan_age",
