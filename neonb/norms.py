@@ -273,7 +273,7 @@ def fit_norms(
     synthetic: bool = False,
     quantiles: Sequence[float] = QUANTILES,
     degree: int = DEGREE,
-    min_sessions: int = MIN_SESSIONS,
+    min_sessions: int | None = None,
     path: str | os.PathLike = "volumes",
 ) -> Norms:
     """Fit centile curves of each tissue's volume against scan age.
@@ -287,7 +287,7 @@ def fit_norms(
         synthetic: the volumes come from neonb's synthetic cohort (sets the caveat).
         quantiles: quantiles to fit, in (0, 1), must include 0.5.
         degree: polynomial degree in age (1 to 3).
-        min_sessions: fewest sessions (:data:`MIN_SESSIONS`).
+        min_sessions: fewest sessions (default :data:`MIN_SESSIONS`).
         path: the name of the table in error messages (e.g. the TSV it was read from).
 
     Returns:
@@ -306,6 +306,7 @@ def fit_norms(
         raise ConfigError(f"quantiles must include the median 0.5, got {list(taus)}")
     if degree not in (1, 2, 3):
         raise ConfigError(f"degree must be 1, 2 or 3, got {degree!r}")
+    min_sessions = MIN_SESSIONS if min_sessions is None else int(min_sessions)
     table = _check_volumes(volumes, path)
     sessions = table.drop_duplicates(["participant_id", "session_id"])
     n_sessions = len(sessions)
