@@ -681,6 +681,9 @@ def _volume_table(
     model: ExportedModel,
     scan_age: float | None = None,
 ) -> pd.DataFrame:
+    """Volume of every class (mL) and, with the model's norms and a known scan age, its
+    centile (:meth:`neonb.norms.Norms.centile`: text, so that ``<3`` and ``>97`` say what a
+    clipped number would hide), the norms' median and why a centile is missing."""
     table = pd.DataFrame(model.metadata["labels"])[["index", "name", "abbreviation"]]
     table["volume_ml"] = volumes_ml(labels, zooms, num_classes=len(table))
     norms = _model_norms(model)
