@@ -79,6 +79,7 @@ def _export(args: argparse.Namespace) -> None:
         orientation=args.orientation,
         description=args.description,
         images=args.images,
+        norms=args.norms,
     )
     print(f"model exported to {out}")
 
@@ -288,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the T1w/T2w kind the run was trained on (params' images:); segment --batch on a "
         "release folder reads the same kind (default restore)",
     )
+    export.add_argument(
+        "--norms",
+        type=Path,
+        metavar="TSV",
+        help="[OPTIONAL] tissue volumes to fit the age norms on (chapter 00's "
+        "tissue_volumes.tsv); default: the label images of --data-root, but its test sessions",
+    )
     export.set_defaults(handler=_export)
 
     segment = commands.add_parser(
@@ -318,9 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     segment.add_argument(
         "--scan-age",
+        "--age",
         type=float,
         metavar="WEEKS",
-        help="[OPTIONAL] the scan age (weeks PMA), written beside a predicted age",
+        help="[OPTIONAL] the scan age (weeks PMA): with a model that has norms, each tissue "
+        "volume gets its centile for this age; written beside a predicted age",
     )
     segment.add_argument(
         "--evaluate",

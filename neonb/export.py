@@ -6,6 +6,7 @@ must be safe to download from a stranger. :func:`export_run` writes::
 
     MODEL_DIR/model.safetensors   the network's weights (safetensors: tensors only, no code)
     MODEL_DIR/model.json          everything else, as plain JSON (:data:`METADATA_FILE`)
+    MODEL_DIR/norms.json          tissue-volume centiles against scan age (:func:`write_norms`)
 
 The metadata say how the network was trained and how to feed it: the architecture
 (``DynUNet`` or ``AgeUNet``, with its :class:`~neonb.models.ModelConfig` and age-head
@@ -39,6 +40,7 @@ import math
 import numbers
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -75,6 +77,7 @@ __all__ = [
     "export_run",
     "load_exported_model",
     "training_grid",
+    "write_norms",
 ]
 
 WEIGHTS_FILE = "model.safetensors"
@@ -372,6 +375,7 @@ def export_run(
     orientation: str | None = None,
     description: str | None = None,
     images: str = "restore",
+    norms: str | os.PathLike | None = None,
 ) -> Path:
     """Write a finished run as a model folder (:data:`WEIGHTS_FILE` + :data:`METADATA_FILE`).
 
@@ -391,6 +395,10 @@ def export_run(
         images: the kind of T1w/T2w the run was trained on, ``"restore"`` (bias-corrected)
             or ``"plain"`` (:func:`neonb.data.read_manifest`); ``neonb segment --batch`` on
             a release folder reads that kind.
+        norms: a tissue-volume TSV (chapter 00's ``tissue_volumes.tsv``,
+            :func:`neonb.cohort.tissue_volumes`) to fit the norms on; default: the label
+            images of ``data_root`` (:func:`_norm_volumes`). Without either, or with too few
+            sessions in ``data_root`` (a warning says so), the folder gets no norms.
 
     Returns:
         ``out_dir``.
@@ -440,9 +448,104 @@ def export_run(
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: _save_weights(model, tmp))
         atomic_write(out_dir / METADATA_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        _export_norms(out_dir, run_dir, data_root, norms, images)
     except OSError as err:
         raise DataError(out_dir, f"cannot write the model folder: {err}") from err
     return out_dir
+
+
+def write_norms(
+    out_dir: str | os.PathLike,
+    volumes: pd.DataFrame,
+    *,
+    source: Mapping[str, Any] | None = None,
+    synthetic: bool = False,
+    path: str | os.PathLike = "volumes",
+) -> Path:
+    """Fit tissue-volume norms on ``volumes`` and write them into a model folder.
+
+    Quantile regression of each tissue's volume on scan age (:func:`neonb.norms.fit_norms`),
+    saved as ``out_dir/norms.json`` (:func:`neonb.norms.save_norms`), which ``neonb
+    segment`` reads to give each volume its centile for the infant's age.
+
+    Args:
+        out_dir: the model folder.
+        volumes: one row per session and tissue (:func:`neonb.cohort.tissue_volumes`).
+        source: where the volumes came from, recorded in the file.
+        synthetic: they come from neonb's synthetic cohort (the caveat says so).
+        path: the table's name in error messages.
+
+    Returns:
+        The path written.
+
+    Raises:
+        DataError: naming ``path`` for a table norms cannot be fitted on (missing columns,
+            non-numbers, fewer than :data:`neonb.norms.MIN_SESSIONS` sessions).
+    """
+    from neonb.norms import fit_norms, save_norms
+
+    fitted = fit_norms(volumes, source=source, synthetic=synthetic, path=path)
+    return save_norms(fitted, out_dir)
+
+
+def _norm_volumes(
+    run_dir: Path, data_root: Path, images: str
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The tissue volumes of the training cohort's reference labels, and their description.
+
+    Every complete session of ``data_root`` but the test sessions of the study's pipeline
+    splits, when the run sits in a study results folder (``RESULTS/CHAPTER/run-i`` beside
+    ``RESULTS/splits_pipeline.tsv``). Not the run's training split alone: norms need many
+    sessions across the age range (the demo's training split has 18, too few for a 3rd
+    centile), and the segmentation network never sees the norms, so more reference labels
+    only make the curves steadier; the test sessions stay out so that the study's held-out
+    data stay untouched by anything exported with the model.
+    """
+    from neonb.cohort import complete_sessions, tissue_volumes
+    from neonb.data import read_manifest
+    from neonb.splits import STUDY_SPLITS, read_splits
+
+    manifest = complete_sessions(read_manifest(data_root, images=images, progress=False))
+    sessions = f"every complete session of {data_root}"
+    splits_path = run_dir.resolve().parent.parent / STUDY_SPLITS["pipeline"]
+    if splits_path.is_file():
+        splits = read_splits(splits_path)
+        test = splits[splits["split"] == "test"]
+        held_out = set(zip(test["participant_id"], test["session_id"], strict=True))
+        keys = zip(manifest["participant_id"], manifest["session_id"], strict=True)
+        manifest = manifest[[key not in held_out for key in keys]]
+        sessions += f" but the test sessions of {splits_path}"
+    source = {"data_root": str(data_root.resolve()), "sessions": sessions}
+    return tissue_volumes(manifest), source
+
+
+def _export_norms(
+    out_dir: Path,
+    run_dir: Path,
+    data_root: str | os.PathLike | None,
+    norms: str | os.PathLike | None,
+    images: str,
+) -> None:
+    """Write ``norms.json`` from ``norms`` (a TSV) or ``data_root``; remove a stale one."""
+    from neonb.data import read_tsv
+    from neonb.errors import NeonbWarning
+    from neonb.norms import NORMS_FILE
+
+    (out_dir / NORMS_FILE).unlink(missing_ok=True)  # an earlier export's, on other data
+    info = _data_description(Path(data_root), None) if data_root is not None else {}
+    synthetic = "neonb_phantom" in info.get("dataset", {})
+    if norms is not None:
+        volumes = read_tsv(Path(norms))
+        source = {"volumes": str(Path(norms).resolve()), "sessions": "every row of that table"}
+        write_norms(out_dir, volumes, source=source, synthetic=synthetic, path=norms)
+        return
+    if data_root is None:
+        return
+    try:
+        volumes, source = _norm_volumes(run_dir, Path(data_root), images)
+        write_norms(out_dir, volumes, source=source, synthetic=synthetic, path=data_root)
+    except DataError as err:
+        warnings.warn(f"no norms written into the model folder: {err}", NeonbWarning, stacklevel=3)
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:

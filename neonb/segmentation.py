@@ -31,10 +31,19 @@ This is what ``neonb segment`` does (:mod:`neonb.cli`). For one session,
        sub-1_ses-2_desc-neonb_dseg.nii.gz   uint8 labels, the input's affine and header
        sub-1_ses-2_desc-neonb_dseg.tsv      the label table (BIDS dseg.tsv)
        sub-1_ses-2_desc-neonb_dseg.json     sidecar: sources, model, what was resampled
-       sub-1_ses-2_desc-neonb_volumes.tsv   volume of every class in mL
+       sub-1_ses-2_desc-neonb_volumes.tsv   volume of every class in mL (and its centile)
        sub-1_ses-2_desc-neonb_age.tsv       predicted scan age (AgeU-Net models only)
        sub-1_ses-2_desc-neonb_dice.tsv      Dice against a reference (when one is given)
+       sub-1_ses-2_desc-neonb_norms.png     the volumes on the model's norm curves
        sub-1_ses-2_desc-neonb_qc.png        tri-planar overlay for a visual check
+
+   When the model folder has norms (:data:`neonb.norms.NORMS_FILE`, written by
+   ``neonb export``) and the scan age is known (``--scan-age``, or a batch's ``scan_age``),
+   ``volumes.tsv`` gives each tissue its ``centile`` for that age and the norms' median
+   (``norm_median_ml``), with a ``norm_note`` where no centile is given (an age outside the
+   norms' range: nothing is extrapolated), and the norms picture is written; the sidecar
+   carries the norms' caveat (:mod:`neonb.norms`: norms of a training cohort, let alone a
+   synthetic one, are not clinical norms). Without norms or age, neither is there.
 
    Every file goes through :func:`neonb.files.atomic_write`; the segmentation is written
    last, and if any write fails the files already written are removed, so a session has
@@ -59,6 +68,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -110,6 +120,7 @@ from neonb.inference import (
 )
 from neonb.labels import DRAWEM9
 from neonb.metrics import class_column, dice_per_class, volumes_ml
+from neonb.norms import NORMS_FILE, Norms, load_norms, plot_norms
 from neonb.transforms import preprocessing_transforms
 
 __all__ = [
@@ -223,7 +234,12 @@ def output_prefix(path: str | os.PathLike) -> str:
 
 
 def output_paths(
-    out_dir: str | os.PathLike, prefix: str, *, age: bool = False, dice: bool = False
+    out_dir: str | os.PathLike,
+    prefix: str,
+    *,
+    age: bool = False,
+    dice: bool = False,
+    norms: bool = False,
 ) -> dict[str, Path]:
     """Paths of every output of one session, the segmentation last.
 
@@ -232,9 +248,12 @@ def output_paths(
         prefix: e.g. ``"sub-1_ses-2"`` (:func:`output_prefix`).
         age: include the predicted-age table (AgeU-Net models).
         dice: include the Dice table (evaluation against a reference).
+        norms: include the picture of the volumes on the norm curves (a model with norms
+            and a known scan age, :func:`_norms_wanted`).
 
     Returns:
-        ``{"dseg_tsv", "sidecar", "volumes", ["age",] ["dice",] "qc", "dseg"}`` -> path.
+        ``{"dseg_tsv", "sidecar", "volumes", ["age",] ["dice",] ["norms",] "qc", "dseg"}``
+        -> path.
     """
     base = Path(out_dir) / f"{prefix}_desc-{OUTPUT_DESC}"
     paths = {
@@ -246,6 +265,8 @@ def output_paths(
         paths["age"] = Path(f"{base}_age.tsv")
     if dice:
         paths["dice"] = Path(f"{base}_dice.tsv")
+    if norms:
+        paths["norms"] = Path(f"{base}_norms.png")
     paths["qc"] = Path(f"{base}_qc.png")
     paths["dseg"] = Path(f"{base}_dseg.nii.gz")
     return paths
@@ -654,10 +675,75 @@ def precision(device: str | torch.device, amp: bool | str = "native") -> str:
     return "bf16" if use_inference_amp(amp, resolve_device(device)) else "fp32"
 
 
-def _volume_table(labels: np.ndarray, zooms: Sequence[float], model: ExportedModel) -> pd.DataFrame:
+def _volume_table(
+    labels: np.ndarray,
+    zooms: Sequence[float],
+    model: ExportedModel,
+    scan_age: float | None = None,
+) -> pd.DataFrame:
+    """Volume of every class (mL) and, with the model's norms and a known scan age, its
+    centile (:meth:`neonb.norms.Norms.centile`: text, so that ``<3`` and ``>97`` say what a
+    clipped number would hide), the norms' median and why a centile is missing."""
     table = pd.DataFrame(model.metadata["labels"])[["index", "name", "abbreviation"]]
     table["volume_ml"] = volumes_ml(labels, zooms, num_classes=len(table))
+    norms = _model_norms(model)
+    if norms is not None and _known_age(scan_age):
+        read = [
+            norms.centile(str(abbreviation), float(scan_age), float(volume))
+            for abbreviation, volume in zip(table["abbreviation"], table["volume_ml"], strict=True)
+        ]
+        table["centile"] = [r.text for r in read]
+        table["norm_median_ml"] = [r.median_ml for r in read]
+        table["norm_note"] = [r.note for r in read]
     return table
+
+
+def _known_age(scan_age: float | None) -> bool:
+    return scan_age is not None and math.isfinite(float(scan_age))
+
+
+def _model_norms(model: ExportedModel) -> Norms | None:
+    """The norms of the model folder (:func:`neonb.norms.load_norms`), read once per file
+    version (a batch asks for them once per session)."""
+    path = model.model_dir / NORMS_FILE
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return _cached_norms(str(model.model_dir), status.st_mtime_ns, status.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_norms(model_dir: str, _mtime_ns: int, _size: int) -> Norms | None:
+    return load_norms(model_dir)
+
+
+def _norms_wanted(model: ExportedModel, scan_age: float | None) -> bool:
+    """Whether a session gets the norms picture: the model has norms and the age is known."""
+    return _known_age(scan_age) and (model.model_dir / NORMS_FILE).is_file()
+
+
+def _norms_outputs(
+    session: _Session, volumes: pd.DataFrame, sidecar: dict[str, Any]
+) -> dict[str, Callable[[Path], Any]]:
+    """The norms picture's writer (when planned), and the norms' caveat in the sidecar."""
+    if "norms" not in session.paths:
+        return {}
+    norms = _model_norms(session.model)
+    if norms is None:
+        path = session.model.model_dir / NORMS_FILE
+        raise DataError(path, "went missing while segmenting: no centiles")
+    sidecar["Norms"] = {
+        "File": str((session.model.model_dir / NORMS_FILE).resolve()),
+        "ScanAgeWeeks": float(session.scan_age),
+        "AgeRangeWeeks": list(norms.age_range_weeks),
+        "Sessions": norms.n_sessions,
+        "Synthetic": norms.synthetic,
+        "Caveat": norms.caveat,
+    }
+    age = float(session.scan_age)
+    title = f"{output_prefix(session.sources['t2w'])}: scan age {age:.1f} weeks PMA"
+    return {"norms": lambda tmp: plot_norms(norms, volumes, age, tmp, title=title)}
 
 
 def _write_tsv(table: pd.DataFrame) -> Callable[[Path], Any]:
@@ -816,6 +902,7 @@ def _prepare_session(
         prefix or output_prefix(t2w),
         age=model.age_head is not None,
         dice=reference_image is not None,
+        norms=_norms_wanted(model, scan_age),
     )
     check_no_input_replaced([t2w, t1w, reference, *_model_files(model)], list(paths.values()))
     anchor = images.get("t2w", next(iter(images.values())))
@@ -864,7 +951,7 @@ def _finish_session(
 
     # One source of truth for the voxel size: the affine, as for every step above.
     zooms = tuple(float(z) for z in nib.affines.voxel_sizes(anchor.affine)[:3])
-    volumes = _volume_table(labels, zooms, model)
+    volumes = _volume_table(labels, zooms, model, session.scan_age)
     dice = None
     if session.reference_image is not None:
         reference_labels = np.asanyarray(session.reference_image.dataobj).astype(np.int64)
@@ -874,6 +961,7 @@ def _finish_session(
     sidecar = _sidecar(session.sources, model, mapping, notes)
     sidecar["InferencePrecision"] = session.precision
     sidecar["Warnings"] = session.header_warnings
+    norm_writers = _norms_outputs(session, volumes, sidecar)
     writers: dict[str, Callable[[Path], Any]] = {
         "dseg_tsv": _write_tsv(pd.DataFrame(model.metadata["labels"])),
         "sidecar": _write_text(json.dumps(sidecar, indent=2) + "\n"),
@@ -893,6 +981,7 @@ def _finish_session(
         writers["age"] = _write_tsv(pd.DataFrame([age_row]))
     if dice is not None:
         writers["dice"] = _write_tsv(dice)
+    writers |= norm_writers
     _write_all(paths, {key: _atomic(paths[key], writers[key], key) for key in paths})
     return SegmentationResult(
         outputs=dict(paths),
@@ -1257,6 +1346,7 @@ def _check_batch_outputs(
             outputs += _session_outputs(
                 out_dir, session.participant_id, session.session_id,
                 age=model.age_head is not None, dice=dice,
+                norms=_norms_wanted(model, session.scan_age),
             ).values()  # fmt: skip
     check_no_input_replaced(inputs, outputs)
 
@@ -1391,8 +1481,9 @@ class _Batch:
             return job
         reference = session.dseg if self.evaluate and session.dseg else None
         expected = _session_outputs(
-            self.out_dir, pid, sid, age=self.model.age_head is not None, dice=reference is not None
-        )
+            self.out_dir, pid, sid, age=self.model.age_head is not None, dice=reference is not None,
+            norms=_norms_wanted(self.model, session.scan_age),
+        )  # fmt: skip
         if all(path.is_file() for path in expected.values()):
             job.status, job.row["message"] = "skipped", "outputs already there"
             return job
@@ -1506,12 +1597,18 @@ def gather_tables(
             if not paths[kind].is_file() or not paths["dseg"].is_file():
                 continue
             table = pd.read_csv(paths[kind], sep="\t")
-            value = table.columns[-1]
+            value = "volume_ml" if kind == "volumes" else table.columns[-1]
             row = {"participant_id": pid, "session_id": sid, "scan_age": session.scan_age}
             row |= {
                 class_column(int(i), prefix): v
                 for i, v in zip(table["index"], table[value], strict=True)
             }
+            if kind == "volumes" and "centile" in table:  # the model's norms: add the centiles
+                row |= {
+                    class_column(int(i), "centile_"): c
+                    for i, c in zip(table["index"], table["centile"], strict=True)
+                    if not _is_missing(c)
+                }
             if kind == "volumes" and age and paths["age"].is_file():
                 row |= pd.read_csv(paths["age"], sep="\t").iloc[0].drop("scan_age_weeks").to_dict()
             rows.append(row)
