@@ -511,8 +511,9 @@ def check_claims(
 
     Returns:
         One row per claim (index ``finding``): ``source``, ``a``, ``b``, ``kind``,
-        ``mean_a``, ``mean_b``, ``sd_a``, ``sd_b``, ``difference`` (mean of ``a - b``) with
-        its 95 % interval ``difference_low``/``difference_high``, ``test``, ``p``,
+        ``mean_a``, ``mean_b``, ``sd_a``, ``sd_b``, ``difference`` (mean of ``a - b``; for
+        a spread claim ``sd_a - sd_b``) with its 95 % interval
+        ``difference_low``/``difference_high`` (none for spread), ``test``, ``p``,
         ``p_corrected``, ``verdict`` (one of :data:`VERDICTS`) and ``rule``.
 
     Raises:
@@ -530,7 +531,10 @@ def check_claims(
     rows = {}
     for claim, test in zip(claims, tested, strict=True):
         x, y = wide[claim.a].to_numpy(), wide[claim.b].to_numpy()
-        difference, low, high = mean_interval(x - y)
+        if claim.kind == "less_spread":  # the difference that claim is about: of the SDs
+            difference, low, high = test["estimate"], float("nan"), float("nan")
+        else:
+            difference, low, high = mean_interval(x - y)
         p_corrected = min(1.0, m * test["p"])
         if claim.kind == "equivalent":
             if p_corrected < alpha:

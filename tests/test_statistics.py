@@ -274,6 +274,8 @@ def test_spread_claim_uses_the_pitman_morgan_test():
     expected = stats.pearsonr(base + wide_scores, base - wide_scores).pvalue
     assert row["p"] == pytest.approx(expected)
     assert row["verdict"] == HOLDS and row["sd_a"] < row["sd_b"]
+    assert row["difference"] == pytest.approx(row["sd_a"] - row["sd_b"])
+    assert np.isnan(row["difference_low"])
 
 
 def test_claims_check_their_arguments():
