@@ -90,7 +90,7 @@ PRECISION_AMP: dict[str, bool | str] = {"auto": "native", "fp32": False, "bf16":
 def _segment(args: argparse.Namespace) -> None:
     from neonb.errors import ConfigError, DataError
     from neonb.export import load_exported_model
-    from neonb.segmentation import segment_batch, segment_scan
+    from neonb.segmentation import flagged_sessions, segment_batch, segment_scan
 
     if args.batch is not None and (args.t1 or args.reference or args.scan_age is not None):
         raise ConfigError(
@@ -109,16 +109,23 @@ def _segment(args: argparse.Namespace) -> None:
             scan_age=args.scan_age,
             device=args.device,
             amp=PRECISION_AMP[args.precision],
+            tta=args.tta,
         )
         for note in result.notes:
             print(f"note: {note}")
+        if result.qc_uncertainty is not None:
+            verdict = {True: "FLAGGED: check this segmentation", False: "below the threshold"}
+            print(
+                f"QC uncertainty {result.qc_uncertainty:.4f}: "
+                f"{verdict.get(result.qc_flag, 'no threshold in the model folder')}"
+            )
         print(f"segmentation written to {result.outputs['dseg']} ({result.seconds:.1f} s)")
         if result.ages is not None:
             print(f"predicted scan age: {result.ages['mean']:.1f} weeks PMA")
         return
     result = segment_batch(
         model, args.batch, args.out, evaluate=args.evaluate, device=args.device, progress=True,
-        amp=PRECISION_AMP[args.precision],
+        amp=PRECISION_AMP[args.precision], tta=args.tta,
     )  # fmt: skip
     counts = {status: result.count(status) for status in ("done", "skipped", "failed")}
     print(
@@ -126,6 +133,11 @@ def _segment(args: argparse.Namespace) -> None:
         f"{counts['skipped']} already done, {counts['failed']} failed; "
         f"summary in {result.summary_path}"
     )
+    flagged = flagged_sessions(result.summary)
+    if flagged:
+        print(f"{len(flagged)} flagged by QC (uncertainty above the model's threshold):")
+        for name in flagged:
+            print(f"  {name}")
     if counts["failed"]:
         raise DataError(
             result.summary_path,
@@ -346,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="what the network computes in: auto (bf16 on a GPU or a CPU with native bf16, "
         "about twice as fast, labels within Dice 0.999 of fp32; fp32 elsewhere), fp32, bf16",
+    )
+    segment.add_argument(
+        "--tta",
+        action="store_true",
+        help="[OPTIONAL] flip test-time augmentation (the training's flips: 8 passes, about 8 "
+        "times the time): averaged probabilities, an _uncertainty.nii.gz map (entropy / ln C, "
+        "0-1), a QC score (its mean inside the brain) and a flag above the model's threshold",
     )
     segment.set_defaults(handler=_segment)
     return parser

@@ -103,9 +103,11 @@ from neonb.export import METADATA_FILE, WEIGHTS_FILE, ExportedModel, load_export
 from neonb.files import atomic_write, exclusive_lock, temporary_name
 from neonb.inference import (
     default_sw_batch_size,
+    flip_combinations,
+    normalised_entropy,
+    predict_foreground,
     resolve_device,
     save_segmentation,
-    segment,
     use_inference_amp,
 )
 from neonb.labels import DRAWEM9
@@ -125,17 +127,25 @@ __all__ = [
     "check_no_input_replaced",
     "check_not_blank",
     "from_model_grid",
+    "from_model_grid_map",
+    "from_model_grid_probabilities",
+    "flagged_sessions",
     "gather_tables",
     "load_inputs",
     "output_paths",
     "output_prefix",
     "plan_grid",
     "prepare_image",
+    "qc_flag",
+    "qc_score",
+    "qc_threshold",
+    "save_map",
     "save_qc_png",
     "read_batch",
     "segment_batch",
     "segment_scan",
     "to_model_grid",
+    "tta_flips",
 ]
 
 OUTPUT_DESC = "neonb"
@@ -223,7 +233,12 @@ def output_prefix(path: str | os.PathLike) -> str:
 
 
 def output_paths(
-    out_dir: str | os.PathLike, prefix: str, *, age: bool = False, dice: bool = False
+    out_dir: str | os.PathLike,
+    prefix: str,
+    *,
+    age: bool = False,
+    dice: bool = False,
+    uncertainty: bool = False,
 ) -> dict[str, Path]:
     """Paths of every output of one session, the segmentation last.
 
@@ -232,9 +247,11 @@ def output_paths(
         prefix: e.g. ``"sub-1_ses-2"`` (:func:`output_prefix`).
         age: include the predicted-age table (AgeU-Net models).
         dice: include the Dice table (evaluation against a reference).
+        uncertainty: include the uncertainty map (``--tta``).
 
     Returns:
-        ``{"dseg_tsv", "sidecar", "volumes", ["age",] ["dice",] "qc", "dseg"}`` -> path.
+        ``{"dseg_tsv", "sidecar", "volumes", ["age",] ["dice",] ["uncertainty",] "qc",
+        "dseg"}`` -> path.
     """
     base = Path(out_dir) / f"{prefix}_desc-{OUTPUT_DESC}"
     paths = {
@@ -246,6 +263,8 @@ def output_paths(
         paths["age"] = Path(f"{base}_age.tsv")
     if dice:
         paths["dice"] = Path(f"{base}_dice.tsv")
+    if uncertainty:
+        paths["uncertainty"] = Path(f"{base}_uncertainty.nii.gz")
     paths["qc"] = Path(f"{base}_qc.png")
     paths["dseg"] = Path(f"{base}_dseg.nii.gz")
     return paths
@@ -465,6 +484,9 @@ def from_model_grid(
 ) -> np.ndarray:
     """Bring labels predicted on the model's grid back onto the input's voxels.
 
+    ``neonb segment`` maps the class probabilities back instead, when it resamples
+    (:func:`from_model_grid_probabilities`); this is for a label map alone.
+
     Args:
         labels: ``(X', Y', Z')`` labels on the grid :func:`to_model_grid` returned.
         model_affine: that grid's affine.
@@ -475,20 +497,100 @@ def from_model_grid(
     """
     data = np.asarray(labels)
     if mapping.resampled:
-        tensor = MetaTensor(
-            torch.from_numpy(data.astype(np.float32))[None], affine=torch.as_tensor(model_affine)
+        back = _resample_back(
+            torch.from_numpy(data.astype(np.float32)), model_affine, mapping, "nearest"
         )
-        back = SpatialResample(mode="nearest", padding_mode="zeros")(
-            tensor,
-            dst_affine=torch.from_numpy(mapping.reoriented_affine),
-            spatial_size=mapping.reoriented_shape,
-        )
-        data = np.rint(np.asarray(back.as_tensor()[0])).astype(np.uint8)
+        data = np.rint(back).astype(np.uint8)
+    return _reorient_back(data, mapping).astype(np.uint8)
+
+
+def from_model_grid_probabilities(
+    probs: torch.Tensor,
+    model_affine: np.ndarray | torch.Tensor,
+    mapping: GridMapping,
+    *,
+    box: Sequence[slice] | None = None,
+    model_shape: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Labels on the input's voxels from class probabilities on the model's grid.
+
+    Each class's probability map is resampled onto the input's grid by linear
+    interpolation and the label is the argmax there, as nnU-Net does, rather than the
+    labels resampled by nearest neighbour (:func:`from_model_grid`): a boundary then falls
+    where the interpolated probabilities cross, between the model's voxels, not on them.
+    One class at a time is resampled (a running maximum is kept), so memory holds two
+    input-grid maps, not ``C``.
+
+    Args:
+        probs: ``(C, ...)`` probabilities on the model's grid, or inside ``box`` of it.
+        model_affine: the model grid's affine (:func:`to_model_grid`).
+        mapping: from :func:`plan_grid`.
+        box: where ``probs`` lie in the model grid (:func:`neonb.inference.predict_foreground`);
+            outside it every voxel is class 0 (background) with probability 1.
+        model_shape: the model grid's spatial shape; required with ``box``.
+
+    Returns:
+        ``(X, Y, Z)`` uint8 labels on the input's grid (class 0 outside the model's grid).
+    """
+    shape = tuple(int(n) for n in (model_shape if box is not None else probs.shape[1:]))
+    best_value: np.ndarray | None = None
+    best = None
+    for index in range(probs.shape[0]):
+        channel = probs[index].float()
+        if box is not None:
+            full = torch.full(shape, 1.0 if index == 0 else 0.0)
+            full[tuple(box)] = channel
+            channel = full
+        if mapping.resampled:
+            value = _resample_back(channel, model_affine, mapping, "bilinear")
+        else:
+            value = channel.numpy()
+        if best_value is None:
+            best_value, best = value, np.zeros(value.shape, np.uint8)
+            continue
+        higher = value > best_value
+        best[higher] = index
+        np.maximum(best_value, value, out=best_value)
+    return _reorient_back(best, mapping).astype(np.uint8)
+
+
+def from_model_grid_map(
+    values: torch.Tensor | np.ndarray, model_affine: np.ndarray | torch.Tensor, mapping: GridMapping
+) -> np.ndarray:
+    """A continuous map ``(X', Y', Z')`` on the model's grid onto the input's voxels.
+
+    Linear interpolation when resampled (0 outside the model's grid), then the inverse
+    reorientation; float32, shape ``(X, Y, Z)``.
+    """
+    data = torch.as_tensor(np.asarray(values, np.float32))
+    out = (
+        _resample_back(data, model_affine, mapping, "bilinear")
+        if mapping.resampled
+        else data.numpy()
+    )
+    return _reorient_back(np.asarray(out, np.float32), mapping)
+
+
+def _resample_back(
+    volume: torch.Tensor, model_affine: np.ndarray | torch.Tensor, mapping: GridMapping, mode: str
+) -> np.ndarray:
+    """One ``(X', Y', Z')`` volume from the model's grid onto the reoriented input grid."""
+    tensor = MetaTensor(volume[None], affine=torch.as_tensor(model_affine))
+    back = SpatialResample(mode=mode, padding_mode="zeros")(
+        tensor,
+        dst_affine=torch.from_numpy(mapping.reoriented_affine),
+        spatial_size=mapping.reoriented_shape,
+    )
+    return np.asarray(back.as_tensor()[0])
+
+
+def _reorient_back(data: np.ndarray, mapping: GridMapping) -> np.ndarray:
+    """Undo :func:`to_model_grid`'s reorientation: the input's own voxel axes."""
     inverse = orientations.ornt_transform(
         orientations.axcodes2ornt(_axcodes_after(mapping)),
         orientations.io_orientation(mapping.affine),
     )
-    return np.ascontiguousarray(orientations.apply_orientation(data, inverse)).astype(np.uint8)
+    return np.ascontiguousarray(orientations.apply_orientation(data, inverse))
 
 
 def _axcodes_after(mapping: GridMapping) -> tuple[str, ...]:
@@ -516,6 +618,10 @@ class SegmentationResult:
             issued as a :class:`~neonb.errors.NeonbWarning`.
         inference_s: seconds of network inference.
         seconds: seconds for the whole session.
+        qc_uncertainty: with TTA, the mean normalised entropy inside the predicted brain
+            (:func:`qc_score`); ``None`` without.
+        qc_flag: whether ``qc_uncertainty`` is above the model's threshold
+            (:func:`qc_threshold`); ``None`` without TTA or without a calibrated threshold.
     """
 
     outputs: dict[str, Path]
@@ -526,6 +632,8 @@ class SegmentationResult:
     warnings: list[str] = field(default_factory=list)
     inference_s: float = math.nan
     seconds: float = math.nan
+    qc_uncertainty: float | None = None
+    qc_flag: bool | None = None
 
 
 def _prepare_out_dir(out_dir: Path) -> list[Path]:
@@ -614,7 +722,7 @@ def _fmt_mm(values: Sequence[float]) -> str:
     return " x ".join(f"{v:g}" for v in values) + " mm"
 
 
-def _notes(mapping: GridMapping, model: ExportedModel) -> list[str]:
+def _notes(mapping: GridMapping, model: ExportedModel, passes: int = 1) -> list[str]:
     notes = []
     if mapping.reoriented:
         notes.append(
@@ -623,30 +731,88 @@ def _notes(mapping: GridMapping, model: ExportedModel) -> list[str]:
     if mapping.resampled:
         notes.append(
             f"resampled from {_fmt_mm(mapping.voxel_size_mm)} voxels to the model's "
-            f"{_fmt_mm(model.voxel_size_mm)} (bilinear) and the labels back to the input's "
-            "grid (nearest neighbour)"
+            f"{_fmt_mm(model.voxel_size_mm)} (bilinear) and the class probabilities back to "
+            "the input's grid (linear), labelled by their argmax there"
         )
+    if passes > 1:
+        notes.append(f"flip test-time augmentation: probabilities averaged over {passes} passes")
     return notes
 
 
+@dataclass
+class _Prediction:
+    """The network's output for one session, on the model's grid.
+
+    Attributes:
+        labels: ``(X', Y', Z')`` uint8, the argmax of the (averaged) probabilities.
+        box: the head's bounding box on the model's grid, where the network predicted.
+        probs: ``(C, *box shape)`` float16 probabilities inside ``box``, kept when they are
+            to be resampled back to the input's grid; else ``None``.
+        uncertainty: ``(X', Y', Z')`` normalised entropy of the probabilities (0 outside
+            the box), with TTA; else ``None``.
+        passes: forward passes over the volume (1, or 1 + flips with TTA).
+    """
+
+    labels: np.ndarray
+    box: tuple[slice, slice, slice]
+    probs: torch.Tensor | None = None
+    uncertainty: np.ndarray | None = None
+    passes: int = 1
+
+
+def tta_flips(model: ExportedModel) -> list[tuple[int, ...]]:
+    """The flips of ``neonb segment --tta``: every combination of the training's flip axes.
+
+    The axes are those of the model's training augmentation (``training_config`` in
+    :data:`~neonb.export.METADATA_FILE`: ``augmentation.flip_axes``, when ``flip_prob`` > 0;
+    the default :class:`~neonb.transforms.AugmentationConfig`'s when not recorded), on the
+    model's voxel grid, where the flips were applied in training. With all three axes that is
+    seven flips, eight passes with the unflipped one, as nnU-Net's mirroring.
+    """
+    augmentation = (model.metadata.get("training_config") or {}).get("augmentation") or {}
+    if float(augmentation.get("flip_prob", 0.5)) <= 0:
+        return []
+    return flip_combinations(augmentation.get("flip_axes", (0, 1, 2)))
+
+
 def _predict(
-    model: ExportedModel, image: torch.Tensor, device: str | torch.device, amp: bool | str
-) -> tuple[np.ndarray, dict[str, float] | None]:
-    """Labels (and, for an AgeU-Net, ages as :func:`neonb.ageunet.segment_with_age` gives them)."""
+    model: ExportedModel,
+    image: torch.Tensor,
+    device: str | torch.device,
+    amp: bool | str,
+    *,
+    keep_probs: bool = False,
+    tta: bool = False,
+) -> tuple[_Prediction, dict[str, float] | None]:
+    """Labels (and, for an AgeU-Net, ages as :func:`neonb.ageunet.segment_with_age` gives them).
+
+    ``keep_probs`` keeps the probabilities (to resample them back); ``tta`` averages over
+    :func:`tta_flips` and adds the uncertainty map.
+    """
     windows = None
     if model.age_head is not None:
         from neonb.ageunet import WindowAges
 
         windows = WindowAges()
-    labels = segment(
+    flips = tta_flips(model) if tta else []
+    probs, box = predict_foreground(
         model.model, image, patch_size=model.patch_size, overlap=model.overlap, device=device,
-        amp=amp, segmentation_logits=windows,
+        amp=amp, segmentation_logits=windows, flips=flips,
         sw_batch_size=default_sw_batch_size(model.patch_size),
     )  # fmt: skip
+    labels = np.zeros(tuple(image.shape[1:]), dtype=np.uint8)
+    labels[box] = probs.argmax(dim=0).to(torch.uint8).numpy()
+    prediction = _Prediction(labels, box, passes=1 + len(flips))
+    if keep_probs:
+        prediction.probs = probs.to(torch.float16)
+    if tta:
+        uncertainty = np.zeros(labels.shape, np.float32)
+        uncertainty[box] = normalised_entropy(probs).numpy()
+        prediction.uncertainty = uncertainty
     if windows is None:
-        return labels, None
+        return prediction, None
     ages = windows.aggregate()
-    return np.asarray(labels, np.uint8), {key: float(value) for key, value in ages.items()}
+    return prediction, {key: float(value) for key, value in ages.items()}
 
 
 def precision(device: str | torch.device, amp: bool | str = "native") -> str:
@@ -695,6 +861,7 @@ def segment_scan(
     scan_age: float | None = None,
     device: str | torch.device = "auto",
     amp: bool | str = "native",
+    tta: bool = False,
 ) -> SegmentationResult:
     """Segment one session and write its outputs (see the module docstring).
 
@@ -710,9 +877,13 @@ def segment_scan(
         amp: bf16 autocast of the network (:func:`neonb.inference.use_inference_amp`):
             ``"native"`` (CUDA, or a CPU with native bf16), ``"auto"`` (CUDA), ``True``,
             ``False`` (fp32).
+        tta: flip test-time augmentation (:func:`tta_flips`; 8 passes of the network for
+            the paper's three flip axes): probabilities averaged, and an uncertainty map,
+            a QC score and flag (:func:`qc_score`, :func:`qc_threshold`). Without it the
+            network runs once and no uncertainty is computed.
 
     Returns:
-        The outputs written, the tissue volumes, ages, Dice and notes.
+        The outputs written, the tissue volumes, ages, Dice, notes and QC score.
 
     Raises:
         DataError: naming the file, for any bad input (:func:`load_inputs`), an output that
@@ -725,7 +896,7 @@ def segment_scan(
     _check_device(device)
     session = _prepare_session(
         _as_model(model), t2w, out_dir, t1w=t1w, reference=reference, prefix=prefix,
-        scan_age=scan_age, started=started, precision=precision(device, amp),
+        scan_age=scan_age, started=started, precision=precision(device, amp), tta=tta,
     )  # fmt: skip
     try:
         return _finish_session(session, *_infer_session(session, device, amp))
@@ -776,6 +947,7 @@ class _Session:
     started: float
     created: list[Path]
     precision: str
+    tta: bool = False
 
 
 def _prepare_session(
@@ -789,6 +961,7 @@ def _prepare_session(
     scan_age: float | None,
     started: float,
     precision: str,
+    tta: bool = False,
 ) -> _Session:
     """Steps 1-3 of :func:`segment_scan` up to the network: read, check, plan, prepare.
 
@@ -816,6 +989,7 @@ def _prepare_session(
         prefix or output_prefix(t2w),
         age=model.age_head is not None,
         dice=reference_image is not None,
+        uncertainty=tta,
     )
     check_no_input_replaced([t2w, t1w, reference, *_model_files(model)], list(paths.values()))
     anchor = images.get("t2w", next(iter(images.values())))
@@ -831,28 +1005,40 @@ def _prepare_session(
         model, image, images, reference_image, anchor, mapping, paths,
         sources={"t2w": t2w, "t1w": t1w}, scan_age=scan_age,
         header_warnings=header_warnings, started=started, created=created, precision=precision,
+        tta=tta,
     )  # fmt: skip
 
 
 def _infer_session(
     session: _Session, device: str | torch.device, amp: bool | str = "auto"
-) -> tuple[np.ndarray, dict[str, float] | None, float]:
-    """The network's part of :func:`segment_scan`: labels on the model's grid, ages, seconds."""
+) -> tuple[_Prediction, dict[str, float] | None, float]:
+    """The network's part of :func:`segment_scan`: the prediction on the model's grid, ages,
+    seconds."""
     inference_started = time.perf_counter()
-    labels_model, ages = _predict(session.model, session.image.as_tensor(), device, amp)
-    return labels_model, ages, time.perf_counter() - inference_started
+    prediction, ages = _predict(
+        session.model, session.image.as_tensor(), device, amp,
+        keep_probs=session.mapping.resampled, tta=session.tta,
+    )  # fmt: skip
+    return prediction, ages, time.perf_counter() - inference_started
 
 
 def _finish_session(
     session: _Session,
-    labels_model: np.ndarray,
+    prediction: _Prediction,
     ages: dict[str, float] | None,
     inference_s: float,
 ) -> SegmentationResult:
     """Step 4 of :func:`segment_scan`: labels back on the input's grid, tables, writes."""
     model, anchor, mapping, paths = session.model, session.anchor, session.mapping, session.paths
     t2w = session.sources["t2w"]
-    labels = from_model_grid(labels_model, session.image.affine, mapping)
+    if mapping.resampled and prediction.probs is not None:
+        labels = from_model_grid_probabilities(
+            prediction.probs, session.image.affine, mapping,
+            box=prediction.box, model_shape=prediction.labels.shape,
+        )  # fmt: skip
+        prediction.probs = None  # free them before the writes
+    else:
+        labels = from_model_grid(prediction.labels, session.image.affine, mapping)
     if not np.isin(labels, _brain_labels(model)).any():
         raise DataError(
             anchor.get_filename() or str(t2w),
@@ -870,10 +1056,22 @@ def _finish_session(
         reference_labels = np.asanyarray(session.reference_image.dataobj).astype(np.int64)
         dice = volumes[["index", "name", "abbreviation"]].copy()
         dice["dice"] = dice_per_class(labels, reference_labels, num_classes=len(dice))
-    notes = _notes(mapping, model)
+    notes = _notes(mapping, model, prediction.passes)
     sidecar = _sidecar(session.sources, model, mapping, notes)
     sidecar["InferencePrecision"] = session.precision
     sidecar["Warnings"] = session.header_warnings
+    uncertainty = score = flag = None
+    if prediction.uncertainty is not None:
+        uncertainty = from_model_grid_map(prediction.uncertainty, session.image.affine, mapping)
+        score = qc_score(uncertainty, labels, _brain_labels(model))
+        flag = qc_flag(score, qc_threshold(model))
+        sidecar |= {
+            "TestTimeAugmentation": {"Flips": tta_flips(model), "Passes": prediction.passes},
+            "QCUncertainty": score,
+            "QCThreshold": qc_threshold(model),
+            "QCFlagged": flag,
+            "QCMeasure": QC_MEASURE,
+        }
     writers: dict[str, Callable[[Path], Any]] = {
         "dseg_tsv": _write_tsv(pd.DataFrame(model.metadata["labels"])),
         "sidecar": _write_text(json.dumps(sidecar, indent=2) + "\n"),
@@ -893,6 +1091,8 @@ def _finish_session(
         writers["age"] = _write_tsv(pd.DataFrame([age_row]))
     if dice is not None:
         writers["dice"] = _write_tsv(dice)
+    if uncertainty is not None:
+        writers["uncertainty"] = lambda tmp: save_map(uncertainty, anchor, tmp)
     _write_all(paths, {key: _atomic(paths[key], writers[key], key) for key in paths})
     return SegmentationResult(
         outputs=dict(paths),
@@ -903,7 +1103,65 @@ def _finish_session(
         warnings=session.header_warnings,
         inference_s=inference_s,
         seconds=time.perf_counter() - session.started,
+        qc_uncertainty=score,
+        qc_flag=flag,
     )
+
+
+QC_MEASURE = (
+    "mean over the voxels labelled brain of the entropy of the flip-TTA-averaged class "
+    "probabilities divided by ln(number of classes) (0: certain, 1: uniform)"
+)
+"""What the QC score is, as written in the sidecar."""
+
+
+def qc_score(uncertainty: np.ndarray, labels: np.ndarray, brain_labels: Sequence[int]) -> float:
+    """The QC score of a segmentation: mean uncertainty inside the predicted brain.
+
+    Args:
+        uncertainty: ``(X, Y, Z)`` normalised entropy in [0, 1]
+            (:func:`neonb.inference.normalised_entropy`).
+        labels: ``(X, Y, Z)`` labels on the same grid.
+        brain_labels: the label values that are brain (not background).
+
+    Returns:
+        The mean, in [0, 1]; NaN when no voxel is brain.
+    """
+    brain = np.isin(labels, list(brain_labels))
+    return float(np.asarray(uncertainty, np.float64)[brain].mean()) if brain.any() else math.nan
+
+
+def qc_threshold(model: ExportedModel) -> float | None:
+    """The QC threshold calibrated at export (``qc.threshold`` in :data:`METADATA_FILE`), or
+    ``None`` when the model folder has none (:func:`neonb.export.calibrate_qc`)."""
+    value = (model.metadata.get("qc") or {}).get("threshold")
+    return None if value is None else float(value)
+
+
+def qc_flag(score: float, threshold: float | None) -> bool | None:
+    """Whether a QC score is above the threshold: look at this segmentation. ``None`` when
+    there is no threshold; ``True`` for a NaN score (nothing labelled brain)."""
+    if threshold is None:
+        return None
+    return bool(math.isnan(score) or score > threshold)
+
+
+def save_map(values: np.ndarray, reference: SpatialImage, path: str | os.PathLike) -> None:
+    """Write a float32 map as NIfTI in the space (affine, header) of ``reference``.
+
+    Args:
+        values: ``(X, Y, Z)`` on ``reference``'s grid.
+        reference: the input image (the T2w).
+        path: the file to write (``.nii.gz``); the caller makes the write atomic.
+    """
+    header = reference.header.copy()
+    image = nib.Nifti1Image(np.asarray(values, np.float32), reference.affine, header)
+    image.set_data_dtype(np.float32)
+    image.header.set_slope_inter(np.nan, np.nan)
+    image.header.set_intent("none")
+    image.set_qform(*reference.get_qform(coded=True))
+    image.set_sform(*reference.get_sform(coded=True))
+    nib.save(image, str(path))
 
 
 def _sidecar(
@@ -1189,6 +1447,7 @@ def segment_batch(
     echo: Callable[[str], Any] | None = None,
     prefetch: bool = True,
     amp: bool | str = "native",
+    tta: bool = False,
 ) -> BatchResult:
     """Segment every session of a manifest TSV or a dHCP/BIDS folder.
 
@@ -1213,6 +1472,9 @@ def segment_batch(
         prefetch: overlap reading and writing with the network's work (``False``: one
             session after the other, each step in turn).
         amp: bf16 autocast of the network, as in :func:`segment_scan`.
+        tta: flip test-time augmentation, uncertainty maps and QC, as in
+            :func:`segment_scan`; the summary's ``qc_uncertainty`` and ``qc_flag`` columns
+            are filled (``n/a`` without it, and ``qc_flag`` without a threshold).
 
     Returns:
         The per-session summary, also written to ``out_dir/segment_batch.tsv``.
@@ -1228,12 +1490,22 @@ def segment_batch(
     source = Path(source)
     sessions = read_batch(source, images=model.images)
     out_dir = Path(out_dir)
-    _check_batch_outputs(model, source, sessions, out_dir, evaluate)
+    _check_batch_outputs(model, source, sessions, out_dir, evaluate, tta)
     created = _prepare_out_dir(out_dir)
     try:
         with exclusive_lock(out_dir / BATCH_LOCK_FILE, "a neonb segment --batch"):
             return _run_batch(
-                model, source, sessions, out_dir, evaluate, device, progress, echo, prefetch, amp
+                model,
+                source,
+                sessions,
+                out_dir,
+                evaluate,
+                device,
+                progress,
+                echo,
+                prefetch,
+                amp,
+                tta,
             )
     except BaseException:
         _remove_created(created)
@@ -1241,7 +1513,12 @@ def segment_batch(
 
 
 def _check_batch_outputs(
-    model: ExportedModel, source: Path, sessions: pd.DataFrame, out_dir: Path, evaluate: bool
+    model: ExportedModel,
+    source: Path,
+    sessions: pd.DataFrame,
+    out_dir: Path,
+    evaluate: bool,
+    tta: bool = False,
 ) -> None:
     """Refuse a batch in which any output would replace any input."""
     inputs: list[str | os.PathLike] = [*_model_files(model)]
@@ -1256,13 +1533,16 @@ def _check_batch_outputs(
             dice = bool(evaluate and session.dseg)
             outputs += _session_outputs(
                 out_dir, session.participant_id, session.session_id,
-                age=model.age_head is not None, dice=dice,
+                age=model.age_head is not None, dice=dice, uncertainty=tta,
             ).values()  # fmt: skip
     check_no_input_replaced(inputs, outputs)
 
 
-SUMMARY_COLUMNS: tuple[str, ...] = ("participant_id", "session_id", "status", "seconds", "message")
-"""Columns of :data:`BATCH_SUMMARY_FILE`, one row per session."""
+SUMMARY_COLUMNS: tuple[str, ...] = (
+    "participant_id", "session_id", "status", "seconds", "qc_uncertainty", "qc_flag", "message",
+)  # fmt: skip
+"""Columns of :data:`BATCH_SUMMARY_FILE`, one row per session; the QC columns are filled
+with ``--tta`` (:func:`qc_score`, :func:`qc_flag`), ``n/a`` otherwise."""
 
 MAX_PENDING_WRITES = 1
 """Sessions of a batch that may wait to be written while the network works on the next."""
@@ -1281,6 +1561,7 @@ def _run_batch(
     echo: Callable[[str], Any] | None,
     prefetch: bool = True,
     amp: bool | str = "native",
+    tta: bool = False,
 ) -> BatchResult:
     _write_dataset_description(out_dir)
     batch = _Batch(
@@ -1290,6 +1571,7 @@ def _run_batch(
             total=len(sessions), desc="segmenting", unit="session",
             bar_format=_BAR_FORMAT, disable=not progress,
         ),
+        tta=tta,
     )  # fmt: skip
     try:
         batch.run(list(sessions.itertuples(index=False)), prefetch)
@@ -1342,6 +1624,7 @@ class _Batch:
     bar: Any
     processed: int = 0
     began: float = field(default_factory=time.perf_counter)
+    tta: bool = False
 
     def run(self, sessions: Sequence[Any], prefetch: bool) -> None:
         """Segment ``sessions`` in order; rows land in :attr:`rows` as sessions finish.
@@ -1391,10 +1674,12 @@ class _Batch:
             return job
         reference = session.dseg if self.evaluate and session.dseg else None
         expected = _session_outputs(
-            self.out_dir, pid, sid, age=self.model.age_head is not None, dice=reference is not None
-        )
+            self.out_dir, pid, sid, age=self.model.age_head is not None,
+            dice=reference is not None, uncertainty=self.tta,
+        )  # fmt: skip
         if all(path.is_file() for path in expected.values()):
             job.status, job.row["message"] = "skipped", "outputs already there"
+            job.row |= _qc_from_sidecar(expected["sidecar"]) if self.tta else {}
             return job
         if session.problem or not session.t2w:
             job.error = DataError(f"sub-{pid}/ses-{sid}", session.problem or "no T2w image")
@@ -1404,7 +1689,7 @@ class _Batch:
             self.out_dir / f"sub-{pid}" / f"ses-{sid}" / "anat",
             t1w=session.t1w or None, reference=reference, prefix=f"sub-{pid}_ses-{sid}",
             scan_age=session.scan_age, started=job.started,
-            precision=precision(self.device, self.amp),
+            precision=precision(self.device, self.amp), tta=self.tta,
         )  # fmt: skip
         return job
 
@@ -1421,7 +1706,7 @@ class _Batch:
             self.finish(job, self.failed(job, err))
             return None
 
-    def infer(self, session: _Session) -> tuple[np.ndarray, dict[str, float] | None, float]:
+    def infer(self, session: _Session) -> tuple[_Prediction, dict[str, float] | None, float]:
         """The network's work on one session; its output folder is taken back on an error."""
         try:
             return _infer_session(session, self.device, self.amp)
@@ -1442,7 +1727,10 @@ class _Batch:
                 self.finish(job, self.failed(job, err))
                 continue
             message = "; ".join([*result.notes, *(f"warning: {w}" for w in result.warnings)])
-            row = {**job.row, "status": "done", "seconds": result.seconds, "message": message}
+            row = {
+                **job.row, "status": "done", "seconds": result.seconds, "message": message,
+                "qc_uncertainty": result.qc_uncertainty, "qc_flag": result.qc_flag,
+            }  # fmt: skip
             self.finish(job, row)
 
     def failed(self, job: _Job, err: NeonbError) -> dict[str, Any]:
@@ -1459,12 +1747,29 @@ class _Batch:
         self.bar.update(1)
 
 
+def _qc_from_sidecar(path: Path) -> dict[str, Any]:
+    """The QC score and flag a skipped session's sidecar recorded (none if unreadable)."""
+    try:
+        sidecar = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {"qc_uncertainty": sidecar.get("QCUncertainty"), "qc_flag": sidecar.get("QCFlagged")}
+
+
+def flagged_sessions(summary: pd.DataFrame) -> list[str]:
+    """``sub-<id> ses-<id>`` of each session of a batch summary whose QC flag is set."""
+    if "qc_flag" not in summary:
+        return []
+    flagged = summary[summary["qc_flag"].map(lambda v: v is True or v == 1 or v == "True")]
+    return [f"sub-{r.participant_id} ses-{r.session_id}" for r in flagged.itertuples()]
+
+
 def _finish_or_remove(
-    session: _Session, labels: np.ndarray, ages: dict[str, float] | None, seconds: float
+    session: _Session, prediction: _Prediction, ages: dict[str, float] | None, seconds: float
 ) -> SegmentationResult:
     """:func:`_finish_session`, taking the session's output folder back on an error."""
     try:
-        return _finish_session(session, labels, ages, seconds)
+        return _finish_session(session, prediction, ages, seconds)
     except BaseException:
         _remove_created(session.created)
         raise
