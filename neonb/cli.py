@@ -81,6 +81,21 @@ def _export(args: argparse.Namespace) -> None:
         images=args.images,
     )
     print(f"model exported to {out}")
+    if args.calibrate_qc is not None:
+        _calibrate_qc(args, out)
+
+
+def _calibrate_qc(args: argparse.Namespace, model_dir: Path) -> None:
+    from neonb.export import calibrate_qc
+
+    qc = calibrate_qc(
+        model_dir, args.calibrate_qc, quantile=args.qc_quantile, device=args.device,
+        progress=True,
+    )  # fmt: skip
+    print(
+        f"QC threshold {qc['threshold']:.4f}: the {qc['quantile']:g} quantile of the "
+        f"uncertainty of {qc['n_sessions']} sessions, written to {model_dir / 'model.json'}"
+    )
 
 
 PRECISION_AMP: dict[str, bool | str] = {"auto": "native", "fp32": False, "bf16": True}
@@ -299,6 +314,26 @@ def build_parser() -> argparse.ArgumentParser:
         default="restore",
         help="the T1w/T2w kind the run was trained on (params' images:); segment --batch on a "
         "release folder reads the same kind (default restore)",
+    )
+    export.add_argument(
+        "--calibrate-qc",
+        type=Path,
+        metavar="ROOT_OR_TSV",
+        help="[OPTIONAL] sessions the run did not train on (its validation sessions), as a "
+        "manifest TSV or a release folder: each is segmented with --tta and the --qc-quantile "
+        "of their QC scores becomes the model's QC threshold (neonb segment --tta flags above it)",
+    )
+    export.add_argument(
+        "--qc-quantile",
+        type=float,
+        default=0.95,
+        metavar="Q",
+        help="[OPTIONAL] quantile of the calibration scores taken as threshold (default 0.95)",
+    )
+    export.add_argument(
+        "--device",
+        default="auto",
+        help="for --calibrate-qc: auto (GPU when there is one), cpu or cuda",
     )
     export.set_defaults(handler=_export)
 

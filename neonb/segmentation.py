@@ -140,6 +140,7 @@ __all__ = [
     "qc_score",
     "qc_threshold",
     "save_map",
+    "score_session",
     "save_qc_png",
     "read_batch",
     "segment_batch",
@@ -1144,6 +1145,46 @@ def qc_flag(score: float, threshold: float | None) -> bool | None:
     if threshold is None:
         return None
     return bool(math.isnan(score) or score > threshold)
+
+
+def score_session(
+    model: ExportedModel | str | os.PathLike,
+    t2w: str | os.PathLike,
+    *,
+    t1w: str | os.PathLike | None = None,
+    device: str | torch.device = "auto",
+    amp: bool | str = "native",
+) -> float:
+    """The QC score ``neonb segment --tta`` gives a session, without writing anything.
+
+    The same steps as :func:`segment_scan` with ``tta=True`` up to :func:`qc_score`: read
+    and check, bring onto the model's grid, predict with flip TTA, map the labels and the
+    uncertainty back to the input's grid. Used to calibrate a model's QC threshold
+    (:func:`neonb.export.calibrate_qc`).
+
+    Raises:
+        DataError: for a bad input (:func:`load_inputs`).
+    """
+    model = _as_model(model)
+    images, _ = load_inputs(
+        {"t2w": t2w, "t1w": t1w}, model.channels, model_name=f"the model {model.model_dir}"
+    )
+    anchor = images.get("t2w", next(iter(images.values())))
+    mapping = plan_grid(anchor, model.orientation, model.voxel_size_mm)
+    volumes = [np.asanyarray(images[key].dataobj) for key in model.channels]
+    image = prepare_image(volumes, mapping, model.channels)
+    prediction, _ = _predict(
+        model, image.as_tensor(), device, amp, keep_probs=mapping.resampled, tta=True
+    )
+    if mapping.resampled:
+        labels = from_model_grid_probabilities(
+            prediction.probs, image.affine, mapping,
+            box=prediction.box, model_shape=prediction.labels.shape,
+        )  # fmt: skip
+    else:
+        labels = from_model_grid(prediction.labels, image.affine, mapping)
+    uncertainty = from_model_grid_map(prediction.uncertainty, image.affine, mapping)
+    return qc_score(uncertainty, labels, _brain_labels(model))
 
 
 def save_map(values: np.ndarray, reference: SpatialImage, path: str | os.PathLike) -> None:
