@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                 progress=False,
             )  # fmt: skip
             for row in read_manifest(cohort, progress=False).itertuples(index=False):
-                rows.append({"session": f"sub-{row.participant_id}"} | compare_session(model, row))
+                name = f"sub-{row.participant_id}_ses-{row.session_id}"
+                rows.append({"session": name} | compare_session(model, row))
                 print(rows[-1], file=sys.stderr, flush=True)
     table = pd.DataFrame(rows)
     summary = table.groupby("voxel_size_mm")[

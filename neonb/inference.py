@@ -17,7 +17,9 @@ This is the one inference path of neonb: ``neonb segment``
 native (``amp="native"``: CUDA, CPUs with AVX-512 BF16 or AMX; :func:`use_inference_amp`)
 and several small windows per pass (:func:`default_sw_batch_size`), which the study's
 evaluation can ask for too; ``benchmarks/README.md`` measures each of these levers, and the
-channels-last memory format, which is left off.
+channels-last memory format, which is left off. :func:`predict_foreground` also averages the
+probabilities over flipped copies of the image (test-time augmentation, ``neonb segment
+--tta``), and :func:`normalised_entropy` turns them into a per-voxel uncertainty in [0, 1].
 
 Example:
     >>> model = load_weights(build_model(cfg), "runs/baseline/model_best.pt")

@@ -24,9 +24,11 @@ This is what ``neonb segment`` does (:mod:`neonb.cli`). For one session,
    the head's bounding box (:func:`neonb.inference.segment`, the study's inference path;
    an AgeU-Net also predicts the scan age from the same windows, as
    :func:`neonb.ageunet.segment_with_age`);
-4. maps the labels back onto the input's own voxel grid (nearest neighbour, then the inverse
-   reorientation) and writes, with BIDS-derivative names derived from the input's
-   (:func:`output_prefix`), e.g. for ``sub-1_ses-2_desc-restore_T2w.nii.gz``::
+4. maps the result back onto the input's own voxel grid: when resampled, the class
+   probabilities by linear interpolation, labelled by their argmax there (as nnU-Net;
+   :func:`from_model_grid_probabilities`), then the inverse reorientation; and writes, with
+   BIDS-derivative names derived from the input's (:func:`output_prefix`), e.g. for
+   ``sub-1_ses-2_desc-restore_T2w.nii.gz``::
 
        sub-1_ses-2_desc-neonb_dseg.nii.gz   uint8 labels, the input's affine and header
        sub-1_ses-2_desc-neonb_dseg.tsv      the label table (BIDS dseg.tsv)
@@ -34,7 +36,17 @@ This is what ``neonb segment`` does (:mod:`neonb.cli`). For one session,
        sub-1_ses-2_desc-neonb_volumes.tsv   volume of every class in mL
        sub-1_ses-2_desc-neonb_age.tsv       predicted scan age (AgeU-Net models only)
        sub-1_ses-2_desc-neonb_dice.tsv      Dice against a reference (when one is given)
+       sub-1_ses-2_desc-neonb_uncertainty.nii.gz  float32 uncertainty map (``--tta`` only)
        sub-1_ses-2_desc-neonb_qc.png        tri-planar overlay for a visual check
+
+   With ``tta`` (``neonb segment --tta``) the network runs on the image and on its flips
+   along every combination of the training's flip axes (:func:`tta_flips`: 8 passes), the
+   probabilities are averaged, and the uncertainty map is their entropy divided by ln(C)
+   (0: certain, 1: every class equally likely); its mean over the voxels labelled brain is
+   the session's QC score (:func:`qc_score`), flagged above the threshold calibrated at export
+   (:func:`qc_threshold`, :func:`neonb.export.calibrate_qc`). Both go into the sidecar and,
+   in a batch, into ``segment_batch.tsv``. Without ``tta`` nothing of this is computed and the
+   network runs once.
 
    Every file goes through :func:`neonb.files.atomic_write`; the segmentation is written
    last, and if any write fails the files already written are removed, so a session has
