@@ -71,6 +71,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -570,16 +571,24 @@ def from_model_grid_probabilities(
     voxel_to_source[:3, 3] -= [p.start for p in padded]
     out_shape = mapping.reoriented_shape
     labels = np.zeros(out_shape, np.uint8)
-    rows = max(1, RESAMPLE_SLAB_VOXELS // (out_shape[1] * out_shape[2]))
-    for first in range(0, out_shape[0], rows):
-        stop = min(first + rows, out_shape[0])
-        grid = _sampling_grid(voxel_to_source, (first, stop), out_shape, source.shape[1:])
+    # Only the input voxels that fall within a voxel of the source can be labelled.
+    corners = np.array(list(itertools.product(*[(-1, n) for n in source.shape[1:]])), float)
+    inside = nib.affines.apply_affine(np.linalg.inv(voxel_to_source), corners)
+    low = np.clip(np.floor(inside.min(0)).astype(int), 0, out_shape)
+    high = np.clip(np.ceil(inside.max(0)).astype(int) + 1, 0, out_shape)
+    if np.any(high <= low):
+        return _reorient_back(labels, mapping).astype(np.uint8)
+    ranges = [(int(a), int(b)) for a, b in zip(low, high, strict=True)]
+    rows = max(1, RESAMPLE_SLAB_VOXELS // math.prod(b - a for a, b in ranges[1:]))
+    for first in range(ranges[0][0], ranges[0][1], rows):
+        slab = [(first, min(first + rows, ranges[0][1])), *ranges[1:]]
+        grid = _sampling_grid(voxel_to_source, slab, source.shape[1:])
         sampled = torch.nn.functional.grid_sample(
             source[None], grid[None], mode="bilinear", padding_mode="zeros", align_corners=True
         )[0]
         value, index = sampled.max(dim=0)
         index[value <= 0] = 0  # outside the model's grid: background
-        labels[first:stop] = index.to(torch.uint8).numpy()
+        labels[tuple(slice(a, b) for a, b in slab)] = index.to(torch.uint8).numpy()
     return _reorient_back(labels, mapping).astype(np.uint8)
 
 
@@ -589,27 +598,25 @@ probabilities of a slab of them take ``C`` x 8 MiB (80 MiB for the ten drawem9 c
 
 
 def _sampling_grid(
-    voxel_to_source: np.ndarray,
-    rows: tuple[int, int],
-    out_shape: Sequence[int],
-    source_shape: Sequence[int],
+    voxel_to_source: np.ndarray, ranges: Sequence[tuple[int, int]], source_shape: Sequence[int]
 ) -> torch.Tensor:
-    """:func:`torch.nn.functional.grid_sample`'s grid for rows ``[start, stop)`` of the first
-    axis of the output: each output voxel's position in the source, in [-1, 1] (corners
+    """:func:`torch.nn.functional.grid_sample`'s grid for the output voxels in ``ranges``
+    (``[start, stop)`` per axis): each one's position in the source, in [-1, 1] (corners
     aligned), last axis ordered (z, y, x) as grid_sample wants."""
-    axes = [
-        torch.arange(*rows, dtype=torch.float64),
-        torch.arange(out_shape[1], dtype=torch.float64),
-        torch.arange(out_shape[2], dtype=torch.float64),
-    ]
-    i, j, k = torch.meshgrid(*axes, indexing="ij")
-    matrix = torch.from_numpy(voxel_to_source)
+    axes = [torch.arange(a, b, dtype=torch.float32) for a, b in ranges]
+    matrix = torch.from_numpy(voxel_to_source).to(torch.float32)
     coords = []
     for axis in range(3):
-        position = matrix[axis, 0] * i + matrix[axis, 1] * j + matrix[axis, 2] * k
-        position = position + matrix[axis, 3]
-        coords.append(2 * position / max(int(source_shape[axis]) - 1, 1) - 1)
-    return torch.stack(coords[::-1], dim=-1).to(torch.float32)
+        scale = 2 / max(int(source_shape[axis]) - 1, 1)
+        row = matrix[axis] * scale
+        position = (
+            (row[0] * axes[0])[:, None, None]
+            + (row[1] * axes[1])[None, :, None]
+            + (row[2] * axes[2])[None, None, :]
+            + (row[3] - 1)
+        )
+        coords.append(position)
+    return torch.stack(coords[::-1], dim=-1)
 
 
 def from_model_grid_map(
