@@ -69,7 +69,11 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    from neonb.errors import ConfigError
     from neonb.export import export_run
+
+    if args.calibrate_qc is not None and not 0 < args.qc_quantile <= 1:
+        raise ConfigError(f"--qc-quantile must be in (0, 1], got {args.qc_quantile}")
 
     out = export_run(
         args.run_dir,

@@ -60,13 +60,18 @@ def manifest(cohort):
 
 
 @pytest.fixture(scope="module")
-def model_dir(cohort, manifest, tmp_path_factory):
+def run_dir(manifest, tmp_path_factory):
     records = data.to_data_dicts(manifest)
     run = tmp_path_factory.mktemp("run")
     train_segmentation(
         records[:3], records[3:], TrainingConfig.from_dict(TINY), run, progress=False
     )
-    return export_run(run, tmp_path_factory.mktemp("model") / "tiny", data_root=cohort)
+    return run
+
+
+@pytest.fixture(scope="module")
+def model_dir(cohort, run_dir, tmp_path_factory):
+    return export_run(run_dir, tmp_path_factory.mktemp("model") / "tiny", data_root=cohort)
 
 
 # --------------------------------------------------------------------------------------
@@ -346,3 +351,19 @@ def _unresampled(mapping):
     from dataclasses import replace
 
     return replace(mapping, target_voxel_size_mm=None)
+
+
+def test_export_calibrates_qc_on_the_command_line(run_dir, cohort, manifest, tmp_path, capsys):
+    tsv = tmp_path / "validation.tsv"
+    manifest[["participant_id", "session_id", "scan_age", "t1w", "t2w"]].iloc[3:].to_csv(
+        tsv, sep="\t", index=False
+    )
+    out = tmp_path / "model"
+    args = ["export", str(run_dir), "--out", str(out), "--data-root", str(cohort)]
+    assert main([*args, "--calibrate-qc", str(tsv), "--qc-quantile", "1"]) == 0
+    assert "QC threshold" in capsys.readouterr().out
+    qc = json.loads((out / "model.json").read_text())["qc"]
+    assert qc["n_sessions"] == 1 and qc["quantile"] == 1
+    assert qc["threshold"] == pytest.approx(next(iter(qc["scores"].values())))
+    assert main([*args, "--calibrate-qc", str(tsv), "--qc-quantile", "0"]) == 1
+    assert "--qc-quantile must be in (0, 1]" in capsys.readouterr().err
