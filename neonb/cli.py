@@ -69,7 +69,11 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    from neonb.errors import ConfigError
     from neonb.export import export_run
+
+    if args.calibrate_qc is not None and not 0 < args.qc_quantile <= 1:
+        raise ConfigError(f"--qc-quantile must be in (0, 1], got {args.qc_quantile}")
 
     out = export_run(
         args.run_dir,
@@ -82,6 +86,21 @@ def _export(args: argparse.Namespace) -> None:
         norms=args.norms,
     )
     print(f"model exported to {out}")
+    if args.calibrate_qc is not None:
+        _calibrate_qc(args, out)
+
+
+def _calibrate_qc(args: argparse.Namespace, model_dir: Path) -> None:
+    from neonb.export import calibrate_qc
+
+    qc = calibrate_qc(
+        model_dir, args.calibrate_qc, quantile=args.qc_quantile, device=args.device,
+        progress=True,
+    )  # fmt: skip
+    print(
+        f"QC threshold {qc['threshold']:.4f}: the {qc['quantile']:g} quantile of the "
+        f"uncertainty of {qc['n_sessions']} sessions, written to {model_dir / 'model.json'}"
+    )
 
 
 PRECISION_AMP: dict[str, bool | str] = {"auto": "native", "fp32": False, "bf16": True}
@@ -91,7 +110,7 @@ PRECISION_AMP: dict[str, bool | str] = {"auto": "native", "fp32": False, "bf16":
 def _segment(args: argparse.Namespace) -> None:
     from neonb.errors import ConfigError, DataError
     from neonb.export import load_exported_model
-    from neonb.segmentation import segment_batch, segment_scan
+    from neonb.segmentation import flagged_sessions, segment_batch, segment_scan
 
     if args.batch is not None and (args.t1 or args.reference or args.scan_age is not None):
         raise ConfigError(
@@ -110,16 +129,23 @@ def _segment(args: argparse.Namespace) -> None:
             scan_age=args.scan_age,
             device=args.device,
             amp=PRECISION_AMP[args.precision],
+            tta=args.tta,
         )
         for note in result.notes:
             print(f"note: {note}")
+        if result.qc_uncertainty is not None:
+            verdict = {True: "FLAGGED: check this segmentation", False: "below the threshold"}
+            print(
+                f"QC uncertainty {result.qc_uncertainty:.4f}: "
+                f"{verdict.get(result.qc_flag, 'no threshold in the model folder')}"
+            )
         print(f"segmentation written to {result.outputs['dseg']} ({result.seconds:.1f} s)")
         if result.ages is not None:
             print(f"predicted scan age: {result.ages['mean']:.1f} weeks PMA")
         return
     result = segment_batch(
         model, args.batch, args.out, evaluate=args.evaluate, device=args.device, progress=True,
-        amp=PRECISION_AMP[args.precision],
+        amp=PRECISION_AMP[args.precision], tta=args.tta,
     )  # fmt: skip
     counts = {status: result.count(status) for status in ("done", "skipped", "failed")}
     print(
@@ -127,6 +153,11 @@ def _segment(args: argparse.Namespace) -> None:
         f"{counts['skipped']} already done, {counts['failed']} failed; "
         f"summary in {result.summary_path}"
     )
+    flagged = flagged_sessions(result.summary)
+    if flagged:
+        print(f"{len(flagged)} flagged by QC (uncertainty above the model's threshold):")
+        for name in flagged:
+            print(f"  {name}")
     if counts["failed"]:
         raise DataError(
             result.summary_path,
@@ -296,6 +327,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="[OPTIONAL] tissue volumes to fit the age norms on (chapter 00's "
         "tissue_volumes.tsv); default: the label images of --data-root, but its test sessions",
     )
+    export.add_argument(
+        "--calibrate-qc",
+        type=Path,
+        metavar="ROOT_OR_TSV",
+        help="[OPTIONAL] sessions the run did not train on (its validation sessions), as a "
+        "manifest TSV or a release folder: each is segmented with --tta and the --qc-quantile "
+        "of their QC scores becomes the model's QC threshold (neonb segment --tta flags above it)",
+    )
+    export.add_argument(
+        "--qc-quantile",
+        type=float,
+        default=0.95,
+        metavar="Q",
+        help="[OPTIONAL] quantile of the calibration scores taken as threshold (default 0.95)",
+    )
+    export.add_argument(
+        "--device",
+        default="auto",
+        help="for --calibrate-qc: auto (GPU when there is one), cpu or cuda",
+    )
     export.set_defaults(handler=_export)
 
     segment = commands.add_parser(
@@ -356,6 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="what the network computes in: auto (bf16 on a GPU or a CPU with native bf16, "
         "about twice as fast, labels within Dice 0.999 of fp32; fp32 elsewhere), fp32, bf16",
+    )
+    segment.add_argument(
+        "--tta",
+        action="store_true",
+        help="[OPTIONAL] flip test-time augmentation (the training's flips: 8 passes, about 8 "
+        "times the time): averaged probabilities, an _uncertainty.nii.gz map (entropy / ln C, "
+        "0-1), a QC score (its mean inside the brain) and a flag above the model's threshold",
     )
     segment.set_defaults(handler=_segment)
     return parser

@@ -72,12 +72,15 @@ __all__ = [
     "MAX_PATCH_VOXELS",
     "METADATA_FILE",
     "NORMALISATION",
+    "QC_QUANTILE",
     "WEIGHTS_FILE",
     "ExportedModel",
+    "calibrate_qc",
     "export_run",
     "load_exported_model",
     "training_grid",
     "write_norms",
+    "write_qc",
 ]
 
 WEIGHTS_FILE = "model.safetensors"
@@ -548,6 +551,106 @@ def _export_norms(
         warnings.warn(f"no norms written into the model folder: {err}", NeonbWarning, stacklevel=3)
 
 
+QC_QUANTILE = 0.95
+"""Quantile of the calibration sessions' QC scores taken as a model's QC threshold: about
+one session in twenty like them is flagged by ``neonb segment --tta``."""
+
+
+def calibrate_qc(
+    model_dir: str | os.PathLike,
+    sessions: str | os.PathLike,
+    *,
+    quantile: float = QC_QUANTILE,
+    device: str | torch.device = "auto",
+    amp: bool | str = "native",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Calibrate a model folder's QC threshold on sessions it was not trained on.
+
+    Each session is scored as ``neonb segment --tta`` scores it
+    (:func:`neonb.segmentation.score_session`: mean normalised entropy of the flip-TTA
+    probabilities inside the predicted brain), nothing is written for it, and the
+    ``quantile`` of the scores becomes ``qc.threshold`` in :data:`METADATA_FILE`; a
+    segmentation scoring above it is flagged. The run folder does not record which sessions
+    were its validation set, so they are given: the run's validation sessions (the
+    sessions of ``neonb manifest`` its params held out for validation) are the natural
+    choice, as they are like the scans the model will meet but were not fitted.
+
+    Args:
+        model_dir: a model folder written by :func:`export_run`.
+        sessions: a manifest TSV or a release folder (:func:`neonb.segmentation.read_batch`).
+        quantile: in (0, 1]; default :data:`QC_QUANTILE`.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``.
+        amp: bf16 autocast, as in :func:`neonb.segmentation.segment_scan`.
+        progress: show a progress bar.
+
+    Returns:
+        The ``qc`` entry written: ``threshold``, ``quantile``, ``n_sessions``, ``scores``
+        (``{"sub-<id>_ses-<id>": score}``), ``source``, ``measure``.
+
+    Raises:
+        ConfigError: for a quantile outside (0, 1].
+        DataError: for a bad model folder, source or session, or no session to score.
+    """
+    from tqdm import tqdm
+
+    from neonb.segmentation import QC_MEASURE, read_batch, score_session
+
+    if not 0 < quantile <= 1:
+        raise ConfigError(f"quantile must be in (0, 1], got {quantile}")
+    model_dir = Path(model_dir)
+    model = load_exported_model(model_dir)
+    table = read_batch(sessions, images=model.images)
+    scores = {}
+    for row in tqdm(
+        list(table.itertuples(index=False)), desc="calibrating QC", disable=not progress
+    ):
+        if row.problem or not row.t2w:
+            raise DataError(
+                sessions,
+                f"sub-{row.participant_id} ses-{row.session_id}: {row.problem or 'no T2w image'}",
+            )
+        name = f"sub-{row.participant_id}_ses-{row.session_id}"
+        scores[name] = score_session(model, row.t2w, t1w=row.t1w or None, device=device, amp=amp)
+    finite = [v for v in scores.values() if math.isfinite(v)]
+    if not finite:
+        raise DataError(sessions, "no session to calibrate the QC threshold on")
+    qc = {
+        "threshold": float(np.quantile(finite, quantile)),
+        "quantile": quantile,
+        "n_sessions": len(finite),
+        "scores": scores,
+        "source": str(Path(sessions).resolve()),
+        "measure": QC_MEASURE,
+    }
+    write_qc(model_dir, qc)
+    return qc
+
+
+def write_qc(model_dir: str | os.PathLike, qc: Mapping[str, Any]) -> Path:
+    """Set the ``qc`` entry of a model folder's :data:`METADATA_FILE` (atomically).
+
+    Returns:
+        The metadata file.
+    """
+    path = Path(model_dir) / METADATA_FILE
+    metadata = _read_metadata(Path(model_dir))
+    metadata["qc"] = dict(qc)
+    _check_qc(metadata, path)
+    text = json.dumps(metadata, indent=2, default=_json_default) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _check_qc(metadata: Mapping[str, Any], path: Path) -> None:
+    """Refuse a ``qc`` entry whose threshold is not a number in [0, 1]."""
+    qc = metadata.get("qc")
+    if qc is None:
+        return
+    threshold = qc.get("threshold") if isinstance(qc, Mapping) else qc
+    if not (_is_number(threshold) and 0 <= threshold <= 1):
+        raise _bad_field(path, "qc.threshold", "a number in [0, 1]", threshold)
+
+
 def _save_weights(model: nn.Module, path: Path) -> None:
     """safetensors file of the model's weights, readable like any other file the user writes."""
     save_model(model.cpu(), str(path), metadata={"format": FORMAT})
@@ -702,6 +805,7 @@ def _check_metadata(metadata: Mapping[str, Any], path: Path) -> None:
             "neonb's (method 'zscore', nonzero and channel_wise true)",
             normalisation,
         )
+    _check_qc(metadata, path)
 
 
 def _check_network_sizes(model: Mapping[str, Any], path: Path) -> None:

@@ -17,7 +17,9 @@ This is the one inference path of neonb: ``neonb segment``
 native (``amp="native"``: CUDA, CPUs with AVX-512 BF16 or AMX; :func:`use_inference_amp`)
 and several small windows per pass (:func:`default_sw_batch_size`), which the study's
 evaluation can ask for too; ``benchmarks/README.md`` measures each of these levers, and the
-channels-last memory format, which is left off.
+channels-last memory format, which is left off. :func:`predict_foreground` also averages the
+probabilities over flipped copies of the image (test-time augmentation, ``neonb segment
+--tta``), and :func:`normalised_entropy` turns them into a per-voxel uncertainty in [0, 1].
 
 Example:
     >>> model = load_weights(build_model(cfg), "runs/baseline/model_best.pt")
@@ -28,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import platform
@@ -332,6 +335,81 @@ def foreground_box(image: torch.Tensor | np.ndarray) -> tuple[slice, slice, slic
     return tuple(slice(int(a), int(b)) for a, b in zip(low, high, strict=True))
 
 
+def flip_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every non-empty combination of the spatial ``axes`` (0 = X, 1 = Y, 2 = Z) to flip.
+
+    Example:
+        >>> flip_combinations((0, 2))
+        [(0,), (2,), (0, 2)]
+    """
+    axes = tuple(int(a) for a in axes)
+    if len(set(axes)) != len(axes) or any(a not in (0, 1, 2) for a in axes):
+        raise ConfigError(f"flip axes must be distinct axes among 0, 1 and 2, got {axes!r}")
+    return [
+        combo for size in range(1, len(axes) + 1) for combo in itertools.combinations(axes, size)
+    ]
+
+
+def predict_foreground(
+    model: nn.Module,
+    image: torch.Tensor | np.ndarray,
+    *,
+    crop_foreground: bool = True,
+    flips: Sequence[Sequence[int]] = (),
+    **kwargs: Any,
+) -> tuple[torch.Tensor, tuple[slice, slice, slice]]:
+    """Class probabilities inside the head's bounding box, optionally with flip TTA.
+
+    With ``flips`` (test-time augmentation, as nnU-Net's mirroring), the box is also
+    predicted flipped along each combination of axes given, each prediction is flipped
+    back, and the probabilities of all ``1 + len(flips)`` passes are averaged.
+
+    Args:
+        model: segmentation network.
+        image: one volume, shape ``(2, X, Y, Z)``.
+        crop_foreground: predict inside the non-zero bounding box only (:func:`segment`).
+        flips: spatial axes to flip per extra pass, e.g. :func:`flip_combinations` of the
+            training's ``flip_axes``; ``()`` (default) is one pass.
+        **kwargs: keyword arguments of :func:`predict_volume` (``patch_size`` is required).
+
+    Returns:
+        Probabilities ``(C, *box shape)`` float32 (an inference-mode tensor: read-only), and
+        the box, one slice per spatial axis of ``image``.
+    """
+    box = foreground_box(image) if crop_foreground else (slice(None),) * 3
+    cropped = convert_to_tensor(image, track_meta=False)[(slice(None), *box)]
+    probs = _probabilities(model, cropped, **kwargs)
+    with torch.inference_mode():
+        for axes in flips:
+            dims = [int(a) + 1 for a in axes]  # skip the channel axis
+            flipped = _probabilities(model, torch.flip(cropped, dims), **kwargs)
+            probs = probs + torch.flip(flipped, dims)
+        if flips:
+            probs = probs / (1 + len(flips))
+    box = tuple(slice(*s.indices(n)[:2]) for s, n in zip(box, image.shape[1:], strict=True))
+    return probs, box
+
+
+def normalised_entropy(probs: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Entropy of class probabilities divided by its largest value, ln(C): in [0, 1].
+
+    0 where one class has all the probability; 1 where every class is equally likely.
+
+    Args:
+        probs: probabilities summing to 1 along ``dim``, e.g. ``(C, X, Y, Z)``.
+        dim: the class axis.
+
+    Returns:
+        The probabilities' shape without ``dim``, float32.
+    """
+    probs = probs.float()
+    n_classes = probs.shape[dim]
+    if n_classes < 2:
+        return torch.zeros_like(probs.sum(dim))
+    terms = torch.special.xlogy(probs, probs)
+    return (-terms.sum(dim) / math.log(n_classes)).clamp_(0, 1)
+
+
 def segment(
     model: nn.Module,
     image: torch.Tensor | np.ndarray,
@@ -352,13 +430,13 @@ def segment(
         model: segmentation network.
         image: one volume, shape ``(2, X, Y, Z)``.
         crop_foreground: predict inside the non-zero bounding box only.
-        **kwargs: keyword arguments of :func:`predict_volume` (``patch_size`` is required).
+        **kwargs: keyword arguments of :func:`predict_foreground` (``flips``) and
+            :func:`predict_volume` (``patch_size`` is required).
 
     Returns:
         Labels, shape ``(X, Y, Z)``, uint8.
     """
-    box = foreground_box(image) if crop_foreground else (slice(None),) * 3
-    probs = _probabilities(model, image[(slice(None), *box)], **kwargs)
+    probs, box = predict_foreground(model, image, crop_foreground=crop_foreground, **kwargs)
     labels = np.zeros(tuple(image.shape[1:]), dtype=np.uint8)
     labels[box] = probs.argmax(dim=0).to(torch.uint8).numpy()
     return labels

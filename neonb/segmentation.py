@@ -24,9 +24,11 @@ This is what ``neonb segment`` does (:mod:`neonb.cli`). For one session,
    the head's bounding box (:func:`neonb.inference.segment`, the study's inference path;
    an AgeU-Net also predicts the scan age from the same windows, as
    :func:`neonb.ageunet.segment_with_age`);
-4. maps the labels back onto the input's own voxel grid (nearest neighbour, then the inverse
-   reorientation) and writes, with BIDS-derivative names derived from the input's
-   (:func:`output_prefix`), e.g. for ``sub-1_ses-2_desc-restore_T2w.nii.gz``::
+4. maps the result back onto the input's own voxel grid: when resampled, the class
+   probabilities by linear interpolation, labelled by their argmax there (as nnU-Net;
+   :func:`from_model_grid_probabilities`), then the inverse reorientation; and writes, with
+   BIDS-derivative names derived from the input's (:func:`output_prefix`), e.g. for
+   ``sub-1_ses-2_desc-restore_T2w.nii.gz``::
 
        sub-1_ses-2_desc-neonb_dseg.nii.gz   uint8 labels, the input's affine and header
        sub-1_ses-2_desc-neonb_dseg.tsv      the label table (BIDS dseg.tsv)
@@ -35,6 +37,7 @@ This is what ``neonb segment`` does (:mod:`neonb.cli`). For one session,
        sub-1_ses-2_desc-neonb_age.tsv       predicted scan age (AgeU-Net models only)
        sub-1_ses-2_desc-neonb_dice.tsv      Dice against a reference (when one is given)
        sub-1_ses-2_desc-neonb_norms.png     the volumes on the model's norm curves
+       sub-1_ses-2_desc-neonb_uncertainty.nii.gz  float32 uncertainty map (``--tta`` only)
        sub-1_ses-2_desc-neonb_qc.png        tri-planar overlay for a visual check
 
    When the model folder has norms (:data:`neonb.norms.NORMS_FILE`, written by
@@ -44,6 +47,15 @@ This is what ``neonb segment`` does (:mod:`neonb.cli`). For one session,
    norms' range: nothing is extrapolated), and the norms picture is written; the sidecar
    carries the norms' caveat (:mod:`neonb.norms`: norms of a training cohort, let alone a
    synthetic one, are not clinical norms). Without norms or age, neither is there.
+
+   With ``tta`` (``neonb segment --tta``) the network runs on the image and on its flips
+   along every combination of the training's flip axes (:func:`tta_flips`: 8 passes), the
+   probabilities are averaged, and the uncertainty map is their entropy divided by ln(C)
+   (0: certain, 1: every class equally likely); its mean over the voxels labelled brain is
+   the session's QC score (:func:`qc_score`), flagged above the threshold calibrated at export
+   (:func:`qc_threshold`, :func:`neonb.export.calibrate_qc`). Both go into the sidecar and,
+   in a batch, into ``segment_batch.tsv``. Without ``tta`` nothing of this is computed and the
+   network runs once.
 
    Every file goes through :func:`neonb.files.atomic_write`; the segmentation is written
    last, and if any write fails the files already written are removed, so a session has
@@ -69,6 +81,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -113,9 +126,11 @@ from neonb.export import METADATA_FILE, WEIGHTS_FILE, ExportedModel, load_export
 from neonb.files import atomic_write, exclusive_lock, temporary_name
 from neonb.inference import (
     default_sw_batch_size,
+    flip_combinations,
+    normalised_entropy,
+    predict_foreground,
     resolve_device,
     save_segmentation,
-    segment,
     use_inference_amp,
 )
 from neonb.labels import DRAWEM9
@@ -136,17 +151,26 @@ __all__ = [
     "check_no_input_replaced",
     "check_not_blank",
     "from_model_grid",
+    "from_model_grid_map",
+    "from_model_grid_probabilities",
+    "flagged_sessions",
     "gather_tables",
     "load_inputs",
     "output_paths",
     "output_prefix",
     "plan_grid",
     "prepare_image",
+    "qc_flag",
+    "qc_score",
+    "qc_threshold",
+    "save_map",
+    "score_session",
     "save_qc_png",
     "read_batch",
     "segment_batch",
     "segment_scan",
     "to_model_grid",
+    "tta_flips",
 ]
 
 OUTPUT_DESC = "neonb"
@@ -240,6 +264,7 @@ def output_paths(
     age: bool = False,
     dice: bool = False,
     norms: bool = False,
+    uncertainty: bool = False,
 ) -> dict[str, Path]:
     """Paths of every output of one session, the segmentation last.
 
@@ -250,10 +275,11 @@ def output_paths(
         dice: include the Dice table (evaluation against a reference).
         norms: include the picture of the volumes on the norm curves (a model with norms
             and a known scan age, :func:`_norms_wanted`).
+        uncertainty: include the uncertainty map (``--tta``).
 
     Returns:
-        ``{"dseg_tsv", "sidecar", "volumes", ["age",] ["dice",] ["norms",] "qc", "dseg"}``
-        -> path.
+        ``{"dseg_tsv", "sidecar", "volumes", ["age",] ["dice",] ["norms",] ["uncertainty",]
+        "qc", "dseg"}`` -> path.
     """
     base = Path(out_dir) / f"{prefix}_desc-{OUTPUT_DESC}"
     paths = {
@@ -267,6 +293,8 @@ def output_paths(
         paths["dice"] = Path(f"{base}_dice.tsv")
     if norms:
         paths["norms"] = Path(f"{base}_norms.png")
+    if uncertainty:
+        paths["uncertainty"] = Path(f"{base}_uncertainty.nii.gz")
     paths["qc"] = Path(f"{base}_qc.png")
     paths["dseg"] = Path(f"{base}_dseg.nii.gz")
     return paths
@@ -486,6 +514,9 @@ def from_model_grid(
 ) -> np.ndarray:
     """Bring labels predicted on the model's grid back onto the input's voxels.
 
+    ``neonb segment`` maps the class probabilities back instead, when it resamples
+    (:func:`from_model_grid_probabilities`); this is for a label map alone.
+
     Args:
         labels: ``(X', Y', Z')`` labels on the grid :func:`to_model_grid` returned.
         model_affine: that grid's affine.
@@ -496,20 +527,151 @@ def from_model_grid(
     """
     data = np.asarray(labels)
     if mapping.resampled:
-        tensor = MetaTensor(
-            torch.from_numpy(data.astype(np.float32))[None], affine=torch.as_tensor(model_affine)
+        back = _resample_back(
+            torch.from_numpy(data.astype(np.float32)), model_affine, mapping, "nearest"
         )
-        back = SpatialResample(mode="nearest", padding_mode="zeros")(
-            tensor,
-            dst_affine=torch.from_numpy(mapping.reoriented_affine),
-            spatial_size=mapping.reoriented_shape,
+        data = np.rint(back).astype(np.uint8)
+    return _reorient_back(data, mapping).astype(np.uint8)
+
+
+def from_model_grid_probabilities(
+    probs: torch.Tensor,
+    model_affine: np.ndarray | torch.Tensor,
+    mapping: GridMapping,
+    *,
+    box: Sequence[slice] | None = None,
+    model_shape: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Labels on the input's voxels from class probabilities on the model's grid.
+
+    Each class's probability map is resampled onto the input's grid by linear
+    interpolation and the label is the argmax there, as nnU-Net does, rather than the
+    labels resampled by nearest neighbour (:func:`from_model_grid`): a boundary then falls
+    where the interpolated probabilities cross, between the model's voxels, not on them.
+    The input's grid is done a slab at a time (:data:`RESAMPLE_SLAB_VOXELS`), so memory holds
+    the ``C`` probabilities of one slab, not of the whole input grid (10 classes of a
+    217 x 290 x 290 grid would take 0.7 GB); on the model's grid only the head's box is kept.
+
+    Args:
+        probs: ``(C, ...)`` probabilities on the model's grid, or inside ``box`` of it.
+        model_affine: the model grid's affine (:func:`to_model_grid`).
+        mapping: from :func:`plan_grid`.
+        box: where ``probs`` lie in the model grid (:func:`neonb.inference.predict_foreground`);
+            outside it every voxel is class 0 (background) with probability 1.
+        model_shape: the model grid's spatial shape; required with ``box``.
+
+    Returns:
+        ``(X, Y, Z)`` uint8 labels on the input's grid (class 0 outside the model's grid).
+    """
+    if not mapping.resampled:
+        labels = probs.float().argmax(dim=0).to(torch.uint8)
+        if box is not None:
+            full = torch.zeros(tuple(int(n) for n in model_shape), dtype=torch.uint8)
+            full[tuple(box)] = labels
+            labels = full
+        return _reorient_back(labels.numpy(), mapping).astype(np.uint8)
+    shape = tuple(int(n) for n in (model_shape if box is not None else probs.shape[1:]))
+    box = tuple(box) if box is not None else tuple(slice(0, n) for n in shape)
+    # One voxel of certain background around the box (where the model's grid has room), so
+    # interpolation across the box's faces sees what lies outside it.
+    padded = tuple(
+        slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(box, shape, strict=True)
+    )
+    inner = tuple(
+        slice(b.start - p.start, b.stop - p.start) for b, p in zip(box, padded, strict=True)
+    )
+    source = torch.zeros((probs.shape[0], *(p.stop - p.start for p in padded)))
+    source[0] = 1.0
+    source[(slice(None), *inner)] = probs.float()
+    voxel_to_source = np.linalg.inv(np.asarray(model_affine, float)) @ mapping.reoriented_affine
+    voxel_to_source[:3, 3] -= [p.start for p in padded]
+    out_shape = mapping.reoriented_shape
+    labels = np.zeros(out_shape, np.uint8)
+    # Only the input voxels that fall within a voxel of the source can be labelled.
+    corners = np.array(list(itertools.product(*[(-1, n) for n in source.shape[1:]])), float)
+    inside = nib.affines.apply_affine(np.linalg.inv(voxel_to_source), corners)
+    low = np.clip(np.floor(inside.min(0)).astype(int), 0, out_shape)
+    high = np.clip(np.ceil(inside.max(0)).astype(int) + 1, 0, out_shape)
+    if np.any(high <= low):
+        return _reorient_back(labels, mapping).astype(np.uint8)
+    ranges = [(int(a), int(b)) for a, b in zip(low, high, strict=True)]
+    rows = max(1, RESAMPLE_SLAB_VOXELS // math.prod(b - a for a, b in ranges[1:]))
+    for first in range(ranges[0][0], ranges[0][1], rows):
+        slab = [(first, min(first + rows, ranges[0][1])), *ranges[1:]]
+        grid = _sampling_grid(voxel_to_source, slab, source.shape[1:])
+        sampled = torch.nn.functional.grid_sample(
+            source[None], grid[None], mode="bilinear", padding_mode="zeros", align_corners=True
+        )[0]
+        value, index = sampled.max(dim=0)
+        index[value <= 0] = 0  # outside the model's grid: background
+        labels[tuple(slice(a, b) for a, b in slab)] = index.to(torch.uint8).numpy()
+    return _reorient_back(labels, mapping).astype(np.uint8)
+
+
+RESAMPLE_SLAB_VOXELS = 2**21
+"""Input-grid voxels mapped back at once by :func:`from_model_grid_probabilities`: the
+probabilities of a slab of them take ``C`` x 8 MiB (80 MiB for the ten drawem9 classes)."""
+
+
+def _sampling_grid(
+    voxel_to_source: np.ndarray, ranges: Sequence[tuple[int, int]], source_shape: Sequence[int]
+) -> torch.Tensor:
+    """:func:`torch.nn.functional.grid_sample`'s grid for the output voxels in ``ranges``
+    (``[start, stop)`` per axis): each one's position in the source, in [-1, 1] (corners
+    aligned), last axis ordered (z, y, x) as grid_sample wants."""
+    axes = [torch.arange(a, b, dtype=torch.float32) for a, b in ranges]
+    matrix = torch.from_numpy(voxel_to_source).to(torch.float32)
+    coords = []
+    for axis in range(3):
+        scale = 2 / max(int(source_shape[axis]) - 1, 1)
+        row = matrix[axis] * scale
+        position = (
+            (row[0] * axes[0])[:, None, None]
+            + (row[1] * axes[1])[None, :, None]
+            + (row[2] * axes[2])[None, None, :]
+            + (row[3] - 1)
         )
-        data = np.rint(np.asarray(back.as_tensor()[0])).astype(np.uint8)
+        coords.append(position)
+    return torch.stack(coords[::-1], dim=-1)
+
+
+def from_model_grid_map(
+    values: torch.Tensor | np.ndarray, model_affine: np.ndarray | torch.Tensor, mapping: GridMapping
+) -> np.ndarray:
+    """A continuous map ``(X', Y', Z')`` on the model's grid onto the input's voxels.
+
+    Linear interpolation when resampled (0 outside the model's grid), then the inverse
+    reorientation; float32, shape ``(X, Y, Z)``.
+    """
+    data = torch.as_tensor(np.asarray(values, np.float32))
+    out = (
+        _resample_back(data, model_affine, mapping, "bilinear")
+        if mapping.resampled
+        else data.numpy()
+    )
+    return _reorient_back(np.asarray(out, np.float32), mapping)
+
+
+def _resample_back(
+    volume: torch.Tensor, model_affine: np.ndarray | torch.Tensor, mapping: GridMapping, mode: str
+) -> np.ndarray:
+    """One ``(X', Y', Z')`` volume from the model's grid onto the reoriented input grid."""
+    tensor = MetaTensor(volume[None], affine=torch.as_tensor(model_affine))
+    back = SpatialResample(mode=mode, padding_mode="zeros")(
+        tensor,
+        dst_affine=torch.from_numpy(mapping.reoriented_affine),
+        spatial_size=mapping.reoriented_shape,
+    )
+    return np.asarray(back.as_tensor()[0])
+
+
+def _reorient_back(data: np.ndarray, mapping: GridMapping) -> np.ndarray:
+    """Undo :func:`to_model_grid`'s reorientation: the input's own voxel axes."""
     inverse = orientations.ornt_transform(
         orientations.axcodes2ornt(_axcodes_after(mapping)),
         orientations.io_orientation(mapping.affine),
     )
-    return np.ascontiguousarray(orientations.apply_orientation(data, inverse)).astype(np.uint8)
+    return np.ascontiguousarray(orientations.apply_orientation(data, inverse))
 
 
 def _axcodes_after(mapping: GridMapping) -> tuple[str, ...]:
@@ -537,6 +699,10 @@ class SegmentationResult:
             issued as a :class:`~neonb.errors.NeonbWarning`.
         inference_s: seconds of network inference.
         seconds: seconds for the whole session.
+        qc_uncertainty: with TTA, the mean normalised entropy inside the predicted brain
+            (:func:`qc_score`); ``None`` without.
+        qc_flag: whether ``qc_uncertainty`` is above the model's threshold
+            (:func:`qc_threshold`); ``None`` without TTA or without a calibrated threshold.
     """
 
     outputs: dict[str, Path]
@@ -547,6 +713,8 @@ class SegmentationResult:
     warnings: list[str] = field(default_factory=list)
     inference_s: float = math.nan
     seconds: float = math.nan
+    qc_uncertainty: float | None = None
+    qc_flag: bool | None = None
 
 
 def _prepare_out_dir(out_dir: Path) -> list[Path]:
@@ -635,7 +803,7 @@ def _fmt_mm(values: Sequence[float]) -> str:
     return " x ".join(f"{v:g}" for v in values) + " mm"
 
 
-def _notes(mapping: GridMapping, model: ExportedModel) -> list[str]:
+def _notes(mapping: GridMapping, model: ExportedModel, passes: int = 1) -> list[str]:
     notes = []
     if mapping.reoriented:
         notes.append(
@@ -644,30 +812,88 @@ def _notes(mapping: GridMapping, model: ExportedModel) -> list[str]:
     if mapping.resampled:
         notes.append(
             f"resampled from {_fmt_mm(mapping.voxel_size_mm)} voxels to the model's "
-            f"{_fmt_mm(model.voxel_size_mm)} (bilinear) and the labels back to the input's "
-            "grid (nearest neighbour)"
+            f"{_fmt_mm(model.voxel_size_mm)} (bilinear) and the class probabilities back to "
+            "the input's grid (linear), labelled by their argmax there"
         )
+    if passes > 1:
+        notes.append(f"flip test-time augmentation: probabilities averaged over {passes} passes")
     return notes
 
 
+@dataclass
+class _Prediction:
+    """The network's output for one session, on the model's grid.
+
+    Attributes:
+        labels: ``(X', Y', Z')`` uint8, the argmax of the (averaged) probabilities.
+        box: the head's bounding box on the model's grid, where the network predicted.
+        probs: ``(C, *box shape)`` float16 probabilities inside ``box``, kept when they are
+            to be resampled back to the input's grid; else ``None``.
+        uncertainty: ``(X', Y', Z')`` normalised entropy of the probabilities (0 outside
+            the box), with TTA; else ``None``.
+        passes: forward passes over the volume (1, or 1 + flips with TTA).
+    """
+
+    labels: np.ndarray
+    box: tuple[slice, slice, slice]
+    probs: torch.Tensor | None = None
+    uncertainty: np.ndarray | None = None
+    passes: int = 1
+
+
+def tta_flips(model: ExportedModel) -> list[tuple[int, ...]]:
+    """The flips of ``neonb segment --tta``: every combination of the training's flip axes.
+
+    The axes are those of the model's training augmentation (``training_config`` in
+    :data:`~neonb.export.METADATA_FILE`: ``augmentation.flip_axes``, when ``flip_prob`` > 0;
+    the default :class:`~neonb.transforms.AugmentationConfig`'s when not recorded), on the
+    model's voxel grid, where the flips were applied in training. With all three axes that is
+    seven flips, eight passes with the unflipped one, as nnU-Net's mirroring.
+    """
+    augmentation = (model.metadata.get("training_config") or {}).get("augmentation") or {}
+    if float(augmentation.get("flip_prob", 0.5)) <= 0:
+        return []
+    return flip_combinations(augmentation.get("flip_axes", (0, 1, 2)))
+
+
 def _predict(
-    model: ExportedModel, image: torch.Tensor, device: str | torch.device, amp: bool | str
-) -> tuple[np.ndarray, dict[str, float] | None]:
-    """Labels (and, for an AgeU-Net, ages as :func:`neonb.ageunet.segment_with_age` gives them)."""
+    model: ExportedModel,
+    image: torch.Tensor,
+    device: str | torch.device,
+    amp: bool | str,
+    *,
+    keep_probs: bool = False,
+    tta: bool = False,
+) -> tuple[_Prediction, dict[str, float] | None]:
+    """Labels (and, for an AgeU-Net, ages as :func:`neonb.ageunet.segment_with_age` gives them).
+
+    ``keep_probs`` keeps the probabilities (to resample them back); ``tta`` averages over
+    :func:`tta_flips` and adds the uncertainty map.
+    """
     windows = None
     if model.age_head is not None:
         from neonb.ageunet import WindowAges
 
         windows = WindowAges()
-    labels = segment(
+    flips = tta_flips(model) if tta else []
+    probs, box = predict_foreground(
         model.model, image, patch_size=model.patch_size, overlap=model.overlap, device=device,
-        amp=amp, segmentation_logits=windows,
+        amp=amp, segmentation_logits=windows, flips=flips,
         sw_batch_size=default_sw_batch_size(model.patch_size),
     )  # fmt: skip
+    labels = np.zeros(tuple(image.shape[1:]), dtype=np.uint8)
+    labels[box] = probs.argmax(dim=0).to(torch.uint8).numpy()
+    prediction = _Prediction(labels, box, passes=1 + len(flips))
+    if keep_probs:
+        prediction.probs = probs.to(torch.float16)
+    if tta:
+        uncertainty = np.zeros(labels.shape, np.float32)
+        uncertainty[box] = normalised_entropy(probs).numpy()
+        prediction.uncertainty = uncertainty
     if windows is None:
-        return labels, None
+        return prediction, None
     ages = windows.aggregate()
-    return np.asarray(labels, np.uint8), {key: float(value) for key, value in ages.items()}
+    return prediction, {key: float(value) for key, value in ages.items()}
 
 
 def precision(device: str | torch.device, amp: bool | str = "native") -> str:
@@ -781,6 +1007,7 @@ def segment_scan(
     scan_age: float | None = None,
     device: str | torch.device = "auto",
     amp: bool | str = "native",
+    tta: bool = False,
 ) -> SegmentationResult:
     """Segment one session and write its outputs (see the module docstring).
 
@@ -796,9 +1023,13 @@ def segment_scan(
         amp: bf16 autocast of the network (:func:`neonb.inference.use_inference_amp`):
             ``"native"`` (CUDA, or a CPU with native bf16), ``"auto"`` (CUDA), ``True``,
             ``False`` (fp32).
+        tta: flip test-time augmentation (:func:`tta_flips`; 8 passes of the network for
+            the paper's three flip axes): probabilities averaged, and an uncertainty map,
+            a QC score and flag (:func:`qc_score`, :func:`qc_threshold`). Without it the
+            network runs once and no uncertainty is computed.
 
     Returns:
-        The outputs written, the tissue volumes, ages, Dice and notes.
+        The outputs written, the tissue volumes, ages, Dice, notes and QC score.
 
     Raises:
         DataError: naming the file, for any bad input (:func:`load_inputs`), an output that
@@ -811,7 +1042,7 @@ def segment_scan(
     _check_device(device)
     session = _prepare_session(
         _as_model(model), t2w, out_dir, t1w=t1w, reference=reference, prefix=prefix,
-        scan_age=scan_age, started=started, precision=precision(device, amp),
+        scan_age=scan_age, started=started, precision=precision(device, amp), tta=tta,
     )  # fmt: skip
     try:
         return _finish_session(session, *_infer_session(session, device, amp))
@@ -862,6 +1093,7 @@ class _Session:
     started: float
     created: list[Path]
     precision: str
+    tta: bool = False
 
 
 def _prepare_session(
@@ -875,6 +1107,7 @@ def _prepare_session(
     scan_age: float | None,
     started: float,
     precision: str,
+    tta: bool = False,
 ) -> _Session:
     """Steps 1-3 of :func:`segment_scan` up to the network: read, check, plan, prepare.
 
@@ -903,6 +1136,7 @@ def _prepare_session(
         age=model.age_head is not None,
         dice=reference_image is not None,
         norms=_norms_wanted(model, scan_age),
+        uncertainty=tta,
     )
     check_no_input_replaced([t2w, t1w, reference, *_model_files(model)], list(paths.values()))
     anchor = images.get("t2w", next(iter(images.values())))
@@ -918,28 +1152,40 @@ def _prepare_session(
         model, image, images, reference_image, anchor, mapping, paths,
         sources={"t2w": t2w, "t1w": t1w}, scan_age=scan_age,
         header_warnings=header_warnings, started=started, created=created, precision=precision,
+        tta=tta,
     )  # fmt: skip
 
 
 def _infer_session(
     session: _Session, device: str | torch.device, amp: bool | str = "auto"
-) -> tuple[np.ndarray, dict[str, float] | None, float]:
-    """The network's part of :func:`segment_scan`: labels on the model's grid, ages, seconds."""
+) -> tuple[_Prediction, dict[str, float] | None, float]:
+    """The network's part of :func:`segment_scan`: the prediction on the model's grid, ages,
+    seconds."""
     inference_started = time.perf_counter()
-    labels_model, ages = _predict(session.model, session.image.as_tensor(), device, amp)
-    return labels_model, ages, time.perf_counter() - inference_started
+    prediction, ages = _predict(
+        session.model, session.image.as_tensor(), device, amp,
+        keep_probs=session.mapping.resampled, tta=session.tta,
+    )  # fmt: skip
+    return prediction, ages, time.perf_counter() - inference_started
 
 
 def _finish_session(
     session: _Session,
-    labels_model: np.ndarray,
+    prediction: _Prediction,
     ages: dict[str, float] | None,
     inference_s: float,
 ) -> SegmentationResult:
     """Step 4 of :func:`segment_scan`: labels back on the input's grid, tables, writes."""
     model, anchor, mapping, paths = session.model, session.anchor, session.mapping, session.paths
     t2w = session.sources["t2w"]
-    labels = from_model_grid(labels_model, session.image.affine, mapping)
+    if mapping.resampled and prediction.probs is not None:
+        labels = from_model_grid_probabilities(
+            prediction.probs, session.image.affine, mapping,
+            box=prediction.box, model_shape=prediction.labels.shape,
+        )  # fmt: skip
+        prediction.probs = None  # free them before the writes
+    else:
+        labels = from_model_grid(prediction.labels, session.image.affine, mapping)
     if not np.isin(labels, _brain_labels(model)).any():
         raise DataError(
             anchor.get_filename() or str(t2w),
@@ -957,11 +1203,23 @@ def _finish_session(
         reference_labels = np.asanyarray(session.reference_image.dataobj).astype(np.int64)
         dice = volumes[["index", "name", "abbreviation"]].copy()
         dice["dice"] = dice_per_class(labels, reference_labels, num_classes=len(dice))
-    notes = _notes(mapping, model)
+    notes = _notes(mapping, model, prediction.passes)
     sidecar = _sidecar(session.sources, model, mapping, notes)
     sidecar["InferencePrecision"] = session.precision
     sidecar["Warnings"] = session.header_warnings
     norm_writers = _norms_outputs(session, volumes, sidecar)
+    uncertainty = score = flag = None
+    if prediction.uncertainty is not None:
+        uncertainty = from_model_grid_map(prediction.uncertainty, session.image.affine, mapping)
+        score = qc_score(uncertainty, labels, _brain_labels(model))
+        flag = qc_flag(score, qc_threshold(model))
+        sidecar |= {
+            "TestTimeAugmentation": {"Flips": tta_flips(model), "Passes": prediction.passes},
+            "QCUncertainty": score,
+            "QCThreshold": qc_threshold(model),
+            "QCFlagged": flag,
+            "QCMeasure": QC_MEASURE,
+        }
     writers: dict[str, Callable[[Path], Any]] = {
         "dseg_tsv": _write_tsv(pd.DataFrame(model.metadata["labels"])),
         "sidecar": _write_text(json.dumps(sidecar, indent=2) + "\n"),
@@ -982,6 +1240,8 @@ def _finish_session(
     if dice is not None:
         writers["dice"] = _write_tsv(dice)
     writers |= norm_writers
+    if uncertainty is not None:
+        writers["uncertainty"] = lambda tmp: save_map(uncertainty, anchor, tmp)
     _write_all(paths, {key: _atomic(paths[key], writers[key], key) for key in paths})
     return SegmentationResult(
         outputs=dict(paths),
@@ -992,7 +1252,105 @@ def _finish_session(
         warnings=session.header_warnings,
         inference_s=inference_s,
         seconds=time.perf_counter() - session.started,
+        qc_uncertainty=score,
+        qc_flag=flag,
     )
+
+
+QC_MEASURE = (
+    "mean over the voxels labelled brain of the entropy of the flip-TTA-averaged class "
+    "probabilities divided by ln(number of classes) (0: certain, 1: uniform)"
+)
+"""What the QC score is, as written in the sidecar."""
+
+
+def qc_score(uncertainty: np.ndarray, labels: np.ndarray, brain_labels: Sequence[int]) -> float:
+    """The QC score of a segmentation: mean uncertainty inside the predicted brain.
+
+    Args:
+        uncertainty: ``(X, Y, Z)`` normalised entropy in [0, 1]
+            (:func:`neonb.inference.normalised_entropy`).
+        labels: ``(X, Y, Z)`` labels on the same grid.
+        brain_labels: the label values that are brain (not background).
+
+    Returns:
+        The mean, in [0, 1]; NaN when no voxel is brain.
+    """
+    brain = np.isin(labels, list(brain_labels))
+    return float(np.asarray(uncertainty, np.float64)[brain].mean()) if brain.any() else math.nan
+
+
+def qc_threshold(model: ExportedModel) -> float | None:
+    """The QC threshold calibrated at export (``qc.threshold`` in :data:`METADATA_FILE`), or
+    ``None`` when the model folder has none (:func:`neonb.export.calibrate_qc`)."""
+    value = (model.metadata.get("qc") or {}).get("threshold")
+    return None if value is None else float(value)
+
+
+def qc_flag(score: float, threshold: float | None) -> bool | None:
+    """Whether a QC score is above the threshold: look at this segmentation. ``None`` when
+    there is no threshold; ``True`` for a NaN score (nothing labelled brain)."""
+    if threshold is None:
+        return None
+    return bool(math.isnan(score) or score > threshold)
+
+
+def score_session(
+    model: ExportedModel | str | os.PathLike,
+    t2w: str | os.PathLike,
+    *,
+    t1w: str | os.PathLike | None = None,
+    device: str | torch.device = "auto",
+    amp: bool | str = "native",
+) -> float:
+    """The QC score ``neonb segment --tta`` gives a session, without writing anything.
+
+    The same steps as :func:`segment_scan` with ``tta=True`` up to :func:`qc_score`: read
+    and check, bring onto the model's grid, predict with flip TTA, map the labels and the
+    uncertainty back to the input's grid. Used to calibrate a model's QC threshold
+    (:func:`neonb.export.calibrate_qc`).
+
+    Raises:
+        DataError: for a bad input (:func:`load_inputs`).
+    """
+    model = _as_model(model)
+    images, _ = load_inputs(
+        {"t2w": t2w, "t1w": t1w}, model.channels, model_name=f"the model {model.model_dir}"
+    )
+    anchor = images.get("t2w", next(iter(images.values())))
+    mapping = plan_grid(anchor, model.orientation, model.voxel_size_mm)
+    volumes = [np.asanyarray(images[key].dataobj) for key in model.channels]
+    image = prepare_image(volumes, mapping, model.channels)
+    prediction, _ = _predict(
+        model, image.as_tensor(), device, amp, keep_probs=mapping.resampled, tta=True
+    )
+    if mapping.resampled:
+        labels = from_model_grid_probabilities(
+            prediction.probs, image.affine, mapping,
+            box=prediction.box, model_shape=prediction.labels.shape,
+        )  # fmt: skip
+    else:
+        labels = from_model_grid(prediction.labels, image.affine, mapping)
+    uncertainty = from_model_grid_map(prediction.uncertainty, image.affine, mapping)
+    return qc_score(uncertainty, labels, _brain_labels(model))
+
+
+def save_map(values: np.ndarray, reference: SpatialImage, path: str | os.PathLike) -> None:
+    """Write a float32 map as NIfTI in the space (affine, header) of ``reference``.
+
+    Args:
+        values: ``(X, Y, Z)`` on ``reference``'s grid.
+        reference: the input image (the T2w).
+        path: the file to write (``.nii.gz``); the caller makes the write atomic.
+    """
+    header = reference.header.copy()
+    image = nib.Nifti1Image(np.asarray(values, np.float32), reference.affine, header)
+    image.set_data_dtype(np.float32)
+    image.header.set_slope_inter(np.nan, np.nan)
+    image.header.set_intent("none")
+    image.set_qform(*reference.get_qform(coded=True))
+    image.set_sform(*reference.get_sform(coded=True))
+    nib.save(image, str(path))
 
 
 def _sidecar(
@@ -1278,6 +1636,7 @@ def segment_batch(
     echo: Callable[[str], Any] | None = None,
     prefetch: bool = True,
     amp: bool | str = "native",
+    tta: bool = False,
 ) -> BatchResult:
     """Segment every session of a manifest TSV or a dHCP/BIDS folder.
 
@@ -1302,6 +1661,9 @@ def segment_batch(
         prefetch: overlap reading and writing with the network's work (``False``: one
             session after the other, each step in turn).
         amp: bf16 autocast of the network, as in :func:`segment_scan`.
+        tta: flip test-time augmentation, uncertainty maps and QC, as in
+            :func:`segment_scan`; the summary's ``qc_uncertainty`` and ``qc_flag`` columns
+            are filled (``n/a`` without it, and ``qc_flag`` without a threshold).
 
     Returns:
         The per-session summary, also written to ``out_dir/segment_batch.tsv``.
@@ -1317,12 +1679,22 @@ def segment_batch(
     source = Path(source)
     sessions = read_batch(source, images=model.images)
     out_dir = Path(out_dir)
-    _check_batch_outputs(model, source, sessions, out_dir, evaluate)
+    _check_batch_outputs(model, source, sessions, out_dir, evaluate, tta)
     created = _prepare_out_dir(out_dir)
     try:
         with exclusive_lock(out_dir / BATCH_LOCK_FILE, "a neonb segment --batch"):
             return _run_batch(
-                model, source, sessions, out_dir, evaluate, device, progress, echo, prefetch, amp
+                model,
+                source,
+                sessions,
+                out_dir,
+                evaluate,
+                device,
+                progress,
+                echo,
+                prefetch,
+                amp,
+                tta,
             )
     except BaseException:
         _remove_created(created)
@@ -1330,7 +1702,12 @@ def segment_batch(
 
 
 def _check_batch_outputs(
-    model: ExportedModel, source: Path, sessions: pd.DataFrame, out_dir: Path, evaluate: bool
+    model: ExportedModel,
+    source: Path,
+    sessions: pd.DataFrame,
+    out_dir: Path,
+    evaluate: bool,
+    tta: bool = False,
 ) -> None:
     """Refuse a batch in which any output would replace any input."""
     inputs: list[str | os.PathLike] = [*_model_files(model)]
@@ -1346,13 +1723,16 @@ def _check_batch_outputs(
             outputs += _session_outputs(
                 out_dir, session.participant_id, session.session_id,
                 age=model.age_head is not None, dice=dice,
-                norms=_norms_wanted(model, session.scan_age),
+                norms=_norms_wanted(model, session.scan_age), uncertainty=tta,
             ).values()  # fmt: skip
     check_no_input_replaced(inputs, outputs)
 
 
-SUMMARY_COLUMNS: tuple[str, ...] = ("participant_id", "session_id", "status", "seconds", "message")
-"""Columns of :data:`BATCH_SUMMARY_FILE`, one row per session."""
+SUMMARY_COLUMNS: tuple[str, ...] = (
+    "participant_id", "session_id", "status", "seconds", "qc_uncertainty", "qc_flag", "message",
+)  # fmt: skip
+"""Columns of :data:`BATCH_SUMMARY_FILE`, one row per session; the QC columns are filled
+with ``--tta`` (:func:`qc_score`, :func:`qc_flag`), ``n/a`` otherwise."""
 
 MAX_PENDING_WRITES = 1
 """Sessions of a batch that may wait to be written while the network works on the next."""
@@ -1371,6 +1751,7 @@ def _run_batch(
     echo: Callable[[str], Any] | None,
     prefetch: bool = True,
     amp: bool | str = "native",
+    tta: bool = False,
 ) -> BatchResult:
     _write_dataset_description(out_dir)
     batch = _Batch(
@@ -1380,6 +1761,7 @@ def _run_batch(
             total=len(sessions), desc="segmenting", unit="session",
             bar_format=_BAR_FORMAT, disable=not progress,
         ),
+        tta=tta,
     )  # fmt: skip
     try:
         batch.run(list(sessions.itertuples(index=False)), prefetch)
@@ -1432,6 +1814,7 @@ class _Batch:
     bar: Any
     processed: int = 0
     began: float = field(default_factory=time.perf_counter)
+    tta: bool = False
 
     def run(self, sessions: Sequence[Any], prefetch: bool) -> None:
         """Segment ``sessions`` in order; rows land in :attr:`rows` as sessions finish.
@@ -1481,11 +1864,13 @@ class _Batch:
             return job
         reference = session.dseg if self.evaluate and session.dseg else None
         expected = _session_outputs(
-            self.out_dir, pid, sid, age=self.model.age_head is not None, dice=reference is not None,
-            norms=_norms_wanted(self.model, session.scan_age),
+            self.out_dir, pid, sid, age=self.model.age_head is not None,
+            dice=reference is not None, norms=_norms_wanted(self.model, session.scan_age),
+            uncertainty=self.tta,
         )  # fmt: skip
         if all(path.is_file() for path in expected.values()):
             job.status, job.row["message"] = "skipped", "outputs already there"
+            job.row |= _qc_from_sidecar(expected["sidecar"]) if self.tta else {}
             return job
         if session.problem or not session.t2w:
             job.error = DataError(f"sub-{pid}/ses-{sid}", session.problem or "no T2w image")
@@ -1495,7 +1880,7 @@ class _Batch:
             self.out_dir / f"sub-{pid}" / f"ses-{sid}" / "anat",
             t1w=session.t1w or None, reference=reference, prefix=f"sub-{pid}_ses-{sid}",
             scan_age=session.scan_age, started=job.started,
-            precision=precision(self.device, self.amp),
+            precision=precision(self.device, self.amp), tta=self.tta,
         )  # fmt: skip
         return job
 
@@ -1512,7 +1897,7 @@ class _Batch:
             self.finish(job, self.failed(job, err))
             return None
 
-    def infer(self, session: _Session) -> tuple[np.ndarray, dict[str, float] | None, float]:
+    def infer(self, session: _Session) -> tuple[_Prediction, dict[str, float] | None, float]:
         """The network's work on one session; its output folder is taken back on an error."""
         try:
             return _infer_session(session, self.device, self.amp)
@@ -1533,7 +1918,10 @@ class _Batch:
                 self.finish(job, self.failed(job, err))
                 continue
             message = "; ".join([*result.notes, *(f"warning: {w}" for w in result.warnings)])
-            row = {**job.row, "status": "done", "seconds": result.seconds, "message": message}
+            row = {
+                **job.row, "status": "done", "seconds": result.seconds, "message": message,
+                "qc_uncertainty": result.qc_uncertainty, "qc_flag": result.qc_flag,
+            }  # fmt: skip
             self.finish(job, row)
 
     def failed(self, job: _Job, err: NeonbError) -> dict[str, Any]:
@@ -1550,12 +1938,29 @@ class _Batch:
         self.bar.update(1)
 
 
+def _qc_from_sidecar(path: Path) -> dict[str, Any]:
+    """The QC score and flag a skipped session's sidecar recorded (none if unreadable)."""
+    try:
+        sidecar = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {"qc_uncertainty": sidecar.get("QCUncertainty"), "qc_flag": sidecar.get("QCFlagged")}
+
+
+def flagged_sessions(summary: pd.DataFrame) -> list[str]:
+    """``sub-<id> ses-<id>`` of each session of a batch summary whose QC flag is set."""
+    if "qc_flag" not in summary:
+        return []
+    flagged = summary[summary["qc_flag"].map(lambda v: v is True or v == 1 or v == "True")]
+    return [f"sub-{r.participant_id} ses-{r.session_id}" for r in flagged.itertuples()]
+
+
 def _finish_or_remove(
-    session: _Session, labels: np.ndarray, ages: dict[str, float] | None, seconds: float
+    session: _Session, prediction: _Prediction, ages: dict[str, float] | None, seconds: float
 ) -> SegmentationResult:
     """:func:`_finish_session`, taking the session's output folder back on an error."""
     try:
-        return _finish_session(session, labels, ages, seconds)
+        return _finish_session(session, prediction, ages, seconds)
     except BaseException:
         _remove_created(session.created)
         raise
