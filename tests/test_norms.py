@@ -10,30 +10,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from tiny_model import tiny_cohort, tiny_run
 
 from neonb import data, norms
 from neonb.cli import main
 from neonb.errors import ConfigError, DataError, NeonbWarning
-from neonb.experiment import TrainingConfig, train_segmentation
 from neonb.export import export_run, write_norms
 from neonb.labels import TISSUE_LABELS, short_names
 from neonb.norms import NORMS_FILE, fit_norms, load_norms, save_norms
-from neonb.phantom import write_cohort
 from neonb.segmentation import output_prefix, segment_batch, segment_scan
 from neonb.splits import write_splits
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-TINY = {
-    "patch_size": [16, 16, 16],
-    "epochs": 2,
-    "batch_size": 2,
-    "samples_per_volume": 2,
-    "overlap": 0.25,
-    "optimizer": "adamw",
-    "learning_rate": 3e-3,
-    "model": {"strides": [1, 2, 2], "filters": [4, 8, 16], "deep_supr_num": 1},
-}
 
 
 def _volumes(n=60, seed=0, tissues=("WM", "CSF"), ages=(28.0, 44.0)) -> pd.DataFrame:
@@ -163,9 +151,7 @@ def test_synthetic_norms_say_so():
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    return write_cohort(
-        tmp_path_factory.mktemp("cohort"), n=4, seed=3, voxel_size=6.0, progress=False
-    )
+    return tiny_cohort(tmp_path_factory.mktemp("cohort"), seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -175,11 +161,7 @@ def manifest(cohort):
 
 @pytest.fixture(scope="module")
 def run_dir(manifest, tmp_path_factory):
-    records = data.to_data_dicts(manifest)
-    run = tmp_path_factory.mktemp("run")
-    train_segmentation(
-        records[:3], records[3:], TrainingConfig.from_dict(TINY), run, progress=False
-    )
+    run = tiny_run(manifest, tmp_path_factory.mktemp("run"))
     return run
 
 

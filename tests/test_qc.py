@@ -13,16 +13,15 @@ import pandas as pd
 import pytest
 import torch
 from nibabel.processing import resample_to_output
+from tiny_model import tiny_cohort, tiny_run
 from torch import nn
 
 from neonb import data
 from neonb.cli import main
 from neonb.errors import DataError
-from neonb.experiment import TrainingConfig, train_segmentation
 from neonb.export import calibrate_qc, export_run, load_exported_model, write_qc
 from neonb.inference import flip_combinations, normalised_entropy, predict_foreground
 from neonb.metrics import dice_per_class
-from neonb.phantom import write_cohort
 from neonb.segmentation import (
     BATCH_SUMMARY_FILE,
     from_model_grid,
@@ -35,23 +34,10 @@ from neonb.segmentation import (
     tta_flips,
 )
 
-TINY = {
-    "patch_size": [16, 16, 16],
-    "epochs": 2,
-    "batch_size": 2,
-    "samples_per_volume": 2,
-    "overlap": 0.25,
-    "optimizer": "adamw",
-    "learning_rate": 3e-3,
-    "model": {"strides": [1, 2, 2], "filters": [4, 8, 16], "deep_supr_num": 1},
-}
-
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    return write_cohort(
-        tmp_path_factory.mktemp("cohort"), n=4, seed=5, voxel_size=6.0, progress=False
-    )
+    return tiny_cohort(tmp_path_factory.mktemp("cohort"), seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +47,7 @@ def manifest(cohort):
 
 @pytest.fixture(scope="module")
 def run_dir(manifest, tmp_path_factory):
-    records = data.to_data_dicts(manifest)
-    run = tmp_path_factory.mktemp("run")
-    train_segmentation(
-        records[:3], records[3:], TrainingConfig.from_dict(TINY), run, progress=False
-    )
+    run = tiny_run(manifest, tmp_path_factory.mktemp("run"))
     return run
 
 

@@ -13,14 +13,14 @@ import pytest
 import torch
 from nibabel import orientations
 from nibabel.processing import resample_to_output
+from tiny_model import TINY, tiny_cohort, tiny_run
 
 from neonb import data, segmentation
 from neonb.cli import main
 from neonb.errors import DataError
-from neonb.experiment import TrainingConfig, prediction_filename, train_segmentation
+from neonb.experiment import TrainingConfig, prediction_filename
 from neonb.export import export_run, load_exported_model
 from neonb.labels import NUM_CLASSES
-from neonb.phantom import write_cohort
 from neonb.segmentation import (
     BATCH_SUMMARY_FILE,
     output_paths,
@@ -32,25 +32,12 @@ from neonb.segmentation import (
 )
 from neonb.transforms import eval_transforms
 
-TINY = {
-    "patch_size": [16, 16, 16],
-    "epochs": 2,
-    "batch_size": 2,
-    "samples_per_volume": 2,
-    "overlap": 0.25,
-    "optimizer": "adamw",
-    "learning_rate": 3e-3,
-    "model": {"strides": [1, 2, 2], "filters": [4, 8, 16], "deep_supr_num": 1},
-}
-
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    return write_cohort(
-        tmp_path_factory.mktemp("cohort"), n=4, seed=3, voxel_size=6.0, progress=False
-    )
+    return tiny_cohort(tmp_path_factory.mktemp("cohort"), seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +47,7 @@ def manifest(cohort):
 
 @pytest.fixture(scope="module")
 def model_dir(cohort, manifest, tmp_path_factory):
-    records = data.to_data_dicts(manifest)
-    run = tmp_path_factory.mktemp("run")
-    train_segmentation(
-        records[:3], records[3:], TrainingConfig.from_dict(TINY), run, progress=False
-    )
+    run = tiny_run(manifest, tmp_path_factory.mktemp("run"))
     return export_run(run, tmp_path_factory.mktemp("model") / "tiny", data_root=cohort)
 
 
