@@ -59,7 +59,7 @@ from torch import nn
 
 from neonb import __version__
 from neonb.errors import ConfigError, DataError
-from neonb.files import atomic_write, default_file_mode
+from neonb.files import atomic_write, default_file_mode, read_json
 from neonb.labels import label_table
 from neonb.models import ModelConfig, build_model, check_patch_size
 
@@ -686,16 +686,7 @@ def _read_metadata(model_dir: Path) -> dict[str, Any]:
     path = model_dir / METADATA_FILE
     if not path.is_file():
         raise DataError(path, "file not found", hint="is this a folder written by neonb export?")
-    try:
-        with open(path, "rb") as file:
-            raw = file.read(MAX_METADATA_BYTES + 1)
-        if len(raw) > MAX_METADATA_BYTES:
-            raise DataError(path, f"is larger than {MAX_METADATA_BYTES // 2**20} MiB")
-        metadata = json.loads(raw.decode("utf-8"))
-    except RecursionError as err:
-        raise DataError(path, "is not readable JSON: nested too deeply") from err
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise DataError(path, f"is not readable JSON: {err}") from err
+    metadata = read_json(path, MAX_METADATA_BYTES)
     if not isinstance(metadata, Mapping):
         raise DataError(path, "does not hold a JSON object")
     missing = [key for key in REQUIRED_METADATA if key not in metadata]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -152,3 +153,25 @@ def read_id_table(path: str | os.PathLike, columns: Sequence[str], what: str) ->
     if missing:
         raise DataError(path, f"missing column(s) {sorted(missing)}")
     return table
+
+
+def read_json(path: str | os.PathLike, max_bytes: int) -> Any:
+    """The JSON value of a file that may come from anyone (a model folder), read safely.
+
+    At most ``max_bytes`` are read, so a huge or endless file is refused rather than loaded.
+
+    Raises:
+        DataError: naming the file when it is larger than ``max_bytes``, unreadable, not
+            UTF-8, not JSON, or nested too deeply to parse.
+    """
+    size = f"{max_bytes // 2**20} MiB" if max_bytes % 2**20 == 0 else f"{max_bytes // 2**10} kiB"
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(max_bytes + 1)
+        if len(raw) > max_bytes:
+            raise DataError(path, f"is larger than {size}")
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError as err:
+        raise DataError(path, "is not readable JSON: nested too deeply") from err
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise DataError(path, f"is not readable JSON: {err}") from err

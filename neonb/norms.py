@@ -60,7 +60,7 @@ import numpy as np
 import pandas as pd
 
 from neonb.errors import ConfigError, DataError
-from neonb.files import atomic_write
+from neonb.files import atomic_write, read_json
 
 __all__ = [
     "DEGREE",
@@ -407,17 +407,7 @@ def load_norms(model_dir: str | os.PathLike) -> Norms | None:
     path = Path(model_dir) / NORMS_FILE
     if not path.is_file():
         return None
-    try:
-        with open(path, "rb") as file:
-            raw = file.read(MAX_NORMS_BYTES + 1)
-        if len(raw) > MAX_NORMS_BYTES:
-            raise DataError(path, f"is larger than {MAX_NORMS_BYTES // 2**10} kiB")
-        data = json.loads(raw.decode("utf-8"))
-    except RecursionError as err:
-        raise DataError(path, "is not readable JSON: nested too deeply") from err
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise DataError(path, f"is not readable JSON: {err}") from err
-    return _norms_from_dict(data, path)
+    return _norms_from_dict(read_json(path, MAX_NORMS_BYTES), path)
 
 
 def _number(value: Any) -> bool:

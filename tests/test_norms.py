@@ -276,3 +276,13 @@ def test_batch_with_norms_gathers_centiles_and_resumes(model_dirs, manifest, tmp
     assert len(list(out.rglob("*_norms.png"))) == 2
     again = segment_batch(with_norms, tsv, out, device="cpu", progress=False)
     assert list(again.summary["status"]) == ["skipped", "skipped"]
+
+
+def test_an_oversized_or_too_deep_norms_file_is_refused_naming_it(tmp_path):
+    path = tmp_path / NORMS_FILE
+    path.write_bytes(b" " * (norms.MAX_NORMS_BYTES + 1))
+    with pytest.raises(DataError, match=r"norms\.json.*larger than 1 MiB"):
+        load_norms(tmp_path)
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match="not readable JSON"):
+        load_norms(tmp_path)
