@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -361,6 +362,27 @@ def _paired(
     return wide
 
 
+def _varies(values: np.ndarray) -> bool:
+    """Whether values differ by more than float rounding (a t-test of constants is undefined)."""
+    return bool(np.ptp(values) > 1e-9 * max(1.0, float(np.abs(values).max())))
+
+
+def _paired_t(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Statistic and two-sided p of the paired t-test of ``x`` and ``y``.
+
+    When every subject moved alike (differences equal up to rounding) the test is undefined
+    and the answer certain: p = 1 (t NaN) for no difference at all, p = 0 (t infinite, with
+    the difference's sign) for a constant one.
+    """
+    d = np.asarray(x, dtype=float) - np.asarray(y, dtype=float)
+    if not _varies(d):
+        if abs(d.mean()) < 1e-12:
+            return float("nan"), 1.0
+        return math.copysign(math.inf, d.mean()), 0.0
+    result = stats.ttest_rel(x, y)
+    return float(result.statistic), float(result.pvalue)
+
+
 def pairwise_paired_tests(
     table: pd.DataFrame,
     value: str,
@@ -397,7 +419,7 @@ def pairwise_paired_tests(
     wide = _paired(table, value, by, subject, order)
     rows = []
     for a, b in combinations(wide.columns, 2):
-        result = stats.ttest_rel(wide[a], wide[b])
+        t, p = _paired_t(wide[a].to_numpy(), wide[b].to_numpy())
         difference, low, high = mean_interval(wide[a] - wide[b], confidence)
         rows.append(
             {
@@ -407,16 +429,15 @@ def pairwise_paired_tests(
                 "n_b": len(wide),
                 "mean_a": float(wide[a].mean()),
                 "mean_b": float(wide[b].mean()),
-                "t": float(result.statistic),
-                "p": float(result.pvalue),
+                "t": t,
+                "p": p,
                 "difference": difference,
                 "difference_low": low,
                 "difference_high": high,
             }
         )
     tests = pd.DataFrame(rows)
-    p = tests["p"].fillna(1.0).to_numpy()  # identical scores: no evidence of a difference
-    reject, corrected, _, _ = multipletests(p, alpha=alpha, method=method)
+    reject, corrected, _, _ = multipletests(tests["p"].to_numpy(), alpha=alpha, method=method)
     tests["p_corrected"] = corrected
     tests["reject"] = reject
     return tests[[*TEST_COLUMNS, "difference", "difference_low", "difference_high"]]
@@ -455,31 +476,22 @@ def _direction_verdict(sign: float, p_corrected: float, alpha: float) -> str:
     return NOT_CONTRADICTED if sign > 0 else NOT_SUPPORTED
 
 
-def _varies(values: np.ndarray) -> bool:
-    """Whether values differ by more than float rounding (a t-test of constants is undefined)."""
-    return bool(np.ptp(values) > 1e-9 * max(1.0, float(np.abs(values).max())))
-
-
 def _claim_test(claim: Claim, x: np.ndarray, y: np.ndarray, margin: float) -> dict:
     """Statistic and uncorrected p of one claim (x: group a, y: group b, paired)."""
     d = x - y
     if claim.kind == "greater":
-        if not _varies(d):  # every subject moved alike: certain, unless not at all
-            return {
-                "estimate": float(d.mean()),
-                "sign": float(d.mean()),
-                "p": float(abs(d.mean()) < 1e-12),
-            }
-        p = float(stats.ttest_rel(x, y).pvalue)
-        return {"estimate": float(d.mean()), "sign": float(d.mean()), "p": p}
+        return {"estimate": float(d.mean()), "sign": float(d.mean()), "p": _paired_t(x, y)[1]}
     if claim.kind == "equivalent":
         if _varies(d):
             p_tost = float(ttost_paired(x, y, -margin, margin)[0])
-            p_diff = float(stats.ttest_rel(x, y).pvalue)
         else:  # every difference equal: within the margin or not, with certainty
             p_tost = 0.0 if abs(d.mean()) < margin else 1.0
-            p_diff = 1.0 if abs(d.mean()) < 1e-12 else 0.0
-        return {"estimate": float(d.mean()), "sign": 0.0, "p": p_tost, "p_difference": p_diff}
+        return {
+            "estimate": float(d.mean()),
+            "sign": 0.0,
+            "p": p_tost,
+            "p_difference": _paired_t(x, y)[1],
+        }
     sd_x, sd_y = float(np.std(x, ddof=1)), float(np.std(y, ddof=1))
     if _varies(x + y) and _varies(d):
         p = float(stats.pearsonr(x + y, d).pvalue)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -286,3 +288,20 @@ def test_claims_check_their_arguments():
         check_claims(table, "dice", [Claim("x", "a", "z")])
     with pytest.raises(ConfigError, match="margin"):
         check_claims(table, "dice", [Claim("x", "a", "b")], margin=0)
+
+
+def test_paired_tests_and_claims_agree_when_every_subject_moves_alike():
+    # b is a plus exactly 0.05 for every subject: no t-test is defined, the answer is certain
+    a = [0.70, 0.75, 0.80, 0.85]
+    rows = [
+        (g, f"s{i}", v + shift) for g, shift in (("a", 0.0), ("b", 0.05)) for i, v in enumerate(a)
+    ]
+    rows += [("c", f"s{i}", v) for i, v in enumerate(a)]
+    table = pd.DataFrame(rows, columns=["strategy", "participant_id", "dice"])
+    tests = pairwise_paired_tests(table, "dice").set_index(["group_a", "group_b"])
+    assert tests.loc[("a", "b"), "p"] == 0.0 and tests.loc[("a", "b"), "reject"]
+    assert tests.loc[("a", "b"), "t"] == -math.inf  # a - b is -0.05 for every subject
+    assert tests.loc[("a", "c"), "p"] == 1.0 and not tests.loc[("a", "c"), "reject"]
+    claims = check_claims(table, "dice", [Claim("b > a", "b", "a"), Claim("a > c", "a", "c")])
+    assert claims.loc["b > a", "p"] == tests.loc[("a", "b"), "p"]
+    assert list(claims["verdict"]) == [HOLDS, NOT_SUPPORTED]
