@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import numbers
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -609,12 +610,16 @@ def pipeline_runs(
         seed: the study's seed.
         training: the chapter's ``training`` parameters.
         n_runs: runs (the paper: 4).
+
+    Raises:
+        ConfigError: for ``n_runs`` that is not a whole number of at least 1.
     """
+    n_runs = _check_n_runs(n_runs)
     folder = Path(results_dir) / "01_pipeline"
     config = TrainingConfig.from_dict({**training, "seed": seed})
     records = _records(cohort, pipeline_splits, ("train", "val", "test"))
     runs = {}
-    for i in range(int(n_runs)):
+    for i in range(n_runs):
         run_config, run_dir = config.replace(seed=seed + i), folder / f"run-{i}"
         trainer = functools.partial(
             _train_segmentation, records["train"], records["val"], run_config, run_dir
@@ -865,7 +870,8 @@ def budgeting_runs(
 
 
 def _check_n_runs(n_runs: Any) -> int:
-    if isinstance(n_runs, bool) or int(n_runs) != n_runs or int(n_runs) < 1:
+    """``n_runs`` as an int, or a :class:`ConfigError` for anything but a whole number >= 1."""
+    if not isinstance(n_runs, numbers.Integral) or isinstance(n_runs, bool) or n_runs < 1:
         raise ConfigError(f"n_runs must be a whole number of at least 1, but found {n_runs!r}")
     return int(n_runs)
 
@@ -997,9 +1003,7 @@ def define_runs(
         "training": params.get("training", {}),
     }
     if chapter == "01_pipeline":
-        return pipeline_runs(
-            cohort, tables["pipeline"], **common, n_runs=int(params.get("n_runs", 1))
-        )
+        return pipeline_runs(cohort, tables["pipeline"], **common, n_runs=params.get("n_runs", 1))
     if chapter == "02_ageunet":
         return ageunet_runs(
             cohort,

@@ -259,3 +259,19 @@ def test_replicates_are_trained_reported_and_scored_by_group(workdir):
     # two seeds, two networks: their test scores differ
     full = per_case[per_case["condition"] == "full"]
     assert not full[full["run"] == 0]["dice"].equals(full[full["run"] == 1]["dice"])
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, 2.0, "3", True])
+def test_every_chapter_refuses_an_n_runs_that_is_not_a_whole_number(workdir, bad):
+    from neonb.runs import define_runs
+    from neonb.splits import load_study_splits
+    from neonb.study import load_params, open_cohort_from_params
+
+    with contextlib.chdir(workdir):
+        params = load_params(SMOKE, "01_pipeline")
+        cohort = open_cohort_from_params(params)
+        tables = load_study_splits(params["results_dir"], cohort.manifest)
+        for chapter in ("01_pipeline", "03_budgeting", "04_transfer"):
+            chapter_params = {**load_params(SMOKE, chapter), "n_runs": bad}
+            with pytest.raises(ConfigError, match="n_runs must be a whole number"):
+                define_runs(chapter, chapter_params, cohort, tables)
