@@ -101,6 +101,7 @@ __all__ = [
     "full_conditions",
     "mask_filename",
     "other_schedule_condition",
+    "other_schedule_config",
     "paper_claims",
     "paper_findings",
     "place_slices",
@@ -1087,6 +1088,34 @@ def condition_config(
             f"schedule 'steps' needs samples_per_epoch >= 1, but found {samples_per_epoch!r}"
         )
     return config.replace(samples_per_volume=max(1, round(samples_per_epoch / n_subjects)))
+
+
+def other_schedule_config(
+    schedule: str, dispersed: TrainingConfig, n_dispersed: int, n_full: int
+) -> TrainingConfig:
+    """The full condition's settings under the schedule the chapter does not use.
+
+    The dispersed Table 3 conditions train the same way under both schedules
+    (:func:`condition_config`: ``epochs`` of ``samples_per_volume`` patches of each of their
+    ``n_dispersed`` volumes); only the full condition differs: under equal epochs it takes
+    their patches per volume (a third of their steps at dispersion 3), under equal steps as
+    many patches per epoch as they do.
+
+    Args:
+        schedule: the chapter's schedule (the other one is returned).
+        dispersed: a dispersed Table 3 condition's settings.
+        n_dispersed: its training sessions.
+        n_full: the full condition's training sessions.
+
+    Raises:
+        ConfigError: for an unknown schedule.
+    """
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"schedule must be one of {list(SCHEDULES)}, but found {schedule!r}")
+    if schedule == "steps":  # the other one is the paper's: equal epochs
+        return dispersed
+    per_volume = max(1, round(dispersed.samples_per_volume * n_dispersed / n_full))
+    return dispersed.replace(samples_per_volume=per_volume)
 
 
 def condition_results(

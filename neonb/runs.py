@@ -740,22 +740,6 @@ def replicate_id(group: str, replicate: int) -> str:
     return f"{group}/run-{replicate}"
 
 
-def _other_schedule_config(
-    schedule: str, dispersed: TrainingConfig, n_dispersed: int, n_full: int
-) -> TrainingConfig:
-    """The full condition's settings under the schedule the chapter does not use.
-
-    The dispersed Table 3 conditions train the same way under both schedules (``epochs`` of
-    ``samples_per_volume`` patches of each of their ``n_dispersed`` volumes); only the full
-    condition differs: under equal epochs it takes their patches per volume (a third of their
-    steps at dispersion 3), under equal steps as many patches per epoch as they do.
-    """
-    if schedule == "steps":  # the other one is the paper's: equal epochs
-        return dispersed
-    per_volume = max(1, round(dispersed.samples_per_volume * n_dispersed / n_full))
-    return dispersed.replace(samples_per_volume=per_volume)
-
-
 def budgeting_runs(
     cohort: Any,
     pipeline_splits: pd.DataFrame,
@@ -821,7 +805,7 @@ def budgeting_runs(
         full = next(c for c in plan.conditions if c.is_full and c.name in plan.table3)
         dispersed = next(t for t in trained if t[0].name in plan.table3 and not t[0].is_full)
         extra = dataclasses.replace(full, name=budgeting.other_schedule_condition(schedule))
-        extra_config = _other_schedule_config(
+        extra_config = budgeting.other_schedule_config(
             schedule, dispersed[2], dispersed[0].n_subjects, full.n_subjects
         )
         trained.append((extra, [str(i) for i in plan.participants[full.name]], extra_config))

@@ -602,3 +602,16 @@ def test_a_mask_follows_augmentation_and_hides_voxels_from_the_loss(records, tmp
     assert 0 < probe["unannotated voxels"].iloc[0] < 1
     assert (probe["gradient on unannotated logits"] == 0).all()
     assert (probe["logits with gradient, annotated"] > 0.9).all()
+
+
+def test_the_other_schedule_changes_only_the_full_condition():
+    dispersed = TrainingConfig(patch_size=(16, 16, 16), model=TINY, samples_per_volume=3)
+    # the demo's schedule is steps: the full volumes at equal epochs take the same patches
+    # per volume as the dispersed conditions
+    assert B.other_schedule_config("steps", dispersed, 12, 4) == dispersed
+    # the paper's schedule is epochs: at equal steps the full volumes take three times more
+    at_steps = B.other_schedule_config("epochs", dispersed, 12, 4)
+    assert at_steps.samples_per_volume == 9
+    assert at_steps.replace(samples_per_volume=3) == dispersed
+    with pytest.raises(ConfigError, match="schedule"):
+        B.other_schedule_config("minutes", dispersed, 12, 4)
