@@ -316,13 +316,16 @@ class InstanceNorm3dChannelsLast(nn.InstanceNorm3d):
     and sums over the spatial axes, which keep the layout (outputs and gradients agree with
     ``nn.InstanceNorm3d`` to float rounding; the test suite checks them against float64).
     Same parameters and state-dict keys as the module it replaces (:func:`channels_last`).
-    Inputs that are not 5-D fall back to ``nn.InstanceNorm3d``.
+    Only in training mode: in eval mode (validation, inference), and for inputs that are not
+    5-D or not of the parameters' dtype (autocast), it is ``nn.InstanceNorm3d``, so a
+    trained model predicts exactly as the same weights loaded into a fresh network.
     """
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalise ``input`` ``(B, C, X, Y, Z)`` per sample and channel."""
         if (
-            input.ndim != 5
+            not self.training  # eval: PyTorch's, bit for bit as a freshly loaded model
+            or input.ndim != 5
             or self.track_running_stats
             or not self.affine
             or input.dtype != self.weight.dtype  # e.g. under autocast: PyTorch's rules

@@ -71,6 +71,10 @@ def test_channels_last_instance_norm_matches_float64_and_keeps_the_layout():
     y32.backward(grad)
     y64.backward(grad.double())
     assert x32.grad.is_contiguous(memory_format=torch.channels_last_3d)
+    norm.eval()  # eval mode: PyTorch's instance norm, bit for bit
+    stock = torch.nn.InstanceNorm3d(3, affine=True)
+    stock.load_state_dict(norm.state_dict())
+    assert torch.equal(norm(x), stock(x))
     assert torch.allclose(x32.grad.double(), x64.grad, atol=1e-5)
     assert torch.allclose(norm.weight.grad.double(), reference.weight.grad, atol=1e-4)
     assert torch.allclose(norm.bias.grad.double(), reference.bias.grad, atol=1e-4)
