@@ -75,7 +75,7 @@ from neonb.experiment import (
 )
 from neonb.inference import autocast, predict_volume
 from neonb.losses import SegmentationLoss, deep_supervision_weights
-from neonb.models import build_model, channels_last
+from neonb.models import build_model, channels_last, head_scales
 from neonb.phantom import write_cohort
 from neonb.study import load_params
 from neonb.transforms import eval_transforms
@@ -135,19 +135,41 @@ LARGE_PATCH_VOXELS = 96**3
 
 GB = 1e9
 
-AB_VARIANTS: dict[str, tuple[str, bool]] = {
-    "today": ("contiguous", False),
-    "fused_loss": ("contiguous", True),
-    "channels_last": ("channels_last", False),
-    "channels_last_group_norm": ("group_norm", False),
-    "new": ("channels_last", True),
+
+@dataclass(frozen=True)
+class AbSpec:
+    """What an ``--ab`` variant changes.
+
+    ``layout``: ``contiguous`` (PyTorch's default), ``channels_last``
+    (:func:`neonb.models.channels_last`, channels-last inputs, PyTorch's instance norms),
+    ``cl_norm`` (that, with :class:`neonb.models.InstanceNorm3dChannelsLast`, which keeps the
+    layout) or ``group_norm`` (channels-last with one-group-per-channel group norms; measured,
+    not kept). ``fused``: ``SegmentationLoss(fused=...)`` (``False``: the per-head MONAI-based
+    loss neonb used before). ``low_res_heads``: the lower heads scored at their own
+    resolution (``head_scales``). ``foreach``: AdamW/SGD's multi-tensor ``foreach`` step.
+    """
+
+    layout: str = "contiguous"
+    fused: bool = False
+    low_res_heads: bool = False
+    foreach: bool = False
+
+
+AB_VARIANTS: dict[str, AbSpec] = {
+    "today": AbSpec(),
+    "fused_loss": AbSpec(fused=True),
+    "channels_last": AbSpec("channels_last"),
+    "channels_last_group_norm": AbSpec("group_norm"),
+    "before": AbSpec("channels_last", fused=True),
+    "cl_norm": AbSpec("cl_norm", fused=True),
+    "low_res_heads": AbSpec("channels_last", fused=True, low_res_heads=True),
+    "foreach": AbSpec("channels_last", fused=True, foreach=True),
+    "new": AbSpec("cl_norm", fused=True, low_res_heads=True),
 }
-"""``--ab`` variants: (memory layout, fused loss). ``contiguous``: PyTorch's default layout;
-``channels_last``: :func:`neonb.models.channels_last` (channels-last weights) and channels-last
-inputs; ``group_norm``: that, and the instance norms replaced by the equivalent group norms
-(one group per channel), which keep the layout (measured, not kept).
-The loss is ``SegmentationLoss(fused=...)``: ``False`` is the per-head MONAI-based loss neonb
-used before."""
+"""``--ab`` variants. ``today``: the step of commit ``14e8d10``'s predecessor (default layout,
+per-head loss); ``before``: what ``fit`` did after the first round of issue 16 (channels-last
+and the fused loss, 1.2x); ``new``: what :func:`neonb.engine.fit` does now on the CPU; the
+others one lever each (on top of ``before`` where they name no layout)."""
 
 ENV_VARIABLES = (
     "OMP_NUM_THREADS",
@@ -550,26 +572,31 @@ def build_variant(
     name: str, bench: BenchConfig, batches: Sequence[dict[str, torch.Tensor]]
 ) -> Variant:
     """The model (seeded as :func:`measure_training` seeds it), optimiser and loss of ``name``."""
-    layout, fused = AB_VARIANTS[name]
+    spec = AB_VARIANTS[name]
     seed_everything(bench.training.seed, torch.device("cpu"), cudnn_benchmark=False)
     model = build_model(bench.training.model).train()
-    if layout == "group_norm":
-        swap_instance_norms(model)
-    if layout != "contiguous":
-        model = channels_last(model)
+    if spec.layout == "group_norm":
+        swap_group_norms(model)
+    if spec.layout != "contiguous":
+        model = channels_last(model, instance_norms=spec.layout == "cl_norm")
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], bench.training)
+    if spec.foreach:
+        for group in optimizer.param_groups:
+            group["foreach"] = True
     heads = 1 + bench.training.model.deep_supr_num if bench.training.model.deep_supervision else 1
-    loss_fn = SegmentationLoss(deep_supervision_weights(heads), fused=fused)
+    scales = head_scales(model) if spec.low_res_heads else None
+    weights = deep_supervision_weights(heads)
+    loss_fn = SegmentationLoss(weights, fused=spec.fused, head_scales=scales)
     own = []
     for batch in batches:
         own.append(dict(batch))
-        if layout != "contiguous":
+        if spec.layout != "contiguous":
             image = batch["image"].contiguous(memory_format=torch.channels_last_3d)
             own[-1]["image"] = image
     return Variant(name, model, optimizer, loss_fn, own, [], [])
 
 
-def swap_instance_norms(model: nn.Module) -> None:
+def swap_group_norms(model: nn.Module) -> None:
     """Replace affine ``InstanceNorm3d`` layers by ``GroupNorm`` with one group per channel
     (the same function), holding the same parameters."""
     for module in list(model.modules()):

@@ -26,6 +26,7 @@ at 1/16, and its target downsampling never applies to DynUNet, whose heads come 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -196,11 +197,16 @@ def masked_dice_ce(
     return loss(logits, label, mask)
 
 
+HeadScale = int | tuple[int, int, int]
+"""How many times coarser a head is than the label along each axis (one int for all)."""
+
+
 def masked_dice_ce_heads(
     heads: Tensor,
     label: Tensor,
     mask: Tensor | None = None,
     *,
+    head_scales: Sequence[HeadScale] | None = None,
     include_background: bool = True,
     smooth_nr: float = 1e-5,
     smooth_dr: float = 1e-5,
@@ -212,16 +218,29 @@ def masked_dice_ce_heads(
     The same values as ``MaskedDiceCELoss(...)(heads[:, h], label, mask)`` for each head ``h``
     (up to float rounding; the test suite checks values and gradients), computed with less work
     on the CPU: the mask, the masked one-hot target and its per-class sums are built once for
-    all heads, one ``log_softmax`` over all heads gives both the cross-entropy and (through
-    ``exp``) the softmax of the Dice term, and the sums over voxels are batched products
-    (``einsum``) rather than full-size products followed by sums. On the demo's three
-    ``2 x 10 x 48^3`` heads this takes about a third of the time of the per-head loss
-    (``benchmarks/README.md``).
+    all heads, and one ``log_softmax`` per head gives both the cross-entropy and (through
+    ``exp``) the softmax of the Dice term.
+
+    **Heads at their own resolution** (``head_scales``). DynUNet upsamples a lower head to
+    the label's size by nearest-neighbour interpolation, so the upsampled head is constant
+    over blocks of ``s`` voxels (``s`` its scale per axis) and every sum of the loss over the
+    voxels of a block is the low-resolution head's value times a sum over the block of the
+    label's: the masked one-hot target pooled over blocks (a count of each class's annotated
+    voxels) and the mask pooled likewise (annotated voxels per block). Given the scales, the
+    loss reads the low-resolution head back from the upsampled one (every ``s``-th voxel,
+    exactly its values) and sums over ``1/prod(s)`` of the voxels: the same Dice and
+    cross-entropy, and the same gradient, up to float rounding. It is exact only for
+    nearest-neighbour upsampling by whole factors (what ``neonb.models.head_scales`` checks);
+    for any other upsampling (trilinear, or nnU-Net's comparison of the low-resolution head
+    with a *downsampled label*, which neonb does not do) it would compute a different loss.
 
     Args:
         heads: logits ``(B, H, C, X, Y, Z)`` (any number of spatial dims), ``C >= 2``.
         label: class indices ``(B, 1, X, Y, Z)``, integer-valued (float or int dtype).
         mask: ``(B, 1, X, Y, Z)`` of 0 and 1 (1 = annotated), or ``None`` for all annotated.
+        head_scales: for each head, how many times coarser it was before nearest-neighbour
+            upsampling to ``(X, Y, Z)`` (an int, or one per spatial axis); ``None``: every
+            head is scored at full resolution, whatever its upsampling.
         include_background: keep class 0 in the Dice term.
         smooth_nr: constant added to the Dice numerator.
         smooth_dr: constant added to the Dice denominator.
@@ -232,29 +251,48 @@ def masked_dice_ce_heads(
         The loss of each head, ``(H,)``.
 
     Raises:
-        ValueError: when the shapes don't fit together.
+        ValueError: when the shapes don't fit together, or a scale does not divide the size.
     """
     logits, target = _plain(heads), _plain(label)
     if logits.ndim < 4:
         raise ValueError(f"heads must be (B, H, C, X, Y, Z), but found shape {tuple(logits.shape)}")
     _check_shapes(logits[:, 0], target, mask)
     batch, n_heads, classes = logits.shape[:3]
+    spatial = tuple(logits.shape[3:])
+    scales = _head_scales(head_scales, n_heads, spatial)
     annotated = (
         torch.ones_like(target, dtype=torch.bool)
         if mask is None
         else _plain(mask).to(target.device) > MASK_THRESHOLD
     )
-    weight = annotated.to(logits.dtype).reshape(batch, -1)  # (B, S)
+    weight = annotated.to(logits.dtype)  # (B, 1, X, Y, Z)
     index = torch.where(annotated, target, torch.zeros_like(target)).long()
-    onehot = one_hot(index, classes, dtype=logits.dtype).reshape(batch, classes, -1)
-    onehot = onehot * weight[:, None]  # masked one-hot (B, C, S), once for all heads
-    ground = onehot.sum(dim=2)  # (B, C)
+    onehot = one_hot(index, classes, dtype=logits.dtype) * weight  # masked one-hot (B, C, ...)
+    ground = onehot.flatten(2).sum(dim=2)  # (B, C)
 
-    log_probs = torch.log_softmax(logits.reshape(batch, n_heads, classes, -1), dim=2)
-    probs = log_probs.exp()
-    true_pos = (probs * onehot[:, None]).sum(dim=3)
-    predicted = probs.sum(dim=3) if mask is None else (probs * weight[:, None, None]).sum(dim=3)
-    dice_terms = 1.0 - (2.0 * true_pos + smooth_nr) / (predicted + ground[:, None] + smooth_dr)
+    pooled: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+    true_pos, predicted, ce_sums = [], [], []
+    for head, scale in zip(torch.unbind(logits, dim=1), scales, strict=True):
+        if scale not in pooled:  # the target's counts per block, once per scale
+            counts = _block_sums(onehot, scale).reshape(batch, classes, -1)
+            pooled[scale] = (counts, _block_sums(weight, scale).reshape(batch, 1, -1))
+        counts, voxels = pooled[scale]
+        coarse = head[(..., *(slice(None, None, f) for f in scale))]  # a view, no copy
+        log_probs = torch.log_softmax(coarse.reshape(batch, classes, -1), dim=1)
+        probs = log_probs.exp()
+        true_pos.append((probs * counts).sum(dim=2))
+        if mask is None:
+            predicted.append(probs.sum(dim=2) * math.prod(scale))
+        else:
+            predicted.append((probs * voxels).sum(dim=2))
+        ce_sums.append((log_probs * counts).sum())
+    true_pos_all = torch.stack(true_pos, dim=1)  # (B, H, C)
+    predicted_all = torch.stack(predicted, dim=1)
+    ce_all = torch.stack(ce_sums)  # (H,)
+
+    dice_terms = 1.0 - (2.0 * true_pos_all + smooth_nr) / (
+        predicted_all + ground[:, None] + smooth_dr
+    )
     if not include_background:
         dice_terms = dice_terms[:, :, 1:]
     has_voxels = annotated.flatten(1).any(dim=1)
@@ -265,9 +303,36 @@ def masked_dice_ce_heads(
     else:
         dice = dice_terms.sum(dim=(0, 2)) * 0.0
 
-    ce_sums = (log_probs * onehot[:, None]).sum(dim=(0, 2, 3))
-    ce = -ce_sums / weight.sum().clamp_min(1.0)
+    ce = -ce_all / weight.sum().clamp_min(1.0)
     return lambda_dice * dice + lambda_ce * ce
+
+
+def _head_scales(
+    head_scales: Sequence[HeadScale] | None, n_heads: int, spatial: tuple[int, ...]
+) -> list[tuple[int, ...]]:
+    """``head_scales`` as one tuple per head and spatial axis, checked against the size."""
+    if head_scales is None:
+        return [(1,) * len(spatial)] * n_heads
+    if len(head_scales) != n_heads:
+        raise ValueError(f"head_scales needs one entry per head ({n_heads}), got {head_scales!r}")
+    scales = []
+    for scale in head_scales:
+        triple = (int(scale),) * len(spatial) if isinstance(scale, int) else tuple(scale)
+        if len(triple) != len(spatial) or any(
+            f < 1 or size % f for f, size in zip(triple, spatial, strict=True)
+        ):
+            raise ValueError(f"head scale {scale!r} does not divide the label's size {spatial}")
+        scales.append(tuple(int(f) for f in triple))
+    return scales
+
+
+def _block_sums(x: Tensor, scale: tuple[int, ...]) -> Tensor:
+    """Sums of ``x`` ``(B, C, X, Y, Z)`` over blocks of ``scale`` voxels: ``(B, C, X/sx, ...)``."""
+    if all(f == 1 for f in scale):
+        return x
+    split = [d for size, f in zip(x.shape[2:], scale, strict=True) for d in (size // f, f)]
+    blocks = x.reshape(*x.shape[:2], *split)
+    return blocks.sum(dim=tuple(range(3, blocks.ndim, 2)))
 
 
 def deep_supervision_weights(n_heads: int) -> list[float]:
@@ -321,9 +386,16 @@ class SegmentationLoss(nn.Module):
             ``False`` calls :class:`MaskedDiceCELoss` once per head, MONAI's ``MaskedDiceLoss``
             inside, as neonb did before (the same values up to float rounding; kept as the
             reference for the tests and ``benchmarks/bench_pipeline.py --ab``).
+        head_scales: score the lower heads at their own resolution: for each head, how many
+            times coarser it is than the label (an int, or one per axis), as
+            :func:`neonb.models.head_scales` gives them for a DynUNet; the same loss and
+            gradients up to float rounding when the heads were upsampled by nearest neighbour
+            (:func:`masked_dice_ce_heads`). ``None``: every head at full resolution.
+            :func:`neonb.engine.fit` sets them for a DynUNet (:meth:`with_head_scales`).
 
     Raises:
-        ConfigError: for negative weights or weights that sum to 0.
+        ConfigError: for negative weights or weights that sum to 0, or ``head_scales`` with
+            ``fused=False``.
 
     Example:
         >>> import torch
@@ -344,8 +416,11 @@ class SegmentationLoss(nn.Module):
         lambda_dice: float = 1.0,
         lambda_ce: float = 1.0,
         fused: bool = True,
+        head_scales: Sequence[HeadScale] | None = None,
     ) -> None:
         super().__init__()
+        if head_scales is not None and not fused:
+            raise ConfigError("head_scales needs the fused loss (fused=True)")
         if weights is not None:
             weights = [float(w) for w in weights]
             if not weights or min(weights) < 0.0 or sum(weights) <= 0.0:
@@ -362,6 +437,9 @@ class SegmentationLoss(nn.Module):
             lambda_ce=lambda_ce,
         )
         self.fused = bool(fused)
+        self.head_scales: list[HeadScale] | None = (
+            None if head_scales is None else list(head_scales)
+        )
         self.options = {
             "include_background": include_background,
             "smooth_nr": float(smooth_nr),
@@ -369,6 +447,13 @@ class SegmentationLoss(nn.Module):
             "lambda_dice": float(lambda_dice),
             "lambda_ce": float(lambda_ce),
         }
+
+    def with_head_scales(self, head_scales: Sequence[HeadScale] | None) -> SegmentationLoss:
+        """A copy of this loss that scores the heads at ``head_scales`` (see the class)."""
+        copy = SegmentationLoss(
+            self.weights, fused=self.fused, head_scales=head_scales, **self.options
+        )
+        return copy.train(self.training)
 
     def head_weights(self, n_heads: int) -> list[float]:
         """The weights used for ``n_heads`` heads, final head first."""
@@ -402,7 +487,8 @@ class SegmentationLoss(nn.Module):
         stacked = outputs if outputs.ndim == label.ndim + 1 else outputs.unsqueeze(1)
         weights = self.head_weights(stacked.shape[1])
         if self.fused:
-            losses = masked_dice_ce_heads(stacked, label, mask, **self.options)
+            scales = self.head_scales if outputs.ndim == label.ndim + 1 else None
+            losses = masked_dice_ce_heads(stacked, label, mask, head_scales=scales, **self.options)
             total = weights[0] * losses[0]
             for h, weight in enumerate(weights[1:], start=1):
                 total = total + weight * losses[h]

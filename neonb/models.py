@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 from monai.networks.nets import DynUNet
-from torch import nn
+from torch import Tensor, nn
 
 from neonb.errors import ConfigError
 from neonb.labels import NUM_CLASSES
@@ -65,6 +65,9 @@ __all__ = [
     "channels_last",
     "check_patch_size",
     "dynunet_kwargs",
+    "head_scales",
+    "InstanceNorm3dChannelsLast",
+    "swap_instance_norms",
     "total_stride",
 ]
 
@@ -272,7 +275,83 @@ def build_model(config: ModelConfig | None = None) -> DynUNet:
     return DynUNet(**dynunet_kwargs(config))
 
 
-def channels_last(model: nn.Module) -> nn.Module:
+class _InstanceNormChannelsLast(torch.autograd.Function):
+    """Affine instance norm of a 5-D tensor in any memory layout, output in the same layout.
+
+    Two passes for the variance (mean first, then the mean square of the centred values), as
+    PyTorch's instance norm; the backward pass is the closed form of the normalisation's
+    gradient. Everything is element-wise or a sum over the spatial axes, so a channels-last
+    input stays channels-last, forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+        axes = tuple(range(2, x.ndim))
+        count = math.prod(x.shape[2:])
+        centred = x - x.sum(dim=axes, keepdim=True) / count
+        inv_std = ((centred * centred).sum(dim=axes, keepdim=True) / count + eps).rsqrt()
+        normalised = centred * inv_std
+        shape = (1, -1) + (1,) * len(axes)
+        ctx.save_for_backward(normalised, inv_std, weight)
+        return normalised * weight.view(shape) + bias.view(shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        normalised, inv_std, weight = ctx.saved_tensors
+        axes = tuple(range(2, grad.ndim))
+        count = math.prod(grad.shape[2:])
+        sum_grad = grad.sum(dim=axes, keepdim=True)
+        sum_grad_norm = (grad * normalised).sum(dim=axes, keepdim=True)
+        scale = weight.view((1, -1) + (1,) * len(axes)) * inv_std
+        grad_x = (grad - sum_grad / count - normalised * (sum_grad_norm / count)) * scale
+        return grad_x, sum_grad_norm.sum(dim=0).flatten(), sum_grad.sum(dim=0).flatten(), None
+
+
+class InstanceNorm3dChannelsLast(nn.InstanceNorm3d):
+    """``nn.InstanceNorm3d`` (affine, no running statistics) that keeps the memory layout.
+
+    PyTorch's instance norm makes its input contiguous and hands back the default layout, so
+    in a channels-last network every norm costs a conversion to and from channels-last, and
+    so does its gradient. This one computes the same function with element-wise operations
+    and sums over the spatial axes, which keep the layout (outputs and gradients agree with
+    ``nn.InstanceNorm3d`` to float rounding; the test suite checks them against float64).
+    Same parameters and state-dict keys as the module it replaces (:func:`channels_last`).
+    Only in training mode: in eval mode (validation, inference), and for inputs that are not
+    5-D or not of the parameters' dtype (autocast), it is ``nn.InstanceNorm3d``, so a
+    trained model predicts exactly as the same weights loaded into a fresh network.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalise ``input`` ``(B, C, X, Y, Z)`` per sample and channel."""
+        if (
+            not self.training  # eval: PyTorch's, bit for bit as a freshly loaded model
+            or input.ndim != 5
+            or self.track_running_stats
+            or not self.affine
+            or input.dtype != self.weight.dtype  # e.g. under autocast: PyTorch's rules
+        ):
+            return super().forward(input)
+        return _InstanceNormChannelsLast.apply(input, self.weight, self.bias, self.eps)
+
+
+def swap_instance_norms(model: nn.Module) -> nn.Module:
+    """Replace ``model``'s affine ``nn.InstanceNorm3d`` layers by
+    :class:`InstanceNorm3dChannelsLast`, in place, sharing their parameters.
+
+    Returns:
+        ``model``.
+    """
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.InstanceNorm3d and child.affine and not child.track_running_stats:
+                norm = InstanceNorm3dChannelsLast(child.num_features, eps=child.eps, affine=True)
+                norm.weight, norm.bias = child.weight, child.bias
+                norm.train(child.training)
+                setattr(module, name, norm)
+    return model
+
+
+def channels_last(model: nn.Module, instance_norms: bool = True) -> nn.Module:
     """Store ``model``'s 5-D weights channels-last (``torch.channels_last_3d``), in place.
 
     oneDNN's CPU convolutions work in that layout; with the input converted too (as
@@ -282,18 +361,62 @@ def channels_last(model: nn.Module) -> nn.Module:
     training them) or its state dict's keys, so checkpoints load into either layout. On the CPU
     this makes the demo's training step about 1.2 times faster (``benchmarks/README.md``).
 
-    Replacing the instance norms by the equivalent one-group-per-channel group norms, which
-    keep the layout where PyTorch's instance norm hands back the default one, was measured
-    and not kept: the group norm's slower backward pass ate the time the saved conversions
-    gave, and its single-pass variance is ten times further from a float64 reference.
+    PyTorch's instance norm hands back the default layout, so each norm would cost two
+    conversions (forward and backward); with ``instance_norms`` they are replaced by
+    :class:`InstanceNorm3dChannelsLast` (:func:`swap_instance_norms`: the same function and
+    parameters, keeping the layout), a further 1.1 times or so per demo step. Replacing them
+    by the equivalent one-group-per-channel group norms was measured and not kept: the group
+    norm's backward pass is slow, and its single-pass variance is ten times further from a
+    float64 reference.
 
     Args:
         model: a network, e.g. from :func:`build_model`.
+        instance_norms: also swap the affine instance norms (:func:`swap_instance_norms`).
 
     Returns:
         ``model``.
     """
+    if instance_norms:
+        swap_instance_norms(model)
     return model.to(memory_format=torch.channels_last_3d)
+
+
+def head_scales(model: nn.Module | ModelConfig) -> list[tuple[int, int, int]] | None:
+    """How many times coarser each deep-supervision head is than the final one, per axis.
+
+    In training mode a DynUNet upsamples its lower heads to the patch size by
+    nearest-neighbour interpolation before stacking them; head ``k`` (final head first) comes
+    from the decoder level ``k`` steps down, coarser by the product of ``strides[1:k + 1]``.
+    :class:`neonb.losses.SegmentationLoss` given these scales scores the heads at their own
+    resolution, with the same loss up to float rounding (``benchmarks/README.md``).
+
+    Args:
+        model: a MONAI ``DynUNet`` (an AgeU-Net included) or its :class:`ModelConfig`.
+
+    Returns:
+        One ``(sx, sy, sz)`` per head, ``(1, 1, 1)`` first; ``None`` when the network has no
+        deep supervision, is not a DynUNet, or a scale is not a power of two (PyTorch's
+        nearest-neighbour index ``floor(i * size_in / size_out)`` is exact only for those).
+
+    Example:
+        >>> head_scales(ModelConfig(strides=(1, 2, 2, 2, 2), deep_supr_num=2))
+        [(1, 1, 1), (2, 2, 2), (4, 4, 4)]
+    """
+    if isinstance(model, ModelConfig):
+        strides, supervised, n_extra = model.strides, model.deep_supervision, model.deep_supr_num
+    elif isinstance(model, DynUNet):
+        strides, supervised, n_extra = model.strides, model.deep_supervision, model.deep_supr_num
+    else:
+        return None
+    if not supervised:
+        return None
+    per_axis = [_triple(s) for s in strides]
+    scales = [(1, 1, 1)]
+    for k in range(1, int(n_extra) + 1):
+        scales.append(tuple(math.prod(axis) for axis in zip(*per_axis[1 : k + 1], strict=True)))  # type: ignore[arg-type]
+    if any(f & (f - 1) for scale in scales for f in scale):
+        return None
+    return scales  # type: ignore[return-value]
 
 
 def total_stride(config: ModelConfig | None = None) -> tuple[int, int, int]:

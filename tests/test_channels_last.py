@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from neonb.models import ModelConfig, build_model, channels_last
+from neonb.models import InstanceNorm3dChannelsLast, ModelConfig, build_model, channels_last
 
 CONFIG = ModelConfig(filters=(4, 8, 16), strides=(1, 2, 2), deep_supr_num=1)
 
@@ -49,3 +49,44 @@ def test_same_outputs_and_gradients_as_the_original():
     for (name, a), b in zip(reference.named_parameters(), converted.parameters(), strict=True):
         scale = a.grad.abs().max().clamp_min(1e-6)
         assert (a.grad - b.grad).abs().max() / scale < 1e-3, name
+
+
+def test_channels_last_instance_norm_matches_float64_and_keeps_the_layout():
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(2, 3, 6, 5, 4, generator=g) * 3 + 5).contiguous(
+        memory_format=torch.channels_last_3d
+    )
+    grad = torch.randn(2, 3, 6, 5, 4, generator=g).contiguous(memory_format=torch.channels_last_3d)
+    norm = InstanceNorm3dChannelsLast(3, affine=True)
+    reference = torch.nn.InstanceNorm3d(3, affine=True).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+        norm.bias.copy_(torch.tensor([-1.0, 0.0, 1.0]))
+        reference.load_state_dict(norm.state_dict())
+    x32, x64 = x.clone().requires_grad_(True), x.double().requires_grad_(True)
+    y32, y64 = norm(x32), reference(x64)
+    assert y32.is_contiguous(memory_format=torch.channels_last_3d)
+    assert not reference(x64.detach()).is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.allclose(y32.double(), y64, atol=1e-5)
+    y32.backward(grad)
+    y64.backward(grad.double())
+    assert x32.grad.is_contiguous(memory_format=torch.channels_last_3d)
+    norm.eval()  # eval mode: PyTorch's instance norm, bit for bit
+    stock = torch.nn.InstanceNorm3d(3, affine=True)
+    stock.load_state_dict(norm.state_dict())
+    assert torch.equal(norm(x), stock(x))
+    assert torch.allclose(x32.grad.double(), x64.grad, atol=1e-5)
+    assert torch.allclose(norm.weight.grad.double(), reference.weight.grad, atol=1e-4)
+    assert torch.allclose(norm.bias.grad.double(), reference.bias.grad, atol=1e-4)
+
+
+def test_channels_last_swaps_the_instance_norms_unless_told_not_to():
+    _, model = _pair()
+    weights = [id(m.weight) for m in model.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+    channels_last(model)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+    assert norms and all(type(m) is InstanceNorm3dChannelsLast for m in norms)
+    assert [id(m.weight) for m in norms] == weights  # the same parameters
+    _, plain = _pair()
+    channels_last(plain, instance_norms=False)
+    assert all(type(m) is not InstanceNorm3dChannelsLast for m in plain.modules())

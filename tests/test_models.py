@@ -15,6 +15,7 @@ from neonb.models import (
     build_model,
     check_patch_size,
     dynunet_kwargs,
+    head_scales,
     total_stride,
 )
 
@@ -185,3 +186,28 @@ def test_deep_supr_num_ignored_without_deep_supervision():
     config = ModelConfig(deep_supervision=False, deep_supr_num=99)
     assert not build_model(ModelConfig(**{**TINY, "deep_supervision": False})).deep_supervision
     assert config.deep_supr_num == 99
+
+
+def test_head_scales_match_the_upsampling_of_the_heads():
+    config = ModelConfig(**TINY)
+    net = build_model(config).train()
+    scales = head_scales(net)
+    assert (
+        scales
+        == head_scales(config)
+        == [(1, 1, 1)] + [(2**k,) * 3 for k in range(1, config.deep_supr_num + 1)]
+    )
+    out = net(torch.randn(1, 2, 16, 16, 16))
+    for h, scale in enumerate(scales[1:], start=1):  # constant over blocks of `scale` voxels
+        f = scale[0]
+        coarse = out[:, h, ..., ::f, ::f, ::f]
+        up = coarse.repeat_interleave(f, -1).repeat_interleave(f, -2).repeat_interleave(f, -3)
+        assert torch.equal(up, out[:, h])
+
+
+def test_head_scales_anisotropic_and_none():
+    config = ModelConfig(strides=(1, (2, 2, 1), 2, 2), deep_supr_num=2, filters=(4, 8, 16, 32))
+    assert head_scales(config) == [(1, 1, 1), (2, 2, 1), (4, 4, 2)]
+    assert head_scales(ModelConfig(**{**TINY, "deep_supervision": False})) is None
+    assert head_scales(ModelConfig(strides=(1, 3, 2), filters=(4, 8, 16), deep_supr_num=1)) is None
+    assert head_scales(torch.nn.Linear(2, 2)) is None
