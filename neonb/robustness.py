@@ -45,6 +45,7 @@ Example:
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
 import zlib
@@ -129,6 +130,8 @@ SHIFTED_COLUMNS: tuple[str, ...] = (
 """Columns of ``shifted.tsv``."""
 
 SHIFTED_TSV = "shifted.tsv"
+GZIP_LEVEL = 1
+"""Compression of the written images: fast, as :mod:`neonb.phantom` writes its own."""
 MODALITIES: tuple[str, ...] = ("t1w", "t2w")
 SUFFIXES = {"t1w": "T1w", "t2w": "T2w"}
 _WM = next(i for i, lab in DRAWEM9.items() if lab.short_name == "WM")
@@ -557,8 +560,9 @@ def _save(image: np.ndarray, source: nib.Nifti1Image, path: Path) -> None:
     header.set_data_dtype(np.float32)
     out = nib.Nifti1Image(image.astype(np.float32), source.affine, header)
     out.header.set_slope_inter(1.0, 0.0)
+    data = gzip.compress(out.to_bytes(), compresslevel=GZIP_LEVEL, mtime=0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: nib.save(out, tmp))
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _shifted_path(out_dir: Path, participant: str, session: str, tag: str, key: str) -> Path:

@@ -1,11 +1,11 @@
 """Domain randomisation: train on images synthesised from the labels (SynthSeg-style).
 
 Billot et al. (SynthSeg, Medical Image Analysis 2023) train a segmentation network on images
-drawn afresh from each label map: every label gets an intensity drawn from a Gaussian whose
-mean and standard deviation are themselves random, and the image is then blurred, given a
-bias field, a random resolution, a gamma curve and noise. A network that never sees the same
-contrast twice cannot rely on one scanner's contrast, which is what the robustness chapter
-tests (:mod:`neonb.robustness`).
+drawn afresh from each label map: every label gets intensities from a Gaussian whose mean and
+standard deviation are themselves random, and the image is then blurred, given a bias field,
+a random resolution and a gamma curve. A network that never sees the same contrast twice
+cannot rely on one scanner's contrast, which is what the robustness chapter tests
+(:mod:`neonb.robustness`).
 
 neonb does this with TorchIO's transforms (``RandomLabelsToImage``, ``RandomBlur``,
 ``RandomBiasField``, ``RandomMotion``, ``RandomGhosting``, ``RandomAnisotropy``,
@@ -64,17 +64,18 @@ class SynthesisConfig:
     and noise below are fractions of that scale. Lengths are in mm (the patch's affine gives
     the voxel size).
 
-    Sources of the defaults. SynthSeg (Billot et al., 2023) draws each label's mean from
-    U(0, 255) and its SD from U(0, 35) on a 0-255 scale, a bias field with SD 0.5 in log
-    space, a random slice thickness, and a gamma with log-SD 0.5; TorchIO's defaults are
-    close and on a 0-1 scale, and are taken as they are for the mean (0.1-0.9), SD
-    (0.01-0.1), bias coefficients (±0.5), anisotropy (factor 1.5-5) and log-gamma
-    (±0.3). neonb's choices: keep the real image 20 % of the time; blur SD up to 1 mm
-    (two dHCP voxels, TorchIO's 0-2 mm being meant for 1 mm adult scans); anisotropy half
-    of the time; noise SD up to 0.05 (TorchIO's 0.25 is several times the tissue
-    contrast here); no motion or ghosting (SynthSeg has neither; turned on, TorchIO's
-    defaults are used: 2 movements of up to 10° and 10 mm, 4-10 ghosts of intensity
-    0.5-1), which leaves them as unseen shifts for :mod:`neonb.robustness`.
+    Sources of the defaults. SynthSeg's generator (Billot et al., 2023; the defaults of its
+    code) draws each label's mean from U(25, 225) and SD from U(5, 25) on a 0-255 scale, a
+    bias field of log-SD up to 0.7, slices up to 8 mm thick and a gamma curve. TorchIO's
+    defaults are of the same kind on a 0-1 scale and are taken as they are for the means
+    (0.1-0.9, SynthSeg's range), SDs (0.01-0.1), bias coefficients (±0.5, order 3),
+    anisotropy factor (1.5-5) and log-gamma (±0.3). neonb's choices: keep the real image
+    20 % of the time; blur SD up to 1 mm (two dHCP voxels; TorchIO's 0-2 mm is meant for
+    1 mm adult scans); anisotropy half of the time; noise SD up to 0.05 (TorchIO's 0.25 is
+    several times the contrast between tissues here); no motion or ghosting (SynthSeg has
+    neither; turned on, they take TorchIO's defaults: 2 movements of up to 10 deg and
+    10 mm, 4-10 ghosts of intensity 0.5-1), which keeps motion an unseen shift for
+    :mod:`neonb.robustness`.
 
     Attributes:
         real_prob: probability of leaving the patch's real image as it is.

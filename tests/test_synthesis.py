@@ -185,3 +185,11 @@ def test_segmentation_path_does_not_import_torchio():
         cwd=ROOT,
     )
     assert done.stdout.strip() == "False", done.stderr[-2000:]
+
+
+def test_transform_pickles_for_data_loading_workers():
+    import pickle
+
+    transform = SynthesizeImaged(SYNTHETIC).set_random_state(seed=9)
+    copy = pickle.loads(pickle.dumps(transform))
+    assert torch.equal(transform(_sample())["image"], copy(_sample())["image"])
