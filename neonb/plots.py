@@ -718,3 +718,91 @@ def dispersion_sweep(results: pd.DataFrame, *, title: str = "") -> go.Figure:
         legend={"orientation": "h", "y": -0.35},
     )
     return fig
+
+
+def shift_gallery(
+    table: pd.DataFrame,
+    *,
+    participant_id: str | None = None,
+    session_id: str | None = None,
+    modality: str = "t2w",
+    view: str = "axial",
+) -> go.Figure:
+    """One session's slice under every shift and severity: a row per shift, clean first.
+
+    Every panel uses the clean slice's grey levels (0.5-99.5th percentiles), so a change of
+    brightness or contrast shows as such.
+
+    Args:
+        table: ``shifted.tsv`` as :func:`neonb.robustness.write_shifted_sessions` returns it.
+        participant_id: the session to show (default: the table's first).
+        session_id: its ``source_session_id`` (default: the participant's first).
+        modality: ``"t2w"`` or ``"t1w"``.
+        view: ``"axial"``, ``"coronal"`` or ``"sagittal"``, through the centre of the head.
+
+    Raises:
+        ValueError: when the table has no such session or no such view.
+    """
+    import nibabel as nib
+
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {list(VIEWS)}, but found {view!r}")
+    rows = table
+    if participant_id is not None:
+        rows = rows[rows["participant_id"].astype(str) == str(participant_id)]
+    if session_id is not None:
+        rows = rows[rows["source_session_id"].astype(str) == str(session_id)]
+    if rows.empty:
+        raise ValueError(f"no session sub-{participant_id} ses-{session_id} in the table")
+    first = rows.iloc[0]
+    rows = rows[
+        (rows["participant_id"] == first["participant_id"])
+        & (rows["source_session_id"] == first["source_session_id"])
+    ]
+    clean = rows[rows["shift"] == "none"]
+    shifted = rows[rows["shift"] != "none"].sort_values(["level"], kind="stable")
+    kinds = list(dict.fromkeys(shifted["shift"]))
+    n_rows = max(len(kinds), 1)
+    n_cols = 1 + int(shifted["level"].max()) if len(shifted) else 1
+    volume = np.asarray(nib.load(clean.iloc[0][modality]).dataobj, dtype=np.float32)
+    nonzero = np.argwhere(volume != 0)
+    centre = (nonzero.min(0) + nonzero.max(0)) // 2 if len(nonzero) else np.array(volume.shape) // 2
+    index = tuple(int(v) for v in centre)
+    low, high = np.percentile(volume[volume != 0], [0.5, 99.5]) if volume.any() else (0.0, 1.0)
+    panels = {(r, 1): ("clean", _slices(volume, index)[view]) for r in range(n_rows)}
+    for _, row in shifted.iterrows():
+        image = np.asarray(nib.load(row[modality]).dataobj, dtype=np.float32)
+        cell = (kinds.index(row["shift"]), 1 + int(row["level"]))
+        panels[cell] = (f"{row['shift']} {float(row['severity']):g}", _slices(image, index)[view])
+    titles = [
+        panels.get((r, c), ("", None))[0] for r in range(n_rows) for c in range(1, n_cols + 1)
+    ]
+    fig = make_subplots(
+        rows=n_rows,
+        cols=n_cols,
+        subplot_titles=titles,
+        horizontal_spacing=0.01,
+        vertical_spacing=0.04,
+    )
+    for (r, c), (name, panel) in panels.items():
+        fig.add_heatmap(
+            z=panel,
+            colorscale="gray",
+            zmin=low,
+            zmax=high,
+            showscale=False,
+            name=name,
+            hovertemplate="intensity %{z:.3g}<extra></extra>",
+            row=r + 1,
+            col=c,
+        )
+    for n in range(1, n_rows * n_cols + 1):
+        _image_axes(fig, n)
+    fig.update_layout(
+        title=f"sub-{first['participant_id']} ses-{first['source_session_id']}, "
+        f"{modality.upper().replace('W', 'w')} {view}, under each shift",
+        height=170 * n_rows + 80,
+        plot_bgcolor="black",
+        margin={"l": 10, "r": 10, "t": 80, "b": 10},
+    )
+    return fig

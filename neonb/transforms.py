@@ -62,7 +62,7 @@ import os
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -93,6 +93,9 @@ from monai.utils import MAX_SEED
 
 from neonb.errors import ConfigError, DataError
 from neonb.models import ModelConfig, check_patch_size
+
+if TYPE_CHECKING:
+    from neonb.synthesis import SynthesisConfig
 
 __all__ = [
     "ApplyBrainMaskd",
@@ -420,6 +423,7 @@ def augmentation_transforms(
     config: AugmentationConfig | None = None,
     *,
     model: ModelConfig | None = None,
+    synthesis: SynthesisConfig | None = None,
 ) -> Compose:
     """Random patch and training augmentation of a pre-processed sample (§3.2.2).
 
@@ -430,11 +434,19 @@ def augmentation_transforms(
     and annotation, reflection at the border), Gaussian noise, Gaussian smoothing, intensity
     scaling and intensity shifting (image only). Transforms with probability 0 are left out.
 
+    With ``synthesis``, the image of the patch is replaced by one drawn from its label
+    (:class:`neonb.synthesis.SynthesizeImaged`, domain randomisation) after the flips and
+    the elastic deformation, so that the synthetic image is drawn from the moved label and
+    is sharp (not interpolated), and before the intensity augmentations, which then act on
+    it as on a real image.
+
     Args:
         patch_size: patch size in voxels, one int or ``(X, Y, Z)``.
         config: augmentation settings; ``None`` for the defaults.
         model: network the patches are for; each patch dimension must be divisible by its total
             stride. ``None`` for the paper's network (total stride 32).
+        synthesis: domain-randomisation settings; ``None`` (the default) for none, the chain
+            of the paper.
 
     Returns:
         A ``Compose`` whose output has ``image`` ``(2, *patch_size)`` and ``label``,
@@ -445,7 +457,7 @@ def augmentation_transforms(
     """
     patch = check_patch_size(patch_size, model)
     config = AugmentationConfig() if config is None else config
-    return Compose(_patch_transforms(patch) + _random_transforms(config))
+    return Compose(_patch_transforms(patch) + _random_transforms(config, synthesis))
 
 
 def validation_transforms(
@@ -514,6 +526,7 @@ def augmented_example(
     seed: int = 0,
     *,
     model: ModelConfig | None = None,
+    synthesis: SynthesisConfig | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The same patch before and after augmentation, as in the paper's Figure 2.
 
@@ -523,6 +536,7 @@ def augmented_example(
         config: augmentation settings; :meth:`AugmentationConfig.always` shows every transform.
         seed: seeds both the patch location and the augmentation.
         model: network the patches are for (``None``: the paper's).
+        synthesis: domain randomisation as in :func:`augmentation_transforms` (``None``: none).
 
     Returns:
         ``(before, after)``: dicts with numpy arrays ``image`` ``(2, *patch)``, ``label`` and
@@ -535,7 +549,8 @@ def augmented_example(
         data = preprocessing_transforms(crop=True)(data)
     seeds = np.random.RandomState(seed).randint(MAX_SEED, size=2, dtype="uint32")
     crop = Compose(_patch_transforms(patch)).set_random_state(seed=int(seeds[0]))
-    augment = Compose(_random_transforms(config)).set_random_state(seed=int(seeds[1]))
+    augment = Compose(_random_transforms(config, synthesis))
+    augment = augment.set_random_state(seed=int(seeds[1]))
     before = crop(data)
     before_arrays = _to_numpy(before)
     after = augment(dict(before))
@@ -550,7 +565,9 @@ def _patch_transforms(patch: tuple[int, int, int]) -> list[Any]:
     ]
 
 
-def _random_transforms(config: AugmentationConfig) -> list[Any]:
+def _random_transforms(
+    config: AugmentationConfig, synthesis: SynthesisConfig | None = None
+) -> list[Any]:
     keys = list(SPATIAL_KEYS)
     transforms: list[Any] = []
     if config.flip_prob > 0:
@@ -560,6 +577,11 @@ def _random_transforms(config: AugmentationConfig) -> list[Any]:
         ]
     if config.elastic_prob > 0:
         transforms.append(_elastic(config))
+    if synthesis is not None:
+        # imported here: TorchIO is loaded only by chains that synthesise
+        from neonb.synthesis import SynthesizeImaged
+
+        transforms.append(SynthesizeImaged(synthesis))
     if config.noise_prob > 0:
         transforms.append(
             RandGaussianNoised(keys="image", prob=config.noise_prob, std=config.noise_std)

@@ -9,11 +9,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.data import CacheDataset, MetaTensor, list_data_collate
+from monai.data import CacheDataset, Dataset, MetaTensor, list_data_collate
 from monai.transforms import Randomizable
 
+from neonb.engine import SeededSamples
 from neonb.errors import ConfigError, DataError
 from neonb.models import ModelConfig
+from neonb.synthesis import SynthesisConfig
 from neonb.transforms import (
     ApplyBrainMaskd,
     AugmentationConfig,
@@ -472,3 +474,63 @@ def test_brain_mask_on_another_grid_is_named(sample, tmp_path):
         preprocessing_transforms()({**sample, "brain_mask": mask})
     assert isinstance(info.value.__cause__, DataError)
     assert "brain_mask has (20, 24, 21) voxels" in str(info.value.__cause__)
+
+
+# --- domain randomisation (neonb.synthesis) ----------------------------------------------
+
+SYNTH_CLEAN = SynthesisConfig(
+    real_prob=0.0,
+    std_range=(0.0, 0.0),
+    blur_std=(0.0, 0.0),
+    bias_coefficient=0.0,
+    anisotropy_prob=0.0,
+    gamma_log=(0.0, 0.0),
+    noise_std=(0.0, 0.0),
+)
+"""Synthesis with tissue means only: each label of the patch gets one intensity."""
+
+
+def test_synthesis_sits_after_the_spatial_and_before_the_intensity_augmentations():
+    config = AugmentationConfig()
+    plain = [type(t).__name__ for t in augmentation_transforms(16, config, model=TINY).transforms]
+    tf = augmentation_transforms(16, config, model=TINY, synthesis=SynthesisConfig())
+    names = [type(t).__name__ for t in tf.transforms]
+    assert "SynthesizeImaged" not in plain
+    at = names.index("SynthesizeImaged")
+    assert names[:at] == plain[:at] and names[at + 1 :] == plain[at:]
+    assert plain[at - 1] == "OneOf" and plain[at] == "RandGaussianNoised"
+
+
+def test_synthesis_none_is_the_chain_of_the_paper(sample):
+    pre = preprocessing_transforms()(sample)
+    config = AugmentationConfig.always()
+    a = augmentation_transforms(12, config, model=TINY).set_random_state(seed=4)(dict(pre))
+    b = augmentation_transforms(12, config, model=TINY, synthesis=None)
+    b = b.set_random_state(seed=4)(dict(pre))
+    assert torch.equal(a["image"].as_tensor(), b["image"].as_tensor())
+
+
+def test_synthesised_patch_follows_the_moved_label(sample):
+    pre = preprocessing_transforms()(sample)
+    spatial = dataclasses.replace(
+        STRONG, noise_prob=0.0, smooth_prob=0.0, scale_prob=0.0, shift_prob=0.0
+    )
+    tf = augmentation_transforms(12, spatial, model=TINY, synthesis=SYNTH_CLEAN)
+    out = tf.set_random_state(seed=2)(dict(pre))
+    image, label = out["image"].as_tensor(), out["label"].as_tensor()[0]
+    head = (image != 0).any(0)
+    assert head.sum() > 100
+    for value in torch.unique(label[head]):
+        for channel in image:
+            inside = channel[head & (label == value)]
+            assert torch.allclose(inside, inside[0], atol=1e-5)
+
+
+def test_synthesised_patches_are_seeded_per_sample(sample):
+    dataset = SeededSamples(
+        Dataset([sample], augmentation_transforms(12, model=TINY, synthesis=SYNTH_CLEAN))
+    )
+    dataset.dataset.data = [preprocessing_transforms()(sample)]
+    first, again, other = dataset[(11, 0)], dataset[(11, 0)], dataset[(12, 0)]
+    assert torch.equal(first["image"].as_tensor(), again["image"].as_tensor())
+    assert not torch.equal(first["image"].as_tensor(), other["image"].as_tensor())
