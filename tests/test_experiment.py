@@ -194,8 +194,13 @@ def test_evaluate_refuses_what_it_cannot_score(records):
         evaluate(model, [], config)
     with pytest.raises(ConfigError, match="no evaluation sessions"):
         prepare_volumes([])
-    volume = {k: v for k, v in prepare_volumes(records[:1])[0].items() if k != "t2w"}
-    with pytest.raises(ConfigError, match=r"lacks \['t2w'\].*prepare_volumes"):
-        evaluate(model, [volume], config, hd95=True)
+    volume = prepare_volumes(records[:1])[0]
+    without = {k: v for k, v in volume.items() if k not in ("t2w", "reference")}
+    with pytest.raises(ConfigError, match=r"lacks \['reference'\].*prepare_volumes"):
+        evaluate(model, [without], config, hd95=True)
+    one_channel = prepare_volumes(records[:1], channels=["t2w"])[0]
+    assert one_channel["image"].shape[0] == 1 and one_channel["reference"] == records[0]["t2w"]
+    with pytest.raises(ConfigError, match="1 image channels but the network takes 2"):
+        evaluate(model, [one_channel], config)
     with pytest.raises(ConfigError, match="window_hook or segmentation_logits"):
         evaluate(model, [volume], config, window_hook=WindowAges, segmentation_logits=lambda o: o)

@@ -121,7 +121,10 @@ def test_grid_needs_data_root_or_explicit_values(run_dir, tmp_path, capsys):
     with pytest.raises(ConfigError, match="--data-root"):
         export_run(run_dir, tmp_path / "m")
     assert not (tmp_path / "m").exists()
-    out = export_run(run_dir, tmp_path / "m", voxel_size=[0.5], orientation="las")
+    # no QC calibration: the 6 mm sessions would be segmented at the stated 0.5 mm
+    out = export_run(
+        run_dir, tmp_path / "m", voxel_size=[0.5], orientation="las", calibrate_qc=False
+    )
     meta = json.loads((out / METADATA_FILE).read_text())
     assert meta["voxel_size_mm"] == [0.5, 0.5, 0.5] and meta["orientation"] == "LAS"
     assert meta["training_data"]["description"] == "not recorded"
