@@ -110,7 +110,8 @@ def _segment(args: argparse.Namespace) -> None:
 
     if args.batch is not None and (args.t1 or args.reference or args.scan_age is not None):
         raise ConfigError(
-            "--t1, --reference and --scan-age go with --t2; a batch takes them from its manifest"
+            "--t1, --reference and --scan-age go with one scan (--t2, --t1); a batch takes "
+            "them from its manifest"
         )
     if args.batch is None and args.t2 is None and args.t1 is None:
         raise ConfigError(
@@ -118,7 +119,7 @@ def _segment(args: argparse.Namespace) -> None:
             "or --batch ROOT_OR_TSV"
         )
     if args.batch is None and args.evaluate:
-        raise ConfigError("--evaluate goes with --batch; with --t2, give --reference DSEG")
+        raise ConfigError("--evaluate goes with --batch; with one scan, give --reference DSEG")
     model = load_exported_model(args.model)
     if args.batch is None:
         result = segment_scan(

@@ -1580,6 +1580,12 @@ def read_batch(
     (``"restore"`` or ``"plain"``; :func:`neonb.segmentation.segment_batch` passes the one the
     model was trained on).
 
+    Args:
+        source: the manifest TSV or release folder.
+        images: the kind of T1w/T2w read from a release folder.
+        channels: the model's input channels (:attr:`neonb.export.ExportedModel.channels`):
+            a TSV needs a column for each.
+
     Returns:
         One row per session: ``participant_id``, ``session_id`` (bare), ``scan_age``,
         ``t2w``, ``t1w``, ``dseg`` (paths or ``""``), ``line`` (row in the source) and
