@@ -16,7 +16,9 @@ It is MONAI's :class:`~monai.data.PersistentDataset` with four changes:
   from a stale entry) followed by the SHA-256 of the pre-processing (:func:`transform_key`:
   every deterministic transform with its settings, the MONAI version and
   :data:`CACHE_FORMAT`). MONAI's own transform hash falls back to the transforms' class
-  names when they are not JSON-serialisable, which neonb's are not.
+  names when they are not JSON-serialisable, which neonb's are not. The input channels are
+  settings of the pre-processing (the keys it loads and concatenates), so a T2w-only and a
+  T1w+T2w entry of one session never collide.
 * **Atomic writes in place.** An entry is written to a unique hidden temporary file in the
   cache folder and renamed (MONAI writes to the system's temporary folder and moves the file
   from there, which is a copy, not a rename, when that is another file system).
@@ -80,6 +82,10 @@ UNCACHED_KEYS: tuple[str, ...] = ("annotation",)
 
 NARROWED_KEY = "neonb_uint8"
 """Entry key listing the tensors stored as ``uint8``; removed when the entry is read."""
+
+GRID_KEYS: tuple[str, ...] = ("t2w", "t1w", "label")
+"""Record keys whose image gives a session's voxel grid, the first one present (a T1w-only
+session has no T2w)."""
 
 BOX_KEYS = ("foreground_start_coord", "foreground_end_coord")
 """Where :func:`neonb.transforms.preprocessing_transforms` records its crop box."""
@@ -306,11 +312,12 @@ class VolumeDataset(PersistentDataset):
         from neonb.transforms import LoadVolumed
 
         mask = LoadVolumed([key])({key: value})[key].as_tensor()
-        grid = _spatial_shape(record["t2w"])
+        image_key = next(k for k in GRID_KEYS if record.get(k) is not None)
+        grid = _spatial_shape(record[image_key])
         if tuple(mask.shape[1:]) != grid:
             raise DataError(
                 value if isinstance(value, str | os.PathLike) else f"<{key} array>",
-                f"{key} has {tuple(mask.shape[1:])} voxels but the T2w image has {grid}",
+                f"{key} has {tuple(mask.shape[1:])} voxels but the {image_key} image has {grid}",
                 "a mask must lie on the voxel grid of its session",
             )
         if all(k in sample for k in BOX_KEYS):

@@ -70,11 +70,15 @@ def _train(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from neonb.errors import ConfigError
-    from neonb.export import export_run
+    from neonb.export import describe_qc, export_run, load_exported_model
 
-    if args.calibrate_qc is not None and not 0 < args.qc_quantile <= 1:
+    calibrate = args.calibrate_qc
+    if args.no_calibrate_qc:
+        if calibrate is not None:
+            raise ConfigError("give --calibrate-qc SESSIONS or --no-calibrate-qc, not both")
+        calibrate = False
+    elif not 0 < args.qc_quantile <= 1:
         raise ConfigError(f"--qc-quantile must be in (0, 1], got {args.qc_quantile}")
-
     out = export_run(
         args.run_dir,
         args.out,
@@ -84,23 +88,15 @@ def _export(args: argparse.Namespace) -> None:
         description=args.description,
         images=args.images,
         norms=args.norms,
+        calibrate_qc="auto" if calibrate is None else calibrate,
+        qc_quantile=args.qc_quantile,
+        device=args.device,
+        progress=True,
     )
     print(f"model exported to {out}")
-    if args.calibrate_qc is not None:
-        _calibrate_qc(args, out)
-
-
-def _calibrate_qc(args: argparse.Namespace, model_dir: Path) -> None:
-    from neonb.export import calibrate_qc
-
-    qc = calibrate_qc(
-        model_dir, args.calibrate_qc, quantile=args.qc_quantile, device=args.device,
-        progress=True,
-    )  # fmt: skip
-    print(
-        f"QC threshold {qc['threshold']:.4f}: the {qc['quantile']:g} quantile of the "
-        f"uncertainty of {qc['n_sessions']} sessions, written to {model_dir / 'model.json'}"
-    )
+    qc = load_exported_model(out).metadata.get("qc")
+    if qc is not None:
+        print(f"{describe_qc(qc)}, written to {out / 'model.json'}")
 
 
 PRECISION_AMP: dict[str, bool | str] = {"auto": "native", "fp32": False, "bf16": True}
@@ -114,10 +110,16 @@ def _segment(args: argparse.Namespace) -> None:
 
     if args.batch is not None and (args.t1 or args.reference or args.scan_age is not None):
         raise ConfigError(
-            "--t1, --reference and --scan-age go with --t2; a batch takes them from its manifest"
+            "--t1, --reference and --scan-age go with one scan (--t2, --t1); a batch takes "
+            "them from its manifest"
+        )
+    if args.batch is None and args.t2 is None and args.t1 is None:
+        raise ConfigError(
+            "give the scan to segment (--t2 T2W, --t1 T1W or both: the model's input channels) "
+            "or --batch ROOT_OR_TSV"
         )
     if args.batch is None and args.evaluate:
-        raise ConfigError("--evaluate goes with --batch; with --t2, give --reference DSEG")
+        raise ConfigError("--evaluate goes with --batch; with one scan, give --reference DSEG")
     model = load_exported_model(args.model)
     if args.batch is None:
         result = segment_scan(
@@ -331,9 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibrate-qc",
         type=Path,
         metavar="ROOT_OR_TSV",
-        help="[OPTIONAL] sessions the run did not train on (its validation sessions), as a "
-        "manifest TSV or a release folder: each is segmented with --tta and the --qc-quantile "
-        "of their QC scores becomes the model's QC threshold (neonb segment --tta flags above it)",
+        help="[OPTIONAL] sessions the run did not train on, as a manifest TSV or a release "
+        "folder, to calibrate the QC threshold on instead of the run's validation sessions. "
+        "By default each validation session the run recorded (val_sessions.tsv) is segmented "
+        "with --tta and the --qc-quantile of their QC scores becomes the model's QC threshold "
+        "(neonb segment --tta flags above it); without them the export says why and has none",
+    )
+    export.add_argument(
+        "--no-calibrate-qc",
+        action="store_true",
+        help="[OPTIONAL] no QC threshold: skip the calibration",
     )
     export.add_argument(
         "--qc-quantile",
@@ -345,29 +354,37 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--device",
         default="auto",
-        help="for --calibrate-qc: auto (GPU when there is one), cpu or cuda",
+        help="for the QC calibration: auto (GPU when there is one), cpu or cuda",
     )
     export.set_defaults(handler=_export)
 
     segment = commands.add_parser(
-        "segment", help="segment neonatal T2w (+T1w) scans with an exported model"
+        "segment",
+        help="segment neonatal T2w and/or T1w scans (the model's input channels) with an "
+        "exported model",
     )
-    inputs = segment.add_mutually_exclusive_group(required=True)
+    inputs = segment.add_mutually_exclusive_group()
     inputs.add_argument(
-        "--t2", type=Path, metavar="T2W", help="[REQUIRED: --t2 or --batch] the T2w image (NIfTI)"
+        "--t2",
+        type=Path,
+        metavar="T2W",
+        help="[REQUIRED: the images the model takes, or --batch] the T2w image (NIfTI); the "
+        "outputs take its grid and name",
     )
     inputs.add_argument(
         "--batch",
         type=Path,
         metavar="ROOT_OR_TSV",
-        help="[REQUIRED: --t2 or --batch] a dHCP/BIDS folder, or a TSV with participant_id, "
-        "session_id, t2w, scan_age [, t1w, dseg]: segment every session, skipping those done",
+        help="[REQUIRED: the images the model takes, or --batch] a dHCP/BIDS folder, or a TSV "
+        "with participant_id, session_id, scan_age and a column per input channel of the model "
+        "(t2w, t1w) [, dseg]: segment every session, skipping those done",
     )
     segment.add_argument(
         "--t1",
         type=Path,
         metavar="T1W",
-        help="the T1w image, on the T2w's grid (if the model takes T1w)",
+        help="the T1w image (if the model takes T1w), on the T2w's grid when both are given; "
+        "a T1w-only model's outputs take its grid and name",
     )
     segment.add_argument(
         "--reference",

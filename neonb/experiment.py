@@ -10,12 +10,15 @@ segmentations as NIfTI files named as BIDS derivatives).
 
 Every setting of a run is one :class:`TrainingConfig`, which reads and writes plain
 dictionaries so the notebooks take it from their papermill parameters and the run folder
-records it (``config.yaml``).
+records it (``config.yaml``), the input channels included (``channels``: T1w and T2w as in
+the paper, or either alone). The run folder also records its validation sessions
+(``val_sessions.tsv``), on which ``neonb export`` calibrates the model's QC threshold.
 
 Example:
     >>> config = TrainingConfig.from_dict({"patch_size": [48, 48, 48], "epochs": 2})
     >>> run = train_segmentation(train_records, val_records, config, "runs/baseline")
-    >>> volumes = prepare_volumes(test_records, cache_dir=config.cache_dir)
+    >>> volumes = prepare_volumes(test_records, cache_dir=config.cache_dir,
+    ...                           channels=config.channels)
     >>> scores = evaluate(run.model, volumes, config, hd95=True, out_dir="runs/baseline/test")
     >>> neonb.metrics.case_summary(scores.per_class)    # one row per session
 """
@@ -40,7 +43,7 @@ from torch import nn
 from tqdm import tqdm
 
 from neonb.cache import VolumeDataset
-from neonb.distributed import per_process_batch
+from neonb.distributed import is_main, per_process_batch
 from neonb.engine import (
     BEST_MODEL_FILE,
     CONFIG_FILE,
@@ -53,11 +56,19 @@ from neonb.engine import (
     sgd_nesterov,
 )
 from neonb.errors import ConfigError, DataError
+from neonb.files import atomic_write
 from neonb.inference import default_sw_batch_size, load_weights, save_segmentation, segment
 from neonb.losses import SegmentationLoss, deep_supervision_weights
 from neonb.metrics import evaluate_case
-from neonb.models import ModelConfig, build_model, check_patch_size
+from neonb.models import (
+    ModelConfig,
+    build_model,
+    check_channels,
+    check_patch_size,
+    reference_channel,
+)
 from neonb.transforms import (
+    MODALITY_KEYS,
     AugmentationConfig,
     augmentation_transforms,
     preprocessing_transforms,
@@ -67,6 +78,17 @@ from neonb.transforms import (
 OPTIMIZERS = ("sgd", "adamw")
 Record = Mapping[str, Any]
 """A session as a MONAI data dict: ``t1w``, ``t2w``, ``label`` paths, ``scan_age``, ids."""
+
+VAL_SESSIONS_FILE = "val_sessions.tsv"
+"""The validation sessions of a run, written into its folder by :func:`train_segmentation`
+as a manifest :func:`neonb.segmentation.read_batch` reads (``neonb export`` calibrates the
+model's QC threshold on them)."""
+
+VAL_SESSION_COLUMNS: tuple[str, ...] = (
+    "participant_id", "session_id", "scan_age", "t1w", "t2w", "dseg",
+)  # fmt: skip
+"""Columns of :data:`VAL_SESSIONS_FILE`; image paths are absolute, ``n/a`` where a session
+has no such image."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +100,11 @@ class TrainingConfig:
     neonb's choice.
 
     Attributes:
+        channels: the input images, stacked in this order into the network's channels:
+            ``("t1w", "t2w")`` (the paper's, §3.2.1), ``("t2w",)`` or ``("t1w",)``
+            (:data:`neonb.models.INPUT_CHANNELS`). ``model.in_channels`` must equal their
+            number; :meth:`from_dict` sets it when the values leave it out. A session needs
+            only the images of these channels (and its label).
         patch_size: training patch and sliding-window size in voxels, ``(X, Y, Z)``.
         batch_size: patches per optimiser step (paper: 2, "should not be undercut", §3.2.1),
             all processes together: under torchrun each of N processes draws
@@ -114,6 +141,7 @@ class TrainingConfig:
             (neonb's defaults after nnU-Net's; the paper gives none).
     """
 
+    channels: tuple[str, ...] = MODALITY_KEYS
     patch_size: tuple[int, int, int] = (128, 128, 128)
     batch_size: int = 2
     epochs: int = 60
@@ -132,6 +160,13 @@ class TrainingConfig:
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", check_channels(self.channels))
+        if self.model.in_channels != len(self.channels):
+            raise ConfigError(
+                f"model.in_channels is {self.model.in_channels} but channels "
+                f"{list(self.channels)} are {len(self.channels)}: leave model.in_channels out "
+                "(it follows channels) or make them agree"
+            )
         object.__setattr__(self, "patch_size", check_patch_size(self.patch_size, self.model))
         for name in ("batch_size", "epochs", "samples_per_volume"):
             value = getattr(self, name)
@@ -152,8 +187,14 @@ class TrainingConfig:
     def from_dict(cls, values: Mapping[str, Any]) -> TrainingConfig:
         """Build from plain values (YAML, papermill); ``model`` and ``augmentation`` nested.
 
+        ``channels`` defaults to ``["t1w", "t2w"]`` (so a ``config.yaml`` written before
+        runs recorded their channels reads as the paper's two-channel run), and
+        ``model.in_channels``, when left out, to the number of channels.
+
         Raises:
-            ConfigError: naming any key that is not a setting.
+            ConfigError: naming any key that is not a setting, channels that are not one of
+                :data:`neonb.models.INPUT_CHANNELS`, or a ``model.in_channels`` that
+                contradicts them.
         """
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
@@ -162,15 +203,19 @@ class TrainingConfig:
                 f"unknown training setting(s) {sorted(unknown)}; known: {sorted(known)}"
             )
         values = dict(values)
-        model = ModelConfig.from_dict(values.pop("model", {}))
+        channels = check_channels(values.pop("channels", list(MODALITY_KEYS)))
+        model_values = dict(values.pop("model", None) or {})
+        model_values.setdefault("in_channels", len(channels))
+        model = ModelConfig.from_dict(model_values)
         augmentation = AugmentationConfig.from_dict(values.pop("augmentation", {}))
         if "patch_size" in values:
             values["patch_size"] = tuple(values["patch_size"])
-        return cls(model=model, augmentation=augmentation, **values)
+        return cls(channels=channels, model=model, augmentation=augmentation, **values)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values that :meth:`from_dict` reads back (YAML and JSON friendly)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["channels"] = list(self.channels)
         values["patch_size"] = list(self.patch_size)
         values["model"] = self.model.to_dict()
         values["augmentation"] = self.augmentation.to_dict()
@@ -203,10 +248,31 @@ class TrainedRun:
         return self.log.loc[self.log["val_dice_nobg"].idxmax()]
 
 
-def _check_records(records: Sequence[Record], what: str) -> list[dict[str, Any]]:
+def _check_records(
+    records: Sequence[Record], what: str, channels: Sequence[str] = MODALITY_KEYS
+) -> list[dict[str, Any]]:
+    """The records as dicts holding only the images of ``channels`` (and the label).
+
+    The other modality is dropped, so a session needs only the files of the run's channels
+    and its cache entry does not depend on the others (:func:`neonb.cache.record_key`).
+
+    Raises:
+        ConfigError: for no record, or a record without an image of ``channels`` or a label.
+    """
     if len(records) == 0:
         raise ConfigError(f"no {what} sessions given")
-    return [dict(record) for record in records]
+    unused = [key for key in MODALITY_KEYS if key not in channels]
+    checked = []
+    for record in records:
+        missing = [key for key in (*channels, "label") if record.get(key) is None]
+        if missing:
+            session = f"sub-{record.get('participant_id')} ses-{record.get('session_id')}"
+            raise ConfigError(
+                f"{what} session {session} lacks {missing}: the run's channels are "
+                f"{list(channels)}, and each session needs their images and its label"
+            )
+        checked.append({key: value for key, value in record.items() if key not in unused})
+    return checked
 
 
 def _cache_dir(config: TrainingConfig, cache_dir: str | os.PathLike | None) -> Path | None:
@@ -234,14 +300,14 @@ def training_loader(
     (:func:`neonb.distributed.per_process_batch`).
 
     Args:
-        records: training sessions.
-        config: patch size, augmentation, batch size, workers and seed.
+        records: training sessions, each with the images of ``config.channels`` and a label.
+        config: channels, patch size, augmentation, batch size, workers and seed.
         cache_dir: the cache folder (default ``config.cache_dir``; ``None`` for both:
             no cache, every epoch pre-processes again).
     """
     dataset = VolumeDataset(
-        _check_records(records, "training"),
-        preprocessing_transforms(crop=True, keep_box=True),
+        _check_records(records, "training", config.channels),
+        preprocessing_transforms(crop=True, keep_box=True, channels=config.channels),
         augmentation_transforms(config.patch_size, config.augmentation, model=config.model),
         cache_dir=_cache_dir(config, cache_dir),
     )
@@ -272,8 +338,8 @@ def validation_loader(
     Pre-processed through the same disk cache as :func:`training_loader`.
     """
     dataset = VolumeDataset(
-        _check_records(records, "validation"),
-        preprocessing_transforms(crop=True, keep_box=True),
+        _check_records(records, "validation", config.channels),
+        preprocessing_transforms(crop=True, keep_box=True, channels=config.channels),
         validation_transforms(config.patch_size, model=config.model),
         cache_dir=_cache_dir(config, cache_dir),
     )
@@ -325,10 +391,13 @@ def train_segmentation(
     An existing ``run_dir`` with a checkpoint is resumed (see :func:`neonb.engine.fit`);
     one that has finished all epochs is simply reloaded, so re-running a notebook reuses
     a trained model instead of training it again. Pre-processed volumes are cached in
-    :func:`default_cache_dir`.
+    :func:`default_cache_dir`. The validation sessions are recorded in the run folder
+    (:data:`VAL_SESSIONS_FILE`, :func:`write_val_sessions`), where ``neonb export`` finds
+    them to calibrate the model's QC threshold.
 
     Args:
-        train_records: training sessions (MONAI data dicts).
+        train_records: training sessions (MONAI data dicts), each with the images of
+            ``config.channels`` and a label.
         val_records: validation sessions.
         config: the run's settings.
         run_dir: the run folder.
@@ -367,24 +436,81 @@ def train_segmentation(
         config=config.to_dict(),
     )
     run_dir = Path(run_dir)
+    if is_main():
+        write_val_sessions(val_records, run_dir / VAL_SESSIONS_FILE)
     load_weights(model, run_dir / BEST_MODEL_FILE)
     model.eval()
     return TrainedRun(model, log, run_dir, float(log["epoch_time_s"].sum()))
 
 
+def _absolute_path(value: Any) -> str:
+    """A record's image as an absolute path, ``""`` for none; an array cannot be recorded."""
+    if value is None:
+        return ""
+    if not isinstance(value, str | os.PathLike):
+        raise TypeError(f"an image given as {type(value).__name__}, not as a file")
+    return os.path.abspath(value)
+
+
+def write_val_sessions(records: Sequence[Record], path: str | os.PathLike) -> Path | None:
+    """Write a run's validation sessions as a manifest TSV (:data:`VAL_SESSION_COLUMNS`).
+
+    The file is what :func:`neonb.segmentation.read_batch` reads: ids, scan age and the
+    absolute paths of the T1w, T2w and label (``dseg``) images. Written atomically.
+
+    Args:
+        records: the validation sessions (MONAI data dicts).
+        path: the file to write, e.g. ``run_dir / VAL_SESSIONS_FILE``.
+
+    Returns:
+        ``path``, or ``None`` when a session's images are arrays rather than files (nothing
+        to record; an earlier file at ``path`` is removed, as it would name other sessions).
+    """
+    path = Path(path)
+    try:
+        rows = [
+            {
+                "participant_id": record["participant_id"],
+                "session_id": record["session_id"],
+                "scan_age": float(record.get("scan_age", np.nan)),
+                "t1w": _absolute_path(record.get("t1w")),
+                "t2w": _absolute_path(record.get("t2w")),
+                "dseg": _absolute_path(record.get("label")),
+            }
+            for record in records
+        ]
+    except (KeyError, TypeError):
+        path.unlink(missing_ok=True)
+        return None
+    table = pd.DataFrame(rows, columns=list(VAL_SESSION_COLUMNS))
+    return atomic_write(
+        path,
+        lambda tmp: table.to_csv(tmp, sep="\t", index=False, na_rep="n/a"),
+    )
+
+
 class PreparedVolumes(Sequence[dict[str, Any]]):
     """Whole test volumes, read one at a time from the disk cache (:func:`prepare_volumes`).
 
-    Indexing (or iterating) gives one dict per session: ``image`` (2, X, Y, Z) on the stored
-    grid (not cropped, z-normalised as in :func:`neonb.transforms.eval_transforms`),
-    ``label`` (X, Y, Z) uint8, the ids and scan age of the record, and ``t2w``, the path of
-    its T2w image (the voxel size of HD95 and the reference grid of a written prediction).
-    Only the volume being used is in memory: 100 dHCP test volumes at 0.5 mm would take
-    16 GB held together.
+    Indexing (or iterating) gives one dict per session: ``image`` (C, X, Y, Z) on the stored
+    grid (not cropped, z-normalised as in :func:`neonb.transforms.eval_transforms`; one
+    channel per entry of ``channels``), ``label`` (X, Y, Z) uint8, the ids and scan age of
+    the record, ``reference``, the path of the image of :func:`reference_channel` (the voxel
+    size of HD95 and the reference grid of a written prediction), and ``t2w``, the path of
+    the T2w image when the session has one. Only the volume being used is in memory: 100
+    dHCP test volumes at 0.5 mm would take 16 GB held together.
     """
 
-    def __init__(self, records: Sequence[Record], cache_dir: str | os.PathLike | None) -> None:
-        self.dataset = VolumeDataset(records, preprocessing_transforms(crop=False), None, cache_dir)
+    def __init__(
+        self,
+        records: Sequence[Record],
+        cache_dir: str | os.PathLike | None,
+        channels: Sequence[str] = MODALITY_KEYS,
+    ) -> None:
+        self.channels = check_channels(channels)
+        self.dataset = VolumeDataset(
+            records, preprocessing_transforms(crop=False, channels=self.channels), None, cache_dir
+        )
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -397,33 +523,47 @@ class PreparedVolumes(Sequence[dict[str, Any]]):
         index %= len(self)
         record = self.dataset.data[index]
         sample = self.dataset.preprocessed(index)
-        return {
+        volume = {
             "image": sample["image"],
             "label": np.asarray(sample["label"][0], dtype=np.uint8),
             "participant_id": record["participant_id"],
             "session_id": record["session_id"],
             "scan_age": float(record.get("scan_age", np.nan)),
-            "t2w": record["t2w"],
+            "reference": record[reference_channel(self.channels)],
         }
+        if record.get("t2w") is not None:
+            volume["t2w"] = record["t2w"]
+        return volume
 
 
 def prepare_volumes(
-    records: Sequence[Record], *, cache_dir: str | os.PathLike | None = None
+    records: Sequence[Record],
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    channels: Sequence[str] = MODALITY_KEYS,
 ) -> PreparedVolumes:
     """Test volumes for :func:`evaluate`, pre-processed once for every network scored on them.
 
     Args:
-        records: sessions with ``t1w``, ``t2w``, ``label``, ids and ``scan_age``.
+        records: sessions with the images of ``channels``, ``label``, ids and ``scan_age``.
         cache_dir: the disk cache (e.g. ``config.cache_dir``); ``None``: none, so each
             pass over the volumes loads and normalises them again.
+        channels: the networks' input channels (``config.channels``); the disk cache keeps
+            the volumes of each choice of channels apart.
 
     Returns:
         A sequence of one dict per session, loaded when indexed (:class:`PreparedVolumes`):
-        ``image`` (2, X, Y, Z) on the stored grid (not cropped, z-normalised as in
+        ``image`` (C, X, Y, Z) on the stored grid (not cropped, z-normalised as in
         :func:`neonb.transforms.eval_transforms`), ``label`` (X, Y, Z) uint8, the ids and
-        scan age of the record, and the path of its ``t2w`` image.
+        scan age of the record, the path of its ``reference`` image (the T2w, or the first
+        channel without one) and of its ``t2w`` image (when it has one).
+
+    Raises:
+        ConfigError: for no records, channels that are not one of
+            :data:`neonb.models.INPUT_CHANNELS`, or a record without their images.
     """
-    return PreparedVolumes(_check_records(records, "evaluation"), cache_dir)
+    channels = check_channels(channels)
+    return PreparedVolumes(_check_records(records, "evaluation", channels), cache_dir, channels)
 
 
 def optimizer_steps(n_volumes: int, config: TrainingConfig) -> int:
@@ -527,13 +667,25 @@ VOLUME_KEYS = ("image", "label", "participant_id", "session_id")
 """Keys every volume given to :func:`evaluate` has (:func:`prepare_volumes` gives them)."""
 
 
-def _check_volume(volume: Mapping[str, Any], needs_t2w: bool) -> None:
-    needed = [*VOLUME_KEYS, "t2w"] if needs_t2w else list(VOLUME_KEYS)
-    missing = [key for key in needed if key not in volume]
+def _reference_image(volume: Mapping[str, Any]) -> Any:
+    """The image a volume's prediction is measured and written on: ``reference``, else ``t2w``."""
+    return volume.get("reference", volume.get("t2w"))
+
+
+def _check_volume(volume: Mapping[str, Any], needs_reference: bool, channels: int) -> None:
+    missing = [key for key in VOLUME_KEYS if key not in volume]
+    if needs_reference and _reference_image(volume) is None:
+        missing.append("reference")
     if missing:
         raise ConfigError(
             f"a volume to evaluate lacks {missing} (it has {sorted(volume)}); "
             "prepare the volumes with neonb.experiment.prepare_volumes"
+        )
+    found = int(volume["image"].shape[0])
+    if found != channels:
+        raise ConfigError(
+            f"a volume to evaluate has {found} image channels but the network takes {channels}; "
+            "prepare the volumes with prepare_volumes(records, channels=config.channels)"
         )
 
 
@@ -556,18 +708,20 @@ def evaluate(
     ``config.overlap`` inside the foreground box, softmax probabilities averaged, argmax)
     and scored per class with Dice (:func:`neonb.metrics.evaluate_case`), optionally with
     HD95 and class volumes. Volumes keep their stored grid (normalised, not cropped), so a
-    prediction lies on the input's voxels and is written with the T2w image's affine and
-    header. The volumes are prepared once (:func:`prepare_volumes`) and scored by as many
-    networks as needed.
+    prediction lies on the input's voxels and is written with the affine and header of the
+    volume's ``reference`` image (the T2w, or the first channel of a run without T2w). The
+    volumes are prepared once (:func:`prepare_volumes`) and scored by as many networks as
+    needed.
 
     Args:
         model: the trained network.
-        volumes: rows of :func:`prepare_volumes` (``image`` (2, X, Y, Z), ``label``
-            (X, Y, Z), ``participant_id``, ``session_id``, ``scan_age``, ``t2w``).
-        config: gives the window size (``patch_size``), ``overlap`` and ``device``.
+        volumes: rows of :func:`prepare_volumes` with ``channels=config.channels``
+            (``image`` (C, X, Y, Z), ``label`` (X, Y, Z), ``participant_id``,
+            ``session_id``, ``scan_age``, ``reference`` or ``t2w``).
+        config: gives the channels, window size (``patch_size``), ``overlap`` and ``device``.
         hd95: also compute the 95th-percentile Hausdorff distance (mm) and the predicted
-            and true volume (mL) of every class, at the voxel size of the ``t2w`` image's
-            header. Off by default: on a CPU it costs about as much as the segmentation.
+            and true volume (mL) of every class, at the voxel size of the ``reference``
+            image's header. Off by default: on a CPU it costs about as much as the segmentation.
         window_hook: called once per volume to make a :class:`WindowHook` that picks the
             segmentation logits of every batch of windows and records something per window;
             its summary becomes columns of ``per_volume``. For the AgeU-Net's age:
@@ -586,8 +740,9 @@ def evaluate(
         The per-class and per-volume rows (:class:`Evaluation`).
 
     Raises:
-        ConfigError: for no volumes, a volume without the keys above, or both
-            ``window_hook`` and ``segmentation_logits``.
+        ConfigError: for no volumes, a volume without the keys above or with another
+            number of channels than ``config.channels``, or both ``window_hook`` and
+            ``segmentation_logits``.
     """
     if len(volumes) == 0:
         raise ConfigError("no evaluation volumes given")
@@ -600,7 +755,7 @@ def evaluate(
         out_dir.mkdir(parents=True, exist_ok=True)
     tables, rows = [], []
     for volume in tqdm(volumes, desc="sliding-window inference", disable=not progress):
-        _check_volume(volume, needs_t2w=hd95 or out_dir is not None)
+        _check_volume(volume, hd95 or out_dir is not None, len(config.channels))
         hook = window_hook() if window_hook is not None else None
         started = time.perf_counter()
         predicted = segment(
@@ -618,7 +773,7 @@ def evaluate(
             "session_id": volume["session_id"],
             "scan_age": volume.get("scan_age", np.nan),
         }
-        spacing = nib.load(volume["t2w"]).header.get_zooms()[:3] if hd95 else None
+        spacing = nib.load(_reference_image(volume)).header.get_zooms()[:3] if hd95 else None
         tables.append(
             evaluate_case(predicted, volume["label"], spacing, ids).assign(inference_s=seconds)
         )
@@ -626,5 +781,5 @@ def evaluate(
         rows.append({**ids, **summary, "inference_s": seconds})
         if out_dir is not None:
             name = prediction_filename(volume["participant_id"], volume["session_id"])
-            save_segmentation(predicted, volume["t2w"], out_dir / name)
+            save_segmentation(predicted, _reference_image(volume), out_dir / name)
     return Evaluation(pd.concat(tables, ignore_index=True), pd.DataFrame(rows))

@@ -52,6 +52,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from nibabel.filebasedimages import ImageFileError
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
@@ -61,7 +62,7 @@ from neonb import __version__
 from neonb.errors import ConfigError, DataError
 from neonb.files import atomic_write, default_file_mode, read_json
 from neonb.labels import label_table
-from neonb.models import ModelConfig, build_model, check_patch_size
+from neonb.models import INPUT_CHANNELS, ModelConfig, build_model, check_patch_size
 
 __all__ = [
     "FORMAT",
@@ -76,6 +77,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "ExportedModel",
     "calibrate_qc",
+    "describe_qc",
     "export_run",
     "load_exported_model",
     "training_grid",
@@ -96,8 +98,8 @@ FORMAT_VERSION = 1
 """Version of the model-folder layout; a loader refuses newer versions."""
 
 CHANNELS_BY_COUNT: dict[int, tuple[str, ...]] = {2: ("t1w", "t2w"), 1: ("t2w",)}
-"""Input channels, in order, of a network with this many input channels (neonb's transforms
-concatenate T1w then T2w)."""
+"""Input channels, in order, of a network with this many input channels: the guess for a
+run folder whose ``config.yaml`` predates ``channels`` (:func:`_run_channels`)."""
 
 NORMALISATION: dict[str, Any] = {
     "method": "zscore",
@@ -140,6 +142,10 @@ MAX_VOXEL_SIZE_MM = 100.0
 
 MAX_LABELS = 256
 """Most classes: labels are written as uint8."""
+
+QC_QUANTILE = 0.95
+"""Quantile of the calibration sessions' QC scores taken as a model's QC threshold: about
+one session in twenty like them is flagged by ``neonb segment --tta``."""
 
 _COLOUR = re.compile(r"^#[0-9A-Fa-f]{6}$")
 
@@ -327,6 +333,24 @@ def _is_age_run(run_dir: Path) -> bool:
     return (run_dir / "age_head.yaml").is_file()
 
 
+def _run_channels(run_dir: Path, config: Any) -> tuple[str, ...]:
+    """The run's input channels: its ``config.yaml``'s ``channels``, or for a run written
+    before runs recorded them, the guess from the network's input count
+    (:data:`CHANNELS_BY_COUNT`)."""
+    from neonb.engine import CONFIG_FILE
+
+    try:
+        recorded = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        recorded = None
+    if isinstance(recorded, Mapping) and "channels" in recorded:
+        return tuple(config.channels)
+    n_channels = config.model.in_channels
+    if n_channels not in CHANNELS_BY_COUNT:
+        raise ConfigError(f"cannot name the {n_channels} input channels of {run_dir}")
+    return CHANNELS_BY_COUNT[n_channels]
+
+
 def _grid(
     data_root: str | os.PathLike | None,
     voxel_size: float | Sequence[float] | None,
@@ -379,11 +403,24 @@ def export_run(
     description: str | None = None,
     images: str = "restore",
     norms: str | os.PathLike | None = None,
+    calibrate_qc: bool | str | os.PathLike = "auto",
+    qc_quantile: float = QC_QUANTILE,
+    device: str | torch.device = "auto",
+    progress: bool = False,
 ) -> Path:
     """Write a finished run as a model folder (:data:`WEIGHTS_FILE` + :data:`METADATA_FILE`).
 
     A run folder that holds ``age_head.yaml`` is an AgeU-Net run: it is reloaded with
     :func:`neonb.ageunet.load_ageunet_run` and its head settings go into the metadata.
+    The input channels are the run's (``channels`` of its ``config.yaml``; a run written
+    before runs recorded them is named from its network's input count, 2: T1w and T2w).
+
+    The model's QC threshold is calibrated (:func:`calibrate_qc`) on the run's validation
+    sessions, which :func:`neonb.experiment.train_segmentation` records in the run folder
+    (:data:`neonb.experiment.VAL_SESSIONS_FILE`): the sessions the model will meet are like
+    them, and it was not fitted on them. With ``calibrate_qc="auto"`` a run without that
+    file, or whose recorded images are gone, is exported without a threshold and a
+    :class:`~neonb.errors.NeonbWarning` says why (:func:`describe_qc` says what was done).
 
     Args:
         run_dir: a finished run folder (``config.yaml``, ``log.tsv``, ``model_best.pt``).
@@ -402,24 +439,34 @@ def export_run(
             :func:`neonb.cohort.tissue_volumes`) to fit the norms on; default: the label
             images of ``data_root`` (:func:`_norm_volumes`). Without either, or with too few
             sessions in ``data_root`` (a warning says so), the folder gets no norms.
+        calibrate_qc: ``"auto"`` (default): on the run's validation sessions when it
+            recorded them and their images are readable, else not (with a warning);
+            ``True``: on them, raising if that fails; ``False``: no QC threshold; a path:
+            on the sessions of that manifest TSV or release folder
+            (:func:`neonb.segmentation.read_batch`), raising if that fails.
+        qc_quantile: quantile of the sessions' QC scores taken as threshold, in (0, 1].
+        device: where the QC calibration runs: ``"auto"``, ``"cpu"``, ``"cuda"``.
+        progress: show a progress bar while calibrating.
 
     Returns:
         ``out_dir``.
 
     Raises:
-        DataError: when the run folder is missing, unfinished or unreadable.
-        ConfigError: when the voxel size or orientation is neither given nor derivable, or
-            the network's input channels are not T1w+T2w or T2w.
+        DataError: when the run folder is missing, unfinished or unreadable, or (unless
+            ``calibrate_qc`` is ``"auto"``) the QC calibration sessions are.
+        ConfigError: when the voxel size or orientation is neither given nor derivable,
+            the network's input channels cannot be named, or ``qc_quantile`` is outside
+            (0, 1].
     """
     from neonb.data import check_image_kind
 
     check_image_kind(images)
+    if calibrate_qc is not False and not 0 < qc_quantile <= 1:
+        raise ConfigError(f"qc_quantile must be in (0, 1], got {qc_quantile}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     grid = _grid(data_root, voxel_size, orientation, images)
     model, log, config, head = _load_run(run_dir)
-    n_channels = config.model.in_channels
-    if n_channels not in CHANNELS_BY_COUNT:
-        raise ConfigError(f"cannot name the {n_channels} input channels of {run_dir}")
+    channels = _run_channels(run_dir, config)
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -430,7 +477,7 @@ def export_run(
         "model": config.model.to_dict(),
         "age_head": head,
         "age_standardisation": _age_standardisation(model),
-        "input_channels": list(CHANNELS_BY_COUNT[n_channels]),
+        "input_channels": list(channels),
         "input_images": images,
         "labels": label_table().to_dict(orient="records")[: config.model.out_channels],
         "patch_size": list(config.patch_size),
@@ -454,7 +501,45 @@ def export_run(
         _export_norms(out_dir, run_dir, data_root, norms, images)
     except OSError as err:
         raise DataError(out_dir, f"cannot write the model folder: {err}") from err
+    _calibrate_at_export(out_dir, run_dir, calibrate_qc, qc_quantile, device, progress)
     return out_dir
+
+
+def _calibrate_at_export(
+    out_dir: Path,
+    run_dir: Path,
+    calibrate: bool | str | os.PathLike,
+    quantile: float,
+    device: str | torch.device,
+    progress: bool,
+) -> None:
+    """The QC calibration of :func:`export_run` (see its ``calibrate_qc``)."""
+    from neonb.errors import NeonbWarning
+    from neonb.experiment import VAL_SESSIONS_FILE
+
+    if calibrate is False:
+        return
+    auto = isinstance(calibrate, str) and calibrate == "auto"
+    if auto or calibrate is True:
+        sessions = run_dir / VAL_SESSIONS_FILE
+        if not sessions.is_file():
+            problem = f"the run folder records no validation sessions ({sessions} is missing)"
+            if not auto:
+                raise DataError(sessions, "missing: the run records no validation sessions")
+            warnings.warn(
+                f"QC threshold not calibrated: {problem}; give --calibrate-qc SESSIONS",
+                NeonbWarning,
+                stacklevel=3,
+            )
+            return
+    else:
+        sessions = Path(calibrate)
+    try:
+        calibrate_qc(out_dir, sessions, quantile=quantile, device=device, progress=progress)
+    except DataError as err:
+        if not auto:
+            raise
+        warnings.warn(f"QC threshold not calibrated: {err}", NeonbWarning, stacklevel=3)
 
 
 def write_norms(
@@ -551,11 +636,6 @@ def _export_norms(
         warnings.warn(f"no norms written into the model folder: {err}", NeonbWarning, stacklevel=3)
 
 
-QC_QUANTILE = 0.95
-"""Quantile of the calibration sessions' QC scores taken as a model's QC threshold: about
-one session in twenty like them is flagged by ``neonb segment --tta``."""
-
-
 def calibrate_qc(
     model_dir: str | os.PathLike,
     sessions: str | os.PathLike,
@@ -571,14 +651,15 @@ def calibrate_qc(
     (:func:`neonb.segmentation.score_session`: mean normalised entropy of the flip-TTA
     probabilities inside the predicted brain), nothing is written for it, and the
     ``quantile`` of the scores becomes ``qc.threshold`` in :data:`METADATA_FILE`; a
-    segmentation scoring above it is flagged. The run folder does not record which sessions
-    were its validation set, so they are given: the run's validation sessions (the
-    sessions of ``neonb manifest`` its params held out for validation) are the natural
-    choice, as they are like the scans the model will meet but were not fitted.
+    segmentation scoring above it is flagged. The run's validation sessions are the natural
+    choice, as they are like the scans the model will meet but were not fitted:
+    :func:`export_run` takes them from the run folder
+    (:data:`neonb.experiment.VAL_SESSIONS_FILE`).
 
     Args:
         model_dir: a model folder written by :func:`export_run`.
-        sessions: a manifest TSV or a release folder (:func:`neonb.segmentation.read_batch`).
+        sessions: a manifest TSV or a release folder (:func:`neonb.segmentation.read_batch`)
+            with the images of the model's input channels.
         quantile: in (0, 1]; default :data:`QC_QUANTILE`.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         amp: bf16 autocast, as in :func:`neonb.segmentation.segment_scan`.
@@ -586,7 +667,8 @@ def calibrate_qc(
 
     Returns:
         The ``qc`` entry written: ``threshold``, ``quantile``, ``n_sessions``, ``scores``
-        (``{"sub-<id>_ses-<id>": score}``), ``source``, ``measure``.
+        (``{"sub-<id>_ses-<id>": score}``), ``source``, ``sessions`` (what they are, in
+        words, for :func:`describe_qc`), ``measure``.
 
     Raises:
         ConfigError: for a quantile outside (0, 1].
@@ -594,24 +676,26 @@ def calibrate_qc(
     """
     from tqdm import tqdm
 
-    from neonb.segmentation import QC_MEASURE, read_batch, score_session
+    from neonb.experiment import VAL_SESSIONS_FILE
+    from neonb.segmentation import CHANNEL_NAMES, QC_MEASURE, read_batch, score_session
 
     if not 0 < quantile <= 1:
         raise ConfigError(f"quantile must be in (0, 1], got {quantile}")
     model_dir = Path(model_dir)
     model = load_exported_model(model_dir)
-    table = read_batch(sessions, images=model.images)
+    table = read_batch(sessions, images=model.images, channels=model.channels)
     scores = {}
     for row in tqdm(
         list(table.itertuples(index=False)), desc="calibrating QC", disable=not progress
     ):
-        if row.problem or not row.t2w:
-            raise DataError(
-                sessions,
-                f"sub-{row.participant_id} ses-{row.session_id}: {row.problem or 'no T2w image'}",
-            )
+        absent = [CHANNEL_NAMES[key] for key in model.channels if not getattr(row, key)]
+        if row.problem or absent:
+            problem = row.problem or f"no {' or '.join(absent)} image"
+            raise DataError(sessions, f"sub-{row.participant_id} ses-{row.session_id}: {problem}")
         name = f"sub-{row.participant_id}_ses-{row.session_id}"
-        scores[name] = score_session(model, row.t2w, t1w=row.t1w or None, device=device, amp=amp)
+        scores[name] = score_session(
+            model, row.t2w or None, t1w=row.t1w or None, device=device, amp=amp
+        )
     finite = [v for v in scores.values() if math.isfinite(v)]
     if not finite:
         raise DataError(sessions, "no session to calibrate the QC threshold on")
@@ -621,10 +705,40 @@ def calibrate_qc(
         "n_sessions": len(finite),
         "scores": scores,
         "source": str(Path(sessions).resolve()),
+        "sessions": (
+            "validation sessions of the run"
+            if Path(sessions).name == VAL_SESSIONS_FILE
+            else f"sessions of {Path(sessions).resolve()}"
+        ),
         "measure": QC_MEASURE,
     }
     write_qc(model_dir, qc)
     return qc
+
+
+def _ordinal(number: float) -> str:
+    """``95`` -> ``"95th"``, ``1`` -> ``"1st"``, ``22`` -> ``"22nd"``, ``97.5`` -> ``"97.5th"``."""
+    if number != int(number):
+        return f"{number:g}th"
+    whole = int(number)
+    suffix = "th" if 10 <= whole % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(whole % 10, "th")
+    return f"{whole}{suffix}"
+
+
+def describe_qc(qc: Mapping[str, Any]) -> str:
+    """One line on a calibrated QC threshold (the ``qc`` entry of :func:`calibrate_qc`).
+
+    Example:
+        >>> describe_qc({"threshold": 0.0123, "quantile": 0.95, "n_sessions": 5,
+        ...              "sessions": "validation sessions of the run"})
+        'QC threshold 0.0123 from the 5 validation sessions of the run (95th percentile)'
+    """
+    sessions = qc.get("sessions") or f"sessions of {qc.get('source', 'unknown origin')}"
+    percentile = _ordinal(round(float(qc["quantile"]) * 100, 6))
+    return (
+        f"QC threshold {float(qc['threshold']):.4f} from the {int(qc['n_sessions'])} "
+        f"{sessions} ({percentile} percentile)"
+    )
 
 
 def write_qc(model_dir: str | os.PathLike, qc: Mapping[str, Any]) -> Path:
@@ -746,8 +860,8 @@ def _check_metadata(metadata: Mapping[str, Any], path: Path) -> None:
     if kind not in ("restore", "plain"):
         raise _bad_field(path, "input_images", "'restore' or 'plain'", kind)
     channels = metadata["input_channels"]
-    if not isinstance(channels, list) or tuple(channels) not in CHANNELS_BY_COUNT.values():
-        choices = " or ".join(json.dumps(list(c)) for c in CHANNELS_BY_COUNT.values())
+    if not isinstance(channels, list) or tuple(channels) not in INPUT_CHANNELS:
+        choices = " or ".join(json.dumps(list(c)) for c in INPUT_CHANNELS)
         raise _bad_field(path, "input_channels", choices, channels)
     _check_labels(metadata["labels"], path)
     patch = metadata["patch_size"]

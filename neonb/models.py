@@ -59,14 +59,17 @@ from neonb.errors import ConfigError
 from neonb.labels import NUM_CLASSES
 
 __all__ = [
+    "INPUT_CHANNELS",
     "ModelConfig",
     "build_model",
     "bottleneck_size",
     "channels_last",
+    "check_channels",
     "check_patch_size",
     "dynunet_kwargs",
     "head_scales",
     "InstanceNorm3dChannelsLast",
+    "reference_channel",
     "swap_instance_norms",
     "total_stride",
 ]
@@ -79,6 +82,10 @@ PAPER_STRIDES: tuple[int, ...] = (1, 2, 2, 2, 2, 2)
 
 PAPER_PATCH_SIZE: tuple[int, int, int] = (128, 128, 128)
 """Training patch size of the paper (§3.2.1), in voxels."""
+
+INPUT_CHANNELS: tuple[tuple[str, ...], ...] = (("t1w", "t2w"), ("t2w",), ("t1w",))
+"""The input channels a network may take, in the order they are stacked: the paper's T1w and
+T2w (§3.2.1), or one of them alone."""
 
 _NORMS: dict[str, tuple[str, dict[str, Any]]] = {
     "instance": ("INSTANCE", {"affine": True}),
@@ -442,6 +449,36 @@ def bottleneck_size(
     """
     patch = check_patch_size(patch_size, config)
     return tuple(p // s for p, s in zip(patch, total_stride(config), strict=True))  # type: ignore[return-value]
+
+
+def check_channels(channels: Any) -> tuple[str, ...]:
+    """The input channels as a tuple, when they are one of :data:`INPUT_CHANNELS`.
+
+    Args:
+        channels: e.g. ``["t2w"]`` or ``("t1w", "t2w")`` (a list from YAML is fine).
+
+    Returns:
+        The channels as a tuple of strings, e.g. ``("t2w",)``.
+
+    Raises:
+        ConfigError: quoting the value and the allowed ones.
+    """
+    value = tuple(channels) if isinstance(channels, list | tuple) else None
+    if value not in INPUT_CHANNELS:
+        allowed = ", ".join(str(list(choice)) for choice in INPUT_CHANNELS)
+        raise ConfigError(f"channels must be one of {allowed}, but found {channels!r}")
+    return value
+
+
+def reference_channel(channels: Sequence[str]) -> str:
+    """The input whose voxel grid and header a prediction takes: the T2w when the network
+    takes it (as the paper's does), else its first channel.
+
+    Example:
+        >>> reference_channel(("t1w", "t2w")), reference_channel(("t1w",))
+        ('t2w', 't1w')
+    """
+    return "t2w" if "t2w" in channels else channels[0]
 
 
 def check_patch_size(

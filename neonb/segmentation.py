@@ -135,6 +135,7 @@ from neonb.inference import (
 )
 from neonb.labels import DRAWEM9
 from neonb.metrics import class_column, dice_per_class, volumes_ml
+from neonb.models import reference_channel
 from neonb.norms import NORMS_FILE, Norms, load_norms, plot_norms
 from neonb.transforms import preprocessing_transforms
 
@@ -185,8 +186,9 @@ CHANNEL_OPTIONS: dict[str, str] = {"t1w": "--t1", "t2w": "--t2"}
 VOXEL_SIZE_ATOL_MM = 1e-3
 """Voxel sizes closer than this (mm) count as equal: no resampling."""
 
-BATCH_COLUMNS: tuple[str, ...] = ("participant_id", "session_id", "t2w", "scan_age")
-"""Columns every batch manifest TSV needs; ``t1w`` and ``dseg`` are optional."""
+BATCH_COLUMNS: tuple[str, ...] = ("participant_id", "session_id", "scan_age")
+"""Columns every batch manifest TSV needs, besides one per input channel of the model
+(``t2w``, ``t1w``: :func:`read_batch`); ``dseg`` is optional."""
 
 BATCH_SUMMARY_FILE = "segment_batch.tsv"
 """Per-session status of the last batch, written into the output folder."""
@@ -352,14 +354,15 @@ def load_inputs(
     """Open and check the images of one session; raise on the first problem.
 
     Args:
-        paths: ``{"t2w": path, "t1w": path or None}``.
+        paths: ``{"t2w": path or None, "t1w": path or None}``.
         channels: the model's input channels in order, e.g. ``("t1w", "t2w")``.
         model_name: how to name the model in the message for a missing modality.
         reference: optionally, a segmentation to evaluate against.
         labels: the label values a reference may hold.
 
     Returns:
-        The images of ``channels`` (3D, finite, not blank, on the T2w's grid) and the
+        The images of ``channels`` (3D, finite, not blank, on the grid of the anchor image,
+        :func:`neonb.models.reference_channel`: the T2w, or a T1w-only model's T1w) and the
         reference (or ``None``).
 
     Raises:
@@ -367,12 +370,13 @@ def load_inputs(
             truncated, too large, a non-finite or singular affine, not 3D, smaller than
             :data:`MIN_AXIS_VOXELS` along an axis, complex, NaN/Inf voxels (or beyond the
             float32 range), all zero, shape or affine different from the T2w's, labels
-            outside ``labels``; or, naming the T2w, a modality the model needs is missing.
+            outside ``labels``; or, naming an image given (or the model), a modality the
+            model needs is missing.
     """
     given = {key: Path(value) for key, value in paths.items() if value}
     missing = [key for key in channels if key not in given]
     if missing:
-        named = given.get("t2w") or next(iter(given.values()), Path(model_name))
+        named = next(iter(given.values()), Path(model_name))
         needed = " and ".join(CHANNEL_NAMES[key] for key in channels)
         options = " ".join(f"{CHANNEL_OPTIONS[key]} FILE" for key in missing)
         raise DataError(
@@ -382,7 +386,7 @@ def load_inputs(
             hint=f"add {options}",
         )
     images = {key: _load_intensity_image(given[key]) for key in channels}
-    anchor = images["t2w"] if "t2w" in images else next(iter(images.values()))
+    anchor = images[reference_channel(channels)]
     for image in images.values():
         if image is not anchor:
             check_same_shape(image, anchor)
@@ -968,7 +972,7 @@ def _norms_outputs(
         "Caveat": norms.caveat,
     }
     age = float(session.scan_age)
-    title = f"{output_prefix(session.sources['t2w'])}: scan age {age:.1f} weeks PMA"
+    title = f"{output_prefix(session.anchor_path)}: scan age {age:.1f} weeks PMA"
     return {"norms": lambda tmp: plot_norms(norms, volumes, age, tmp, title=title)}
 
 
@@ -998,7 +1002,7 @@ def _write_all(paths: Mapping[str, Path], writers: Mapping[str, Callable[[Path],
 
 def segment_scan(
     model: ExportedModel | str | os.PathLike,
-    t2w: str | os.PathLike,
+    t2w: str | os.PathLike | None,
     out_dir: str | os.PathLike,
     *,
     t1w: str | os.PathLike | None = None,
@@ -1013,11 +1017,15 @@ def segment_scan(
 
     Args:
         model: an :class:`~neonb.export.ExportedModel` or its folder.
-        t2w: the T2w image (any orientation, any voxel size).
+        t2w: the T2w image (any orientation, any voxel size); required when the model
+            takes T2w (``None`` for a T1w-only model).
         out_dir: where to write (created).
-        t1w: the T1w image on the T2w's grid; required when the model takes T1w.
+        t1w: the T1w image, on the T2w's grid when both are given; required when the model
+            takes T1w.
         reference: a segmentation (labels 0-9) to evaluate against: adds a Dice table.
-        prefix: output name prefix; default :func:`output_prefix` of ``t2w``.
+        prefix: output name prefix; default :func:`output_prefix` of the anchor image
+            (:func:`neonb.models.reference_channel`: the T2w, or a T1w-only model's T1w),
+            whose grid and header the outputs take.
         scan_age: the scan age (weeks PMA), recorded beside the predicted age.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         amp: bf16 autocast of the network (:func:`neonb.inference.use_inference_amp`):
@@ -1095,10 +1103,15 @@ class _Session:
     precision: str
     tta: bool = False
 
+    @property
+    def anchor_path(self) -> str | os.PathLike:
+        """The file of the anchor image, whose name the outputs take."""
+        return self.sources[reference_channel(self.model.channels)]
+
 
 def _prepare_session(
     model: ExportedModel,
-    t2w: str | os.PathLike,
+    t2w: str | os.PathLike | None,
     out_dir: str | os.PathLike,
     *,
     t1w: str | os.PathLike | None,
@@ -1130,16 +1143,17 @@ def _prepare_session(
     for warning in header_warnings:
         warnings.warn(warning, NeonbWarning, stacklevel=3)
     out_dir = Path(out_dir)
+    sources = {"t2w": t2w, "t1w": t1w}
     paths = output_paths(
         out_dir,
-        prefix or output_prefix(t2w),
+        prefix or output_prefix(sources[reference_channel(model.channels)]),
         age=model.age_head is not None,
         dice=reference_image is not None,
         norms=_norms_wanted(model, scan_age),
         uncertainty=tta,
     )
     check_no_input_replaced([t2w, t1w, reference, *_model_files(model)], list(paths.values()))
-    anchor = images.get("t2w", next(iter(images.values())))
+    anchor = images[reference_channel(model.channels)]
     mapping = plan_grid(anchor, model.orientation, model.voxel_size_mm)
     created = _prepare_out_dir(out_dir)
     try:
@@ -1150,7 +1164,7 @@ def _prepare_session(
         raise
     return _Session(
         model, image, images, reference_image, anchor, mapping, paths,
-        sources={"t2w": t2w, "t1w": t1w}, scan_age=scan_age,
+        sources=sources, scan_age=scan_age,
         header_warnings=header_warnings, started=started, created=created, precision=precision,
         tta=tta,
     )  # fmt: skip
@@ -1177,7 +1191,7 @@ def _finish_session(
 ) -> SegmentationResult:
     """Step 4 of :func:`segment_scan`: labels back on the input's grid, tables, writes."""
     model, anchor, mapping, paths = session.model, session.anchor, session.mapping, session.paths
-    t2w = session.sources["t2w"]
+    source = session.anchor_path
     if mapping.resampled and prediction.probs is not None:
         labels = from_model_grid_probabilities(
             prediction.probs, session.image.affine, mapping,
@@ -1188,7 +1202,7 @@ def _finish_session(
         labels = from_model_grid(prediction.labels, session.image.affine, mapping)
     if not np.isin(labels, _brain_labels(model)).any():
         raise DataError(
-            anchor.get_filename() or str(t2w),
+            anchor.get_filename() or str(source),
             "the model labelled no brain tissue: every voxel came out background, so "
             "nothing was written",
             hint="is this a neonatal brain scan of the contrast and field of view the model "
@@ -1225,7 +1239,7 @@ def _finish_session(
         "sidecar": _write_text(json.dumps(sidecar, indent=2) + "\n"),
         "volumes": _write_tsv(volumes),
         "qc": lambda tmp: save_qc_png(
-            anchor, labels, model.metadata["labels"], tmp, title=output_prefix(t2w)
+            anchor, labels, model.metadata["labels"], tmp, title=output_prefix(source)
         ),
         "dseg": lambda _tmp: save_segmentation(labels, anchor.get_filename(), paths["dseg"]),
     }
@@ -1297,7 +1311,7 @@ def qc_flag(score: float, threshold: float | None) -> bool | None:
 
 def score_session(
     model: ExportedModel | str | os.PathLike,
-    t2w: str | os.PathLike,
+    t2w: str | os.PathLike | None,
     *,
     t1w: str | os.PathLike | None = None,
     device: str | torch.device = "auto",
@@ -1308,7 +1322,7 @@ def score_session(
     The same steps as :func:`segment_scan` with ``tta=True`` up to :func:`qc_score`: read
     and check, bring onto the model's grid, predict with flip TTA, map the labels and the
     uncertainty back to the input's grid. Used to calibrate a model's QC threshold
-    (:func:`neonb.export.calibrate_qc`).
+    (:func:`neonb.export.calibrate_qc`). ``t2w`` and ``t1w`` as in :func:`segment_scan`.
 
     Raises:
         DataError: for a bad input (:func:`load_inputs`).
@@ -1317,7 +1331,7 @@ def score_session(
     images, _ = load_inputs(
         {"t2w": t2w, "t1w": t1w}, model.channels, model_name=f"the model {model.model_dir}"
     )
-    anchor = images.get("t2w", next(iter(images.values())))
+    anchor = images[reference_channel(model.channels)]
     mapping = plan_grid(anchor, model.orientation, model.voxel_size_mm)
     volumes = [np.asanyarray(images[key].dataobj) for key in model.channels]
     image = prepare_image(volumes, mapping, model.channels)
@@ -1466,9 +1480,19 @@ def _resolve(value: object, base: Path) -> str:
     return str(path if path.is_absolute() else base / path)
 
 
-def _table_from_tsv(path: Path) -> pd.DataFrame:
+def _table_from_tsv(path: Path, channels: Sequence[str]) -> pd.DataFrame:
     table = read_tsv(path)
     require_columns(table, BATCH_COLUMNS, path)
+    missing = [key for key in channels if key not in table.columns]
+    if missing:
+        needed = " and ".join(CHANNEL_NAMES[key] for key in channels)
+        raise DataError(
+            path,
+            f"lacks the column(s) {missing}: the model takes {needed} images "
+            f"(found {list(map(str, table.columns))})",
+            hint=f"add a {missing[0]} column with the path of each session's "
+            f"{CHANNEL_NAMES[missing[0]]}",
+        )
     rows = []
     for line, (_, row) in zip(table.attrs["lines"], table.iterrows(), strict=True):
         ids = f"sub-{row['participant_id']} ses-{row['session_id']} (row {line})"
@@ -1489,7 +1513,7 @@ def _table_from_tsv(path: Path) -> pd.DataFrame:
                 "participant_id": normalise_participant_id(row["participant_id"]),
                 "session_id": normalise_session_id(row["session_id"]),
                 "scan_age": scan_age,
-                "t2w": _resolve(row["t2w"], path.parent),
+                "t2w": _resolve(row.get("t2w"), path.parent),
                 "t1w": _resolve(row.get("t1w"), path.parent),
                 "dseg": _resolve(row.get("dseg"), path.parent),
                 "line": line,
@@ -1540,15 +1564,27 @@ def _valid_ids(session: Any) -> bool:
     return bool(BIDS_LABEL.match(session.participant_id) and BIDS_LABEL.match(session.session_id))
 
 
-def read_batch(source: str | os.PathLike, *, images: str = "restore") -> pd.DataFrame:
+def read_batch(
+    source: str | os.PathLike,
+    *,
+    images: str = "restore",
+    channels: Sequence[str] = ("t2w",),
+) -> pd.DataFrame:
     """The sessions of a batch: a manifest TSV or a dHCP/BIDS release folder.
 
     A TSV needs the columns :data:`BATCH_COLUMNS` (``participant_id``, ``session_id``,
-    ``t2w``, ``scan_age`` in weeks PMA) and may have ``t1w`` and ``dseg``; relative paths are
+    ``scan_age`` in weeks PMA) and one per input channel of the model (``channels``:
+    ``t2w``, ``t1w``), and may have the others and ``dseg``; relative paths are
     relative to the TSV's folder; a manifest written by ``neonb manifest --out`` works. A
     folder is read with :func:`neonb.data.read_manifest`, taking the ``images`` kind
     (``"restore"`` or ``"plain"``; :func:`neonb.segmentation.segment_batch` passes the one the
     model was trained on).
+
+    Args:
+        source: the manifest TSV or release folder.
+        images: the kind of T1w/T2w read from a release folder.
+        channels: the model's input channels (:attr:`neonb.export.ExportedModel.channels`):
+            a TSV needs a column for each.
 
     Returns:
         One row per session: ``participant_id``, ``session_id`` (bare), ``scan_age``,
@@ -1559,14 +1595,15 @@ def read_batch(source: str | os.PathLike, *, images: str = "restore") -> pd.Data
 
     Raises:
         DataError: naming the source: not found, unreadable, a row with the wrong number of
-            fields ("line N: expected K fields, found M"), missing columns, no session, a
-            session listed twice, or (TSV) a session without a scan age.
+            fields ("line N: expected K fields, found M"), missing columns (the column of
+            an input channel named with the model's channels), no session, a session
+            listed twice, or (TSV) a session without a scan age.
     """
     source = Path(source)
     if source.is_dir():
         table = _table_from_release(source, images)
     elif source.is_file():
-        table = _table_from_tsv(source)
+        table = _table_from_tsv(source, channels)
     else:
         raise DataError(source, "not found: expected a manifest TSV or a dHCP/BIDS folder")
     if table.empty:
@@ -1677,7 +1714,7 @@ def segment_batch(
     _check_device(device)
     model = _as_model(model)
     source = Path(source)
-    sessions = read_batch(source, images=model.images)
+    sessions = read_batch(source, images=model.images, channels=model.channels)
     out_dir = Path(out_dir)
     _check_batch_outputs(model, source, sessions, out_dir, evaluate, tta)
     created = _prepare_out_dir(out_dir)
@@ -1872,11 +1909,14 @@ class _Batch:
             job.status, job.row["message"] = "skipped", "outputs already there"
             job.row |= _qc_from_sidecar(expected["sidecar"]) if self.tta else {}
             return job
-        if session.problem or not session.t2w:
-            job.error = DataError(f"sub-{pid}/ses-{sid}", session.problem or "no T2w image")
+        absent = [key for key in self.model.channels if not getattr(session, key)]
+        if session.problem or absent:
+            job.error = DataError(
+                f"sub-{pid}/ses-{sid}", session.problem or _no_image(self.model, absent)
+            )
             return job
         job.prepared = reader.submit(
-            _prepare_session, self.model, session.t2w,
+            _prepare_session, self.model, session.t2w or None,
             self.out_dir / f"sub-{pid}" / f"ses-{sid}" / "anat",
             t1w=session.t1w or None, reference=reference, prefix=f"sub-{pid}_ses-{sid}",
             scan_age=session.scan_age, started=job.started,
@@ -1936,6 +1976,16 @@ class _Batch:
             minutes = (time.perf_counter() - self.began) / 60
             self.bar.set_postfix_str(f"{self.processed / minutes:.1f} sessions/min", refresh=False)
         self.bar.update(1)
+
+
+def _no_image(model: ExportedModel, absent: Sequence[str]) -> str:
+    """Why a batch session without the image of some of the model's channels is skipped."""
+    needed = " and ".join(CHANNEL_NAMES[key] for key in model.channels)
+    return (
+        f"no {' or '.join(CHANNEL_NAMES[key] for key in absent)} image: the model "
+        f"{model.model_dir} needs {needed} inputs (the manifest's "
+        f"{' and '.join(absent)} column)"
+    )
 
 
 def _qc_from_sidecar(path: Path) -> dict[str, Any]:

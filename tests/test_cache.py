@@ -134,6 +134,36 @@ def test_prepared_volumes_are_lazy_and_match_the_eval_transforms(records, tmp_pa
         volumes[3]
 
 
+def test_entries_of_other_channels_never_collide(records, tmp_path):
+    """A T2w-only, a T1w-only and a T1w+T2w pre-processing of one session: three entries."""
+    images = {}
+    for channels in (("t1w", "t2w"), ("t2w",), ("t1w",)):
+        volume = prepare_volumes(records[:1], cache_dir=tmp_path, channels=channels)[0]
+        images[channels] = volume["image"]
+        assert volume["image"].shape[0] == len(channels)
+    assert len(_entries(tmp_path)) == 3
+    assert torch.equal(images[("t2w",)][0], images[("t1w", "t2w")][1])
+    assert torch.equal(images[("t1w",)][0], images[("t1w", "t2w")][0])
+    for channels in (("t2w",), ("t1w", "t2w")):  # read back: each its own entry, no new one
+        again = prepare_volumes(records[:1], cache_dir=tmp_path, channels=channels)[0]
+        assert torch.equal(again["image"], images[channels])
+    assert len(_entries(tmp_path)) == 3
+    keys = {
+        transform_key(preprocessing_transforms(crop=False, channels=c))
+        for c in (("t1w", "t2w"), ("t2w",), ("t1w",))
+    }
+    assert len(keys) == 3
+
+
+def test_a_t1w_only_session_crops_its_annotation_on_the_t1w_grid(records, tmp_path):
+    record = {k: v for k, v in records[0].items() if k != "t2w"}
+    record["annotation"] = record["label"]
+    preprocess = preprocessing_transforms(crop=True, keep_box=True, channels=("t1w",))
+    sample = VolumeDataset([record], preprocess, cache_dir=tmp_path)[0]
+    assert sample["annotation"].shape == sample["label"].shape
+    assert torch.equal(sample["annotation"], (sample["label"] != 0).to(torch.float32))
+
+
 def _epoch(loader, seed):
     """One epoch of batches, seeded as neonb.engine.fit seeds them."""
     from monai.data.utils import set_rnd

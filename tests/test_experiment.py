@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 
@@ -14,12 +17,14 @@ from neonb import data
 from neonb.ageunet import AgeHeadConfig, WindowAges, build_ageunet, segment_with_age
 from neonb.errors import ConfigError, DataError
 from neonb.experiment import (
+    VAL_SESSIONS_FILE,
     TrainingConfig,
     evaluate,
     load_trained_run,
     prediction_filename,
     prepare_volumes,
     train_segmentation,
+    training_loader,
 )
 from neonb.inference import segment
 from neonb.labels import NUM_CLASSES
@@ -55,6 +60,36 @@ def test_config_round_trips_and_rejects_unknown_settings():
         TrainingConfig.from_dict({**TINY, "overlap": 1.0})
 
 
+def test_channels_choose_the_inputs_and_the_networks_in_channels():
+    assert TrainingConfig.from_dict(TINY).channels == ("t1w", "t2w")
+    for channels in (["t2w"], ["t1w"], ["t1w", "t2w"]):
+        config = TrainingConfig.from_dict({**TINY, "channels": channels})
+        assert config.channels == tuple(channels)
+        assert config.model.in_channels == len(channels)  # follows channels when not given
+        assert config.to_dict()["channels"] == channels  # a list, for YAML
+        assert TrainingConfig.from_dict(config.to_dict()) == config
+    agreeing = {**TINY, "channels": ["t2w"], "model": {**TINY["model"], "in_channels": 1}}
+    assert TrainingConfig.from_dict(agreeing).model.in_channels == 1
+    for bad in (["t2w", "t1w"], ["flair"], [], "t2w", ["t2w", "t2w"]):
+        with pytest.raises(ConfigError, match=r"channels must be one of .*but found"):
+            TrainingConfig.from_dict({**TINY, "channels": bad})
+    contradicting = {**TINY, "channels": ["t2w"], "model": {**TINY["model"], "in_channels": 2}}
+    with pytest.raises(ConfigError, match=r"model.in_channels is 2 but channels \['t2w'\]"):
+        TrainingConfig.from_dict(contradicting)
+    with pytest.raises(ConfigError, match="model.in_channels is 2"):
+        TrainingConfig.from_dict(TINY).replace(channels=("t1w",))
+
+
+def test_a_session_needs_only_the_images_of_the_runs_channels(records, tmp_path):
+    config = TrainingConfig.from_dict({**TINY, "channels": ["t2w"], "cache_dir": str(tmp_path)})
+    without_t1w = [{k: v for k, v in r.items() if k != "t1w"} for r in records[:2]]
+    batch = next(iter(training_loader(without_t1w, config)))
+    assert batch["image"].shape[1] == 1
+    two = TrainingConfig.from_dict({**TINY, "cache_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"training session sub-\S+ ses-\S+ lacks \['t1w'\]"):
+        training_loader(without_t1w, two)
+
+
 def test_train_then_evaluate_writes_run_and_predictions(records, tmp_path):
     config = TrainingConfig.from_dict(TINY)
     run = train_segmentation(records[:3], records[3:], config, tmp_path / "run", progress=False)
@@ -80,9 +115,17 @@ def test_train_then_evaluate_writes_run_and_predictions(records, tmp_path):
     np.testing.assert_allclose(written.affine, reference.affine)
     assert written.get_data_dtype() == np.uint8
 
+    t1w_only = prepare_volumes(records[3:], channels=["t1w"])[0]
+    assert t1w_only["reference"] == record["t1w"] and t1w_only["image"].shape[0] == 1
+
     # load_trained_run rebuilds the same network from the folder alone
     loaded, loaded_config = load_trained_run(tmp_path / "run")
     assert loaded_config == config
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert recorded["channels"] == ["t1w", "t2w"]
+    validation = pd.read_csv(tmp_path / "run" / VAL_SESSIONS_FILE, sep="\t", dtype=str)
+    assert validation["t2w"].tolist() == [str(Path(record["t2w"]).resolve())]
+    assert validation["dseg"].tolist() == [str(Path(record["label"]).resolve())]
     assert loaded.log.equals(run.log)
     for a, b in zip(
         loaded.model.state_dict().values(), run.model.state_dict().values(), strict=True
@@ -194,8 +237,25 @@ def test_evaluate_refuses_what_it_cannot_score(records):
         evaluate(model, [], config)
     with pytest.raises(ConfigError, match="no evaluation sessions"):
         prepare_volumes([])
-    volume = {k: v for k, v in prepare_volumes(records[:1])[0].items() if k != "t2w"}
-    with pytest.raises(ConfigError, match=r"lacks \['t2w'\].*prepare_volumes"):
-        evaluate(model, [volume], config, hd95=True)
+    volume = prepare_volumes(records[:1])[0]
+    without = {k: v for k, v in volume.items() if k not in ("t2w", "reference")}
+    with pytest.raises(ConfigError, match=r"lacks \['reference'\].*prepare_volumes"):
+        evaluate(model, [without], config, hd95=True)
+    one_channel = prepare_volumes(records[:1], channels=["t2w"])[0]
+    assert one_channel["image"].shape[0] == 1 and one_channel["reference"] == records[0]["t2w"]
+    with pytest.raises(ConfigError, match="1 image channels but the network takes 2"):
+        evaluate(model, [one_channel], config)
     with pytest.raises(ConfigError, match="window_hook or segmentation_logits"):
         evaluate(model, [volume], config, window_hook=WindowAges, segmentation_logits=lambda o: o)
+
+
+def test_a_config_yaml_without_channels_reads_as_t1w_and_t2w(records, tmp_path):
+    """A run folder written before runs recorded their channels."""
+    config = TrainingConfig.from_dict({**TINY, "epochs": 1})
+    train_segmentation(records[:3], records[3:], config, tmp_path / "run", progress=False)
+    path = tmp_path / "run" / "config.yaml"
+    old = yaml.safe_load(path.read_text())
+    del old["channels"]
+    path.write_text(yaml.safe_dump(old))
+    _, loaded = load_trained_run(tmp_path / "run")
+    assert loaded.channels == ("t1w", "t2w") and loaded == config

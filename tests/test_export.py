@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from neonb import __version__, data
 from neonb.cli import main
@@ -121,7 +122,10 @@ def test_grid_needs_data_root_or_explicit_values(run_dir, tmp_path, capsys):
     with pytest.raises(ConfigError, match="--data-root"):
         export_run(run_dir, tmp_path / "m")
     assert not (tmp_path / "m").exists()
-    out = export_run(run_dir, tmp_path / "m", voxel_size=[0.5], orientation="las")
+    # no QC calibration: the 6 mm sessions would be segmented at the stated 0.5 mm
+    out = export_run(
+        run_dir, tmp_path / "m", voxel_size=[0.5], orientation="las", calibrate_qc=False
+    )
     meta = json.loads((out / METADATA_FILE).read_text())
     assert meta["voxel_size_mm"] == [0.5, 0.5, 0.5] and meta["orientation"] == "LAS"
     assert meta["training_data"]["description"] == "not recorded"
@@ -189,6 +193,31 @@ def test_bad_model_folders_are_named(run_dir, cohort, tmp_path):
     meta_path.write_text(json.dumps(wider))
     with pytest.raises(DataError, match="does not fit the network"):
         load_exported_model(out)
+    swapped = {**meta, "input_channels": ["t2w", "t1w"]}  # not an order neonb stacks
+    meta_path.write_text(json.dumps(swapped))
+    with pytest.raises(DataError, match=r"'input_channels' must be \["):
+        load_exported_model(out)
     meta_path.unlink()
     with pytest.raises(DataError, match="file not found"):
+        load_exported_model(out)
+
+
+def test_input_channels_come_from_the_run_or_for_an_old_run_from_the_network(
+    run_dir, cohort, tmp_path
+):
+    old = tmp_path / "old-run"
+    old.mkdir()
+    for path in run_dir.iterdir():
+        if path.is_file():
+            (old / path.name).write_bytes(path.read_bytes())
+    config = yaml.safe_load((old / "config.yaml").read_text())
+    assert config.pop("channels") == ["t1w", "t2w"]
+    (old / "config.yaml").write_text(yaml.safe_dump(config))
+    out = export_run(old, tmp_path / "model", data_root=cohort, calibrate_qc=False)
+    assert json.loads((out / METADATA_FILE).read_text())["input_channels"] == ["t1w", "t2w"]
+    meta = json.loads((out / METADATA_FILE).read_text())
+    assert "qc" not in meta  # calibrate_qc=False
+    one = {**meta, "input_channels": ["t1w"], "model": {**meta["model"], "in_channels": 1}}
+    (out / METADATA_FILE).write_text(json.dumps(one))
+    with pytest.raises(DataError, match="does not fit the network"):  # the check accepts T1w
         load_exported_model(out)

@@ -18,8 +18,9 @@ from torch import nn
 
 from neonb import data
 from neonb.cli import main
-from neonb.errors import DataError
-from neonb.export import calibrate_qc, export_run, load_exported_model, write_qc
+from neonb.errors import DataError, NeonbWarning
+from neonb.experiment import VAL_SESSIONS_FILE
+from neonb.export import calibrate_qc, describe_qc, export_run, load_exported_model, write_qc
 from neonb.inference import flip_combinations, normalised_entropy, predict_foreground
 from neonb.metrics import dice_per_class
 from neonb.segmentation import (
@@ -53,7 +54,9 @@ def run_dir(manifest, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(cohort, run_dir, tmp_path_factory):
-    return export_run(run_dir, tmp_path_factory.mktemp("model") / "tiny", data_root=cohort)
+    """The run's model folder without a QC threshold (each test sets the one it needs)."""
+    out = tmp_path_factory.mktemp("model") / "tiny"
+    return export_run(run_dir, out, data_root=cohort, calibrate_qc=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -349,3 +352,76 @@ def test_export_calibrates_qc_on_the_command_line(run_dir, cohort, manifest, tmp
     assert qc["threshold"] == pytest.approx(next(iter(qc["scores"].values())))
     assert main([*args, "--calibrate-qc", str(tsv), "--qc-quantile", "0"]) == 1
     assert "--qc-quantile must be in (0, 1]" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# QC calibrated at export on the run's validation sessions
+# --------------------------------------------------------------------------------------
+
+
+def _copy_run(run_dir: Path, to: Path) -> Path:
+    to.mkdir()
+    for path in run_dir.iterdir():
+        if path.is_file():
+            (to / path.name).write_bytes(path.read_bytes())
+    return to
+
+
+def test_the_run_records_its_validation_sessions(run_dir, manifest):
+    recorded = pd.read_csv(run_dir / VAL_SESSIONS_FILE, sep="\t")
+    validation = manifest.iloc[3:]  # tiny_run validates on the fourth session
+    assert recorded["participant_id"].astype(str).tolist() == validation["participant_id"].tolist()
+    assert recorded["session_id"].astype(str).tolist() == validation["session_id"].tolist()
+    assert recorded["scan_age"].tolist() == pytest.approx(validation["scan_age"].tolist())
+    for column, key in (("t1w", "t1w"), ("t2w", "t2w"), ("dseg", "dseg")):
+        assert Path(recorded[column].iloc[0]) == Path(validation[key].iloc[0]).resolve()
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # written atomically
+
+
+def test_export_calibrates_qc_on_the_runs_validation_sessions(run_dir, cohort, tmp_path, capsys):
+    out = tmp_path / "model"
+    args = ["export", str(run_dir), "--out", str(out), "--data-root", str(cohort)]
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    qc = json.loads((out / "model.json").read_text())["qc"]
+    assert qc["n_sessions"] == 1 and qc["quantile"] == 0.95
+    assert qc["source"] == str((run_dir / VAL_SESSIONS_FILE).resolve())
+    assert qc["threshold"] == pytest.approx(next(iter(qc["scores"].values())))
+    line = f"QC threshold {qc['threshold']:.4f} from the 1 validation sessions of the run"
+    assert f"{line} (95th percentile)" in said and describe_qc(qc) in said
+
+    assert main([*args, "--no-calibrate-qc"]) == 0
+    assert "QC threshold" not in capsys.readouterr().out
+    assert "qc" not in json.loads((out / "model.json").read_text())
+
+
+def test_export_without_the_recorded_images_says_why_and_succeeds(
+    run_dir, cohort, manifest, tmp_path, capsys
+):
+    moved = _copy_run(run_dir, tmp_path / "run")
+    recorded = pd.read_csv(moved / VAL_SESSIONS_FILE, sep="\t")
+    recorded["t2w"] = str(tmp_path / "gone_T2w.nii.gz")
+    recorded.to_csv(moved / VAL_SESSIONS_FILE, sep="\t", index=False)
+    out = tmp_path / "model"
+    with pytest.warns(NeonbWarning, match="QC threshold not calibrated: .*gone_T2w.nii.gz"):
+        export_run(moved, out, data_root=cohort)
+    assert "qc" not in json.loads((out / "model.json").read_text())
+
+    args = ["export", str(moved), "--out", str(out), "--data-root", str(cohort)]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "QC threshold not calibrated" in line]
+    assert len(lines) == 1 and "gone_T2w.nii.gz" in lines[0]
+    with pytest.raises(DataError, match="gone_T2w"):  # asked for explicitly: an error
+        export_run(moved, out, data_root=cohort, calibrate_qc=True)
+
+    (moved / VAL_SESSIONS_FILE).unlink()  # a run trained before runs recorded them
+    with pytest.warns(NeonbWarning, match="records no validation sessions"):
+        export_run(moved, out, data_root=cohort)
+
+    tsv = tmp_path / "validation.tsv"  # --calibrate-qc SESSIONS overrides
+    manifest[["participant_id", "session_id", "scan_age", "t1w", "t2w"]].iloc[2:].to_csv(
+        tsv, sep="\t", index=False
+    )
+    assert main([*args, "--calibrate-qc", str(tsv)]) == 0
+    assert f"from the 2 sessions of {tsv.resolve()} (95th percentile)" in capsys.readouterr().out

@@ -13,12 +13,18 @@ import pytest
 import torch
 from nibabel import orientations
 from nibabel.processing import resample_to_output
-from tiny_model import TINY, tiny_cohort, tiny_run
+from tiny_model import TINY, tiny_channel_run, tiny_cohort, tiny_run
 
 from neonb import data, segmentation
 from neonb.cli import main
 from neonb.errors import DataError
-from neonb.experiment import TrainingConfig, prediction_filename
+from neonb.experiment import (
+    TrainingConfig,
+    evaluate,
+    load_trained_run,
+    prediction_filename,
+    prepare_volumes,
+)
 from neonb.export import export_run, load_exported_model
 from neonb.labels import NUM_CLASSES
 from neonb.segmentation import (
@@ -367,3 +373,100 @@ def test_asking_for_a_missing_gpu_is_one_line(model_dir, manifest, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err == "neonb segment: error: device 'cuda' asked for, but no CUDA GPU is available"
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------
+# Models of one input channel: T2w alone, T1w alone
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def t2w_run(manifest, tmp_path_factory):
+    return tiny_channel_run(manifest, tmp_path_factory.mktemp("t2w-run"), ("t2w",))
+
+
+@pytest.fixture(scope="module")
+def t1w_model(cohort, manifest, tmp_path_factory):
+    run = tiny_channel_run(manifest, tmp_path_factory.mktemp("t1w-run"), ("t1w",))
+    return export_run(run, tmp_path_factory.mktemp("t1w-model") / "t1w", data_root=cohort)
+
+
+def _copy_as(source: Path, path: Path) -> Path:
+    path.write_bytes(source.read_bytes())
+    return path
+
+
+def test_a_t2w_run_trains_exports_and_segments_a_t2w_alone(
+    t2w_run, cohort, manifest, tmp_path, capsys
+):
+    run, config = load_trained_run(t2w_run)
+    assert config.channels == ("t2w",) and config.model.in_channels == 1
+    assert "t1w" not in config.to_dict()["channels"]
+    volumes = prepare_volumes(data.to_data_dicts(manifest)[:1], channels=config.channels)
+    scores = evaluate(run.model, volumes, config, out_dir=tmp_path / "predictions")
+    assert len(scores.per_volume) == 1 and volumes[0]["image"].shape[0] == 1
+
+    model_dir = export_run(t2w_run, tmp_path / "model", data_root=cohort)
+    metadata = json.loads((model_dir / "model.json").read_text())
+    assert metadata["input_channels"] == ["t2w"] and metadata["model"]["in_channels"] == 1
+    assert metadata["qc"]["n_sessions"] == 1  # calibrated on the T2w of its validation session
+
+    paths, _ = _session(manifest)
+    out = tmp_path / "out"
+    args = ["segment", "--t2", str(paths["t2w"]), "--model", str(model_dir), "--out", str(out)]
+    assert main(args) == 0
+    seg = nib.load(out / f"{output_prefix(paths['t2w'])}_desc-neonb_dseg.nii.gz")
+    assert seg.shape == nib.load(paths["t2w"]).shape
+    sidecar = json.loads(next(out.glob("*_dseg.json")).read_text())
+    assert sidecar["Sources"] == [str(paths["t2w"].resolve())]
+
+    only_t1 = ["segment", "--t1", str(paths["t1w"]), "--model", str(model_dir)]
+    assert main([*only_t1, "--out", str(tmp_path / "t1")]) == 1
+    err = capsys.readouterr().err
+    assert f"the model {model_dir} needs T2w inputs" in err and "add --t2 FILE" in err
+
+
+def test_a_t1w_model_segments_a_t1w_alone_named_after_it(t1w_model, manifest, tmp_path, capsys):
+    assert load_exported_model(t1w_model).channels == ("t1w",)
+    paths, _ = _session(manifest)
+    t1w = _copy_as(paths["t1w"], tmp_path / "baby T1.nii.gz")  # a name that is not BIDS
+    out = tmp_path / "out"
+    args = ["segment", "--t1", str(t1w), "--model", str(t1w_model), "--out", str(out)]
+    assert main(args) == 0
+    assert "segmentation written to" in capsys.readouterr().out
+    assert all(name.startswith("babyT1_desc-neonb_") for name in _files(out))
+    seg = nib.load(out / "babyT1_desc-neonb_dseg.nii.gz")
+    assert seg.shape == nib.load(t1w).shape and np.allclose(seg.affine, nib.load(t1w).affine)
+    assert json.loads((out / "babyT1_desc-neonb_dseg.json").read_text())["Sources"] == [
+        str(t1w.resolve())
+    ]
+
+    only_t2 = ["segment", "--t2", str(paths["t2w"]), "--model", str(t1w_model)]
+    assert main([*only_t2, "--out", str(tmp_path / "t2")]) == 1
+    err = capsys.readouterr().err
+    assert f"the model {t1w_model} needs T1w inputs" in err and "add --t1 FILE" in err
+    assert main(["segment", "--model", str(t1w_model), "--out", str(tmp_path / "none")]) == 1
+    assert "give the scan to segment" in capsys.readouterr().err
+
+
+def test_a_batch_needs_the_columns_of_the_models_channels(
+    t1w_model, model_dir, manifest, tmp_path, capsys
+):
+    table = manifest[["participant_id", "session_id", "scan_age", "t1w"]].iloc[:2]
+    tsv = tmp_path / "t1w_only.tsv"
+    table.to_csv(tsv, sep="\t", index=False)
+    result = segment_batch(t1w_model, tsv, tmp_path / "t1w", progress=False)
+    assert result.count("done") == 2
+
+    args = ["segment", "--batch", str(tsv), "--model", str(model_dir), "--out", str(tmp_path / "x")]
+    assert main(args) == 1  # the T1w+T2w model needs a t2w column
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"neonb segment: error: {tsv}: lacks the column(s) ['t2w']")
+    assert "T1w and T2w" in err and "\n" not in err
+
+    gap = manifest[["participant_id", "session_id", "scan_age", "t1w", "t2w"]].iloc[:1].copy()
+    gap["t1w"] = "n/a"  # the column is there, the image is not
+    gap.to_csv(tsv, sep="\t", index=False)
+    result = segment_batch(t1w_model, tsv, tmp_path / "gap", progress=False)
+    message = result.summary.loc[0, "message"]
+    assert result.count("failed") == 1 and f"the model {t1w_model} needs T1w" in message

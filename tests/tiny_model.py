@@ -35,3 +35,16 @@ def tiny_run(manifest: pd.DataFrame, folder: Path) -> Path:
         records[:3], records[3:], TrainingConfig.from_dict(TINY), folder, progress=False
     )
     return folder
+
+
+def tiny_channel_run(manifest: pd.DataFrame, folder: Path, channels: tuple[str, ...]) -> Path:
+    """One epoch of a run on ``channels`` alone, trained and validated like :func:`tiny_run`;
+    its records hold only the images of ``channels`` (and the label)."""
+    unused = {"t1w", "t2w"} - set(channels)
+    records = [
+        {key: value for key, value in record.items() if key not in unused}
+        for record in data.to_data_dicts(manifest)
+    ]
+    config = TrainingConfig.from_dict({**TINY, "epochs": 1, "channels": list(channels)})
+    train_segmentation(records[:3], records[3:], config, folder, progress=False)
+    return folder
