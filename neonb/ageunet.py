@@ -86,6 +86,7 @@ from neonb import distributed
 from neonb.engine import BEST_MODEL_FILE, LOG_FILE, write_run_info
 from neonb.errors import ConfigError, DataError
 from neonb.experiment import (
+    VAL_SESSIONS_FILE,
     Record,
     TrainedRun,
     TrainingConfig,
@@ -95,6 +96,7 @@ from neonb.experiment import (
     segmentation_loss,
     train_segmentation,
     validation_loader,
+    write_val_sessions,
 )
 from neonb.files import atomic_write
 from neonb.inference import (
@@ -713,7 +715,9 @@ def cache_window_features(
         config: window size (``patch_size``), ``overlap`` and ``device``.
     """
     rows, ages, volume = [], [], []
-    for index, (record, loaded) in enumerate(zip(records, prepare_volumes(records), strict=True)):
+    for index, (record, loaded) in enumerate(
+        zip(records, prepare_volumes(records, channels=config.channels), strict=True)
+    ):
         features = window_features(
             model,
             loaded["image"],
@@ -1049,6 +1053,7 @@ def train_ageunet(
         log = train_staged_head(
             model, train_records, val_records, config, run_dir, progress=progress
         )
+        write_val_sessions(val_records, run_dir / VAL_SESSIONS_FILE)
         return TrainedRun(model.eval(), log, run_dir, float(log["epoch_time_s"].sum()))
     loss = AgeUNetLoss(segmentation_loss(config), head, epochs=config.epochs, age_std=age_std)
     trained = train_segmentation(

@@ -67,6 +67,7 @@ from neonb.models import (
     check_patch_size,
     reference_channel,
 )
+from neonb.synthesis import SynthesisConfig
 from neonb.transforms import (
     MODALITY_KEYS,
     AugmentationConfig,
@@ -139,6 +140,10 @@ class TrainingConfig:
         model: the network, :class:`neonb.models.ModelConfig`.
         augmentation: probabilities and ranges, :class:`neonb.transforms.AugmentationConfig`
             (neonb's defaults after nnU-Net's; the paper gives none).
+        synthesis: domain randomisation (:class:`neonb.synthesis.SynthesisConfig`): most
+            training patches get an image synthesised from their labels with random
+            contrast, bias field, resolution and noise, in place of the real one; ``None``
+            (the paper's training): the real images only.
     """
 
     channels: tuple[str, ...] = MODALITY_KEYS
@@ -158,6 +163,7 @@ class TrainingConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    synthesis: SynthesisConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", check_channels(self.channels))
@@ -208,9 +214,18 @@ class TrainingConfig:
         model_values.setdefault("in_channels", len(channels))
         model = ModelConfig.from_dict(model_values)
         augmentation = AugmentationConfig.from_dict(values.pop("augmentation", {}))
+        synthesis = values.pop("synthesis", None)
+        if synthesis is not None and not isinstance(synthesis, SynthesisConfig):
+            synthesis = SynthesisConfig.from_dict(synthesis)
         if "patch_size" in values:
             values["patch_size"] = tuple(values["patch_size"])
-        return cls(channels=channels, model=model, augmentation=augmentation, **values)
+        return cls(
+            channels=channels,
+            model=model,
+            augmentation=augmentation,
+            synthesis=synthesis,
+            **values,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values that :meth:`from_dict` reads back (YAML and JSON friendly)."""
@@ -219,6 +234,7 @@ class TrainingConfig:
         values["patch_size"] = list(self.patch_size)
         values["model"] = self.model.to_dict()
         values["augmentation"] = self.augmentation.to_dict()
+        values["synthesis"] = None if self.synthesis is None else self.synthesis.to_dict()
         return values
 
     def replace(self, **changes: Any) -> TrainingConfig:
@@ -308,7 +324,9 @@ def training_loader(
     dataset = VolumeDataset(
         _check_records(records, "training", config.channels),
         preprocessing_transforms(crop=True, keep_box=True, channels=config.channels),
-        augmentation_transforms(config.patch_size, config.augmentation, model=config.model),
+        augmentation_transforms(
+            config.patch_size, config.augmentation, model=config.model, synthesis=config.synthesis
+        ),
         cache_dir=_cache_dir(config, cache_dir),
     )
     sampler = EpochSampler(

@@ -495,7 +495,13 @@ def save_segmentation(
     return atomic_write(out_path, lambda tmp: nib.save(image, tmp))
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
+def load_weights(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    strict: bool = True,
+    channels: tuple[Sequence[str], Sequence[str]] | None = None,
+) -> nn.Module:
     """Load network weights saved by :func:`neonb.engine.fit`.
 
     Reads with ``torch.load(weights_only=True)`` (tensors and plain containers only;
@@ -506,6 +512,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
         path: ``model_best.pt`` (a bare state dict) or ``checkpoint.pt`` (a dict whose
             ``"model"`` entry is the state dict).
         strict: passed to :meth:`torch.nn.Module.load_state_dict`.
+        channels: ``(saved, wanted)`` input channels, e.g. ``(("t1w", "t2w"), ("t2w",))``,
+            to start a network with fewer inputs from a trained one: the first layers'
+            filters keep the wanted channels' weights (the T2w filters of a T1w+T2w
+            network), as one starts from the weights of a related network.
 
     Returns:
         ``model``, with the weights loaded.
@@ -522,6 +532,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
     state = saved.get("model", saved) if isinstance(saved, Mapping) else None
     if not isinstance(state, Mapping):
         raise DataError(path, "holds neither a state dict nor a checkpoint with 'model'")
+    if channels is not None:
+        state = _select_input_channels(state, model, *channels, path)
     try:
         model.load_state_dict(state, strict=strict)
     except RuntimeError as err:
@@ -529,3 +541,38 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
             path, f"does not fit the model ({err})", "build the model with the run's config"
         ) from err
     return model
+
+
+def _select_input_channels(
+    state: Mapping[str, torch.Tensor],
+    model: nn.Module,
+    saved: Sequence[str],
+    wanted: Sequence[str],
+    path: str | os.PathLike,
+) -> dict[str, torch.Tensor]:
+    """``state`` with the input-channel axis of the first layers cut to ``wanted``.
+
+    Every saved tensor whose axis 1 has ``len(saved)`` entries where the model's has
+    ``len(wanted)`` (the convolutions that read the input image) keeps the entries of the
+    wanted channels, in the wanted order.
+
+    Raises:
+        DataError: naming ``path``, for a wanted channel the saved network did not take.
+    """
+    missing = [name for name in wanted if name not in saved]
+    if missing:
+        raise DataError(path, f"was trained on {list(saved)}, so it has no weights for {missing}")
+    index = torch.tensor([list(saved).index(name) for name in wanted])
+    target = model.state_dict()
+    selected = dict(state)
+    for key, value in state.items():
+        shape = tuple(target[key].shape) if key in target else None
+        if (
+            shape is not None
+            and value.ndim >= 2
+            and value.shape[1] == len(saved)
+            and shape[1] == len(wanted) != len(saved)
+            and shape[:1] + shape[2:] == value.shape[:1] + value.shape[2:]
+        ):
+            selected[key] = value.index_select(1, index).clone()
+    return selected

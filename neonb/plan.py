@@ -303,6 +303,13 @@ class _Planner:
         self.sets += [_age_row(name, s, rows) for s, rows in sets.items()]
         self.trained(name, self.define(name, p))
 
+    def robustness(self, name: str, p: Mapping[str, Any]) -> None:
+        from neonb.splits import PIPELINE_SETS
+
+        sets = _sets(self.tables["pipeline"], PIPELINE_SETS)
+        self.sets += [_age_row(name, s, rows) for s, rows in sets.items()]
+        self.trained(name, self.define(name, p))
+
     def closing(self, name: str, p: Mapping[str, Any]) -> None:
         self.chapter(name, [], None)
 
@@ -313,6 +320,7 @@ CHAPTER_PLANNERS: dict[str, str] = {
     "02_ageunet": "ageunet",
     "03_budgeting": "budgeting",
     "04_transfer": "transfer",
+    "06_robustness": "robustness",
     "05_paper_vs_neonb": "closing",
 }
 """Which :class:`_Planner` method lays out each notebook."""

@@ -13,6 +13,8 @@ sagittal views.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -804,5 +806,124 @@ def shift_gallery(
         height=170 * n_rows + 80,
         plot_bgcolor="black",
         margin={"l": 10, "r": 10, "t": 80, "b": 10},
+    )
+    return fig
+
+
+MODEL_COLORS = {"paper": "#1b9e77", "t2w": "#7570b3", "randomized": "#d95f02"}
+"""Colours of the robustness chapter's networks."""
+
+
+def dice_against_severity(
+    table: pd.DataFrame, *, title: str = "Dice (no BG) against severity"
+) -> go.Figure:
+    """Each network's mean Dice against the severity of each shift, with 95 % intervals.
+
+    Args:
+        table: rows of :func:`neonb.robustness.severity_table` (``model``, ``shift``,
+            ``severity``, ``mean``, ``low``, ``high``, ``sessions``); severity 0 is clean.
+        title: the figure title.
+    """
+    shifts = list(dict.fromkeys(table["shift"]))
+    cols = min(3, len(shifts))
+    rows = math.ceil(len(shifts) / cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=shifts, shared_yaxes=True)
+    for i, shift in enumerate(shifts):
+        for model, group in table[table["shift"] == shift].groupby("model", sort=False):
+            fig.add_scatter(
+                x=group["severity"],
+                y=group["mean"],
+                mode="lines+markers",
+                name=model,
+                legendgroup=model,
+                showlegend=i == 0,
+                line={"color": MODEL_COLORS.get(model)},
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": group["high"] - group["mean"],
+                    "arrayminus": group["mean"] - group["low"],
+                },
+                customdata=group["sessions"],
+                hovertemplate=f"{model}, {shift} " + "%{x}: %{y:.3f} (%{customdata} sessions)"
+                "<extra></extra>",
+                row=i // cols + 1,
+                col=i % cols + 1,
+            )
+    fig.update_yaxes(title_text="mean Dice, 8 tissues", col=1)
+    fig.update_xaxes(title_text="severity")
+    fig.update_layout(title=title, height=300 * rows + 80)
+    return fig
+
+
+def qc_against_dice(
+    qc: pd.DataFrame, *, dice_threshold: float, threshold: float | None = None, title: str = ""
+) -> go.Figure:
+    """Each segmentation's QC score against its Dice, one colour per shift.
+
+    Args:
+        qc: rows of :func:`neonb.robustness.qc_study` (``qc_uncertainty``,
+            ``dice_mean_nobg``, ``shift``, ``severity``, ``participant_id``).
+        dice_threshold: the Dice below which a segmentation counts as bad (a dashed line).
+        threshold: the model folder's QC threshold (a dotted line), if any.
+        title: the figure title.
+    """
+    fig = go.Figure()
+    for shift, group in qc.groupby("shift", sort=False):
+        fig.add_scatter(
+            x=group["qc_uncertainty"],
+            y=group["dice_mean_nobg"],
+            mode="markers",
+            name=shift,
+            marker={"size": 8},
+            customdata=np.stack([group["severity"], group["participant_id"]], axis=1),
+            hovertemplate=f"{shift} " + "%{customdata[0]} (sub-%{customdata[1]}): QC "
+            "%{x:.4f}, Dice %{y:.3f}<extra></extra>",
+        )
+    fig.add_hline(y=dice_threshold, line_dash="dash", annotation_text=f"Dice {dice_threshold:g}")
+    if threshold is not None:
+        fig.add_vline(x=threshold, line_dash="dot", annotation_text="QC threshold")
+    fig.update_layout(
+        title=title,
+        xaxis_title="QC score: mean uncertainty in the brain",
+        yaxis_title="Dice, 8 tissues (TTA segmentation)",
+        height=450,
+    )
+    return fig
+
+
+def synthesis_examples(
+    before: dict[str, np.ndarray], synthesized: list[dict[str, np.ndarray]]
+) -> go.Figure:
+    """A training patch's real T2w and labels beside images synthesised from the labels.
+
+    Args:
+        before: ``image`` (C, X, Y, Z), T2w last, and ``label`` (1, X, Y, Z) of the patch
+            (:func:`neonb.transforms.augmented_example`).
+        synthesized: the same patch after domain randomisation, one dict per draw.
+    """
+    k = before["image"].shape[-1] // 2
+    panels = {"T2w, real": before["image"][-1, :, :, k], "labels": before["label"][0, :, :, k]}
+    panels |= {f"synthetic {i + 1}": s["image"][-1, :, :, k] for i, s in enumerate(synthesized)}
+    fig = make_subplots(
+        rows=1, cols=len(panels), subplot_titles=list(panels), horizontal_spacing=0.02
+    )
+    for col, (name, panel) in enumerate(panels.items(), start=1):
+        labels = name == "labels"
+        fig.add_heatmap(
+            z=panel.T,
+            colorscale=_label_colorscale() if labels else "gray",
+            zmin=0 if labels else None,
+            zmax=NUM_CLASSES if labels else None,
+            showscale=False,
+            hovertemplate="%{z:.2f}<extra></extra>",
+            row=1,
+            col=col,
+        )
+        _image_axes(fig, col)
+    fig.update_layout(
+        title=f"Axial slice {k} of a training patch and images drawn from its labels",
+        height=300,
+        margin={"l": 10, "r": 10, "t": 70, "b": 10},
     )
     return fig

@@ -56,13 +56,14 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from scipy import ndimage
-from tqdm.auto import tqdm
+from scipy import ndimage, stats
+from tqdm import tqdm
 
 from neonb.data import TSV_MISSING, read_tsv
 from neonb.errors import ConfigError, DataError
 from neonb.files import atomic_write
 from neonb.labels import DRAWEM9
+from neonb.statistics import Claim, check_claims, mean_interval
 
 __all__ = [
     "CLEAN",
@@ -70,6 +71,13 @@ __all__ = [
     "SHIFTED_COLUMNS",
     "SHIFTS",
     "UNITS",
+    "check_goals",
+    "qc_separation",
+    "qc_study",
+    "roc_auc",
+    "score_shifts",
+    "severe_losses",
+    "severity_table",
     "shift_seed",
     "shift_session",
     "shifted_records",
@@ -586,3 +594,322 @@ def _as_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
 def _write_table(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     table = _as_table(rows)
     atomic_write(path, lambda tmp: table.to_csv(tmp, sep="\t", index=False, na_rep=TSV_MISSING))
+
+
+# --------------------------------------------------------------------------- the chapter's analysis
+
+SCORE_COLUMNS: list[str] = [
+    "model", "shift", "level", "severity", "participant_id", "session_id",
+    "source_session_id", "scan_age", "dice_mean_nobg", "dice_mean",
+]  # fmt: skip
+"""Columns of :func:`score_shifts` (``robustness.tsv``)."""
+
+
+def score_shifts(
+    networks: Mapping[str, tuple[Any, Any]],
+    shifted: pd.DataFrame,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    sw_batch_size: int | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Dice of every network on every shifted session, through the study's one evaluation.
+
+    Each network segments every row of ``shifted`` with :func:`neonb.experiment.evaluate`
+    (its training's window size and overlap), reading the channels it was trained on, and
+    each session's Dice is averaged over the classes (:func:`neonb.metrics.case_summary`).
+
+    Args:
+        networks: name → ``(network, TrainingConfig)``.
+        shifted: rows of :func:`write_shifted_sessions`.
+        cache_dir: the disk cache of pre-processed volumes.
+        sw_batch_size: windows per forward pass (``None``: the default).
+        progress: a progress bar per network.
+
+    Returns:
+        One row per network and shifted session, columns :data:`SCORE_COLUMNS`.
+    """
+    from neonb.experiment import evaluate, prepare_volumes
+    from neonb.metrics import case_summary
+
+    facts = shifted[["participant_id", "session_id", "source_session_id", "shift", "level",
+                     "severity"]].astype({"participant_id": str, "session_id": str})  # fmt: skip
+    tables = []
+    for name, (network, config) in networks.items():
+        volumes = prepare_volumes(
+            shifted_records(shifted), cache_dir=cache_dir, channels=config.channels
+        )
+        result = evaluate(network, volumes, config, sw_batch_size=sw_batch_size, progress=progress)
+        cases = case_summary(result.per_class, by=("participant_id", "session_id", "scan_age"))
+        cases = cases.astype({"participant_id": str, "session_id": str})
+        tables.append(cases.merge(facts, on=["participant_id", "session_id"]).assign(model=name))
+    return pd.concat(tables, ignore_index=True)[SCORE_COLUMNS]
+
+
+def _with_clean_per_shift(scores: pd.DataFrame) -> pd.DataFrame:
+    """``scores`` with the clean rows repeated as level 0 of every shift."""
+    clean = scores[scores["shift"] == CLEAN]
+    shifts = [s for s in dict.fromkeys(scores["shift"]) if s != CLEAN]
+    return pd.concat(
+        [clean.assign(shift=s) for s in shifts] + [scores[scores["shift"] != CLEAN]],
+        ignore_index=True,
+    )
+
+
+def severity_table(scores: pd.DataFrame, value: str = "dice_mean_nobg") -> pd.DataFrame:
+    """Mean score per network, shift and severity, with a 95 % t-interval over sessions.
+
+    The clean sessions are severity 0 of every shift.
+
+    Returns:
+        Columns ``model``, ``shift``, ``level``, ``severity``, ``sessions``, ``mean``,
+        ``low``, ``high``.
+    """
+    rows = []
+    keys = ["model", "shift", "level", "severity"]
+    for key, group in _with_clean_per_shift(scores).groupby(keys, sort=False):
+        mean, low, high = mean_interval(group[value])
+        rows.append({**dict(zip(keys, key, strict=True)), "sessions": len(group), "mean": mean,
+                     "low": low, "high": high})  # fmt: skip
+    return pd.DataFrame(rows).sort_values(keys, kind="stable", ignore_index=True)
+
+
+def _losses(scores: pd.DataFrame, value: str) -> pd.DataFrame:
+    """Per network, shift and session: the clean score minus the score at the top level."""
+    ids = ["model", "participant_id", "source_session_id"]
+    clean = scores[scores["shift"] == CLEAN].set_index(ids)[value].rename("clean")
+    shifted = scores[scores["shift"] != CLEAN]
+    top = shifted[shifted["level"] == shifted.groupby("shift")["level"].transform("max")]
+    table = top.join(clean, on=ids).rename(columns={value: "severe"})
+    return table.assign(loss=table["clean"] - table["severe"])
+
+
+def severe_losses(scores: pd.DataFrame, value: str = "dice_mean_nobg") -> pd.DataFrame:
+    """How much each network loses from its clean score at each shift's most severe level.
+
+    Returns:
+        One row per network and shift: ``model``, ``shift``, ``severity``, ``clean`` and
+        ``severe`` (means over the sessions), ``loss`` (mean of the per-session losses) with
+        its 95 % t-interval ``loss_low``/``loss_high``.
+    """
+    rows = []
+    for (model, shift), group in _losses(scores, value).groupby(["model", "shift"], sort=False):
+        loss, low, high = mean_interval(group["loss"])
+        rows.append({"model": model, "shift": shift, "severity": group["severity"].iloc[0],
+                     "clean": group["clean"].mean(), "severe": group["severe"].mean(),
+                     "loss": loss, "loss_low": low, "loss_high": high})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _session_keys(table: pd.DataFrame) -> pd.Series:
+    """``<participant>/<source session>``: a test session, under any shift."""
+    return table["participant_id"].astype(str) + "/" + table["source_session_id"].astype(str)
+
+
+def check_goals(
+    scores: pd.DataFrame,
+    *,
+    candidate: str = "randomized",
+    reference: str = "paper",
+    max_loss: float = 0.05,
+    clean_margin: float = 0.03,
+    value: str = "dice_mean_nobg",
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """Decide the chapter's goals with the rules of :func:`neonb.statistics.check_claims`.
+
+    Three families of claims, each Bonferroni-corrected on its own, all paired over the
+    shifted sessions:
+
+    * per shift, "``candidate`` loses at most ``max_loss`` at the most severe level": the
+      paired t-test of (severe + ``max_loss``) against clean (holds when the loss is
+      significantly below ``max_loss``);
+    * per shift, "``reference`` loses more than ``candidate``": the paired t-test of the
+      two networks' losses;
+    * "``candidate`` is as good as ``reference`` on clean sessions": TOST with margin
+      ``clean_margin``.
+
+    Returns:
+        The rows of :func:`~neonb.statistics.check_claims`, one per claim (index
+        ``finding``), with ``family`` added.
+    """
+    losses = _losses(scores, value)
+    families = []
+    within, more = [], []
+    rows = []
+    for shift, group in losses.groupby("shift", sort=False):
+        severity = group["severity"].iloc[0]
+        mine = group[group["model"] == candidate]
+        a, b = f"{candidate} at {shift} {severity:g} + {max_loss:g}", f"{candidate} clean"
+        rows += [
+            {"group": a, "session": s, "value": v + max_loss}
+            for s, v in zip(_session_keys(mine), mine["severe"], strict=True)
+        ]
+        rows += [
+            {"group": b, "session": s, "value": v}
+            for s, v in zip(_session_keys(mine), mine["clean"], strict=True)
+        ]
+        within.append(
+            Claim(
+                f"{candidate} loses at most {max_loss:g} at {shift} {severity:g}",
+                a,
+                b,
+                "greater",
+                "neonb's goal",
+            )
+        )
+        for model in (reference, candidate):
+            net = group[group["model"] == model]
+            rows += [
+                {"group": f"{model} loss at {shift}", "session": s, "value": v}
+                for s, v in zip(_session_keys(net), net["loss"], strict=True)
+            ]
+        more.append(Claim(f"{reference} loses more than {candidate} at {shift} {severity:g}",
+                          f"{reference} loss at {shift}", f"{candidate} loss at {shift}",
+                          "greater", "neonb's goal"))  # fmt: skip
+    clean = scores[scores["shift"] == CLEAN]
+    rows += [
+        {"group": f"{m} clean", "session": s, "value": v}
+        for m, s, v in zip(clean["model"], _session_keys(clean), clean[value], strict=True)
+    ]
+    table = pd.DataFrame(rows).drop_duplicates(["group", "session"])
+    same = Claim(
+        f"{candidate} is as good as {reference} on clean sessions (±{clean_margin:g})",
+        f"{candidate} clean",
+        f"{reference} clean",
+        "equivalent",
+        "neonb's goal",
+    )
+    for family, claims in (("loss at most", within), ("paper loses more", more),
+                           ("clean", [same])):  # fmt: skip
+        checked = check_claims(table, "value", claims, by="group", subject="session",
+                               margin=clean_margin, alpha=alpha)  # fmt: skip
+        families.append(checked.assign(family=family))
+    return pd.concat(families)
+
+
+def qc_study(
+    model_dir: str | os.PathLike,
+    shifted: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    device: str = "auto",
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Segment every shifted session as ``neonb segment --batch --tta --evaluate`` does.
+
+    One batch over ``shifted.tsv`` (its session ids are unique per shift): each session is
+    segmented with flip TTA, scored (QC) and flagged by the model folder's threshold, and
+    compared with its reference labels. A batch run again resumes, as ``neonb segment
+    --batch`` does.
+
+    Args:
+        model_dir: a model folder (:func:`neonb.export.export_run`).
+        shifted: the ``shifted.tsv`` of :func:`write_shifted_sessions`.
+        out_dir: the batch's derivatives folder.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``.
+        progress: the batch's progress bar.
+
+    Returns:
+        One row per session: ``shift``, ``level``, ``severity``, ``participant_id``,
+        ``session_id``, ``source_session_id``, ``qc_uncertainty``, ``qc_flag`` and
+        ``dice_mean_nobg`` (of the TTA segmentation, over the tissues).
+
+    Raises:
+        DataError: naming the sessions that failed.
+    """
+    from neonb.labels import BACKGROUND_LABELS
+    from neonb.metrics import class_column
+    from neonb.segmentation import segment_batch
+
+    result = segment_batch(
+        model_dir, shifted, out_dir, evaluate=True, tta=True, device=device, progress=progress,
+        echo=None if progress else (lambda _: None),
+    )  # fmt: skip
+    failed = result.summary[result.summary["status"] == "failed"]
+    if len(failed):
+        raise DataError(shifted, f"sessions failed: {'; '.join(failed['message'])}")
+    ids = ["participant_id", "session_id"]
+    dice = pd.read_csv(result.tables["dice"], sep="\t", dtype=str).set_index(ids)
+    tissues = [class_column(i) for i in DRAWEM9 if i not in BACKGROUND_LABELS]
+    mean = dice[tissues].astype(float).mean(axis=1).rename("dice_mean_nobg")
+    summary = result.summary.astype({"participant_id": str, "session_id": str})
+    table = read_tsv(Path(shifted)).astype({"level": int, "severity": float})
+    table = table.merge(summary, on=ids).join(mean, on=ids)
+    return table[["shift", "level", "severity", "participant_id", "session_id",
+                  "source_session_id", "qc_uncertainty", "qc_flag", "dice_mean_nobg"]]  # fmt: skip
+
+
+def roc_auc(scores: Sequence[float], positive: Sequence[bool]) -> float:
+    """Area under the ROC curve of ``scores`` for telling ``positive`` cases from the rest.
+
+    The Mann-Whitney U statistic divided by the number of (positive, negative) pairs: the
+    chance that a random positive case scores above a random negative one (ties count
+    half). ``NaN`` without both kinds of case.
+    """
+    scores, positive = np.asarray(scores, dtype=float), np.asarray(positive, dtype=bool)
+    pos, neg = scores[positive], scores[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    u = stats.mannwhitneyu(pos, neg, alternative="two-sided").statistic
+    return float(u) / (len(pos) * len(neg))
+
+
+def qc_separation(qc: pd.DataFrame, *, dice_threshold: float) -> dict[str, Any]:
+    """How well the QC score and flag single out segmentations below ``dice_threshold``.
+
+    Returns:
+        ``sessions``, ``below threshold`` (sessions whose Dice is below it), ``ROC AUC``
+        of the QC score for those (:func:`roc_auc`), ``Spearman rho`` of QC score and Dice
+        (negative: higher uncertainty, lower Dice), and of the model folder's flag:
+        ``flagged``, ``sensitivity`` (bad ones flagged) and ``specificity`` (good ones
+        not flagged); ``NaN`` where undefined.
+    """
+    bad = qc["dice_mean_nobg"] < dice_threshold
+    score = qc["qc_uncertainty"].astype(float)
+    flag = qc["qc_flag"].astype("boolean") if qc["qc_flag"].notna().all() else None
+    rho = stats.spearmanr(score, qc["dice_mean_nobg"]).statistic if len(qc) > 2 else np.nan
+    result = {
+        "sessions": len(qc),
+        "below threshold": int(bad.sum()),
+        "ROC AUC": roc_auc(score, bad),
+        "Spearman rho": float(rho),
+        "flagged": int(flag.sum()) if flag is not None else np.nan,
+        "sensitivity": float(flag[bad].mean()) if flag is not None and bad.any() else np.nan,
+        "specificity": float((~flag[~bad]).mean()) if flag is not None and (~bad).any() else np.nan,
+    }
+    return result
+
+
+def summary_text(
+    losses: pd.DataFrame,
+    goals: pd.DataFrame,
+    separation: Mapping[str, Any],
+    *,
+    qc_dice: float,
+    dataset: str,
+    hardware: str,
+) -> str:
+    """The chapter's closing paragraph, from its tables (:func:`severe_losses`,
+    :func:`check_goals`, :func:`qc_separation`)."""
+    clean = losses.groupby("model", sort=False)["clean"].first()
+    worst = losses.loc[losses.groupby("model", sort=False)["loss"].idxmax()]
+    parts = [
+        f"On the {dataset} ({hardware}), clean Dice (no BG): "
+        + ", ".join(f"{model} {value:.3f}" for model, value in clean.items())
+        + ". Largest loss at a shift's most severe level: "
+        + ", ".join(
+            f"{row.model} {row.loss:.3f} ({row.shift} {row.severity:g})"
+            for row in worst.itertuples()
+        )
+        + f". Goals: {(goals['verdict'] == 'holds').sum()} of {len(goals)} hold "
+        + "("
+        + ", ".join(f"{n} {v}" for v, n in goals["verdict"].value_counts().items())
+        + ").",
+        f"QC: {int(separation['below threshold'])} of {int(separation['sessions'])} TTA "
+        "segmentations "
+        f"of the paper's network fell below Dice {qc_dice:g}; the QC score separated them "
+        f"with ROC AUC {separation['ROC AUC']:.2f} (Spearman rho with Dice "
+        f"{separation['Spearman rho']:.2f}).",
+    ]
+    return " ".join(parts)

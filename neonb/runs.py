@@ -21,6 +21,8 @@ chapter        runs                                                      starts 
                ``<condition>/run-0`` ... (seed + k)
 04_transfer    ``source``; per strategy (``shallow``, ``medium``,          04_transfer ``source``
                ``deep``, ``full``, ``scratch``): ``<strategy>/run-0`` ...  (the fine-tuned four)
+06_robustness  per model (``t2w``, ``randomized``): ``<model>/run-0`` ...  01_pipeline ``run-0``
+                                                                         (``init: baseline``)
 ============== ========================================================= =====================
 
 Example:
@@ -58,7 +60,7 @@ from neonb.files import atomic_write, exclusive_lock
 FINISHED, PARTIAL, NOT_STARTED = "finished", "partial", "not started"
 """What :func:`run_status` says of a run folder."""
 
-TRAINING_CHAPTERS = ("01_pipeline", "02_ageunet", "03_budgeting", "04_transfer")
+TRAINING_CHAPTERS = ("01_pipeline", "02_ageunet", "03_budgeting", "04_transfer", "06_robustness")
 """The chapters that train networks."""
 
 BUDGET_DESIGN_KEYS = (
@@ -369,6 +371,21 @@ class TransferRuns(ChapterRuns):
     depths: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class RobustnessRuns(ChapterRuns):
+    """:class:`ChapterRuns` of ``06_robustness``.
+
+    Attributes:
+        baseline_dir: the pipeline's ``run-0``: the paper's T1w+T2w network, which the
+            chapter compares with its own runs (and, with ``init: baseline``, their start).
+        models: model name → its changes to the baseline's settings (``channels``,
+            ``synthesis``, ...).
+    """
+
+    baseline_dir: Path = Path()
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
 # --------------------------------------------------------------------------- replicates
 
 
@@ -523,6 +540,27 @@ def _train_ageunet(
     return train_ageunet(
         train, val, config, head, run_dir, init_weights=init_weights, progress=progress
     )
+
+
+def _train_from_baseline(
+    train: Sequence[Record],
+    val: Sequence[Record],
+    config: TrainingConfig,
+    run_dir: Path,
+    init_weights: Path | None,
+    baseline_channels: Sequence[str],
+    progress: bool,
+) -> TrainedRun:
+    from neonb.experiment import train_segmentation
+    from neonb.inference import load_weights
+    from neonb.models import build_model
+
+    model = None
+    if init_weights is not None:
+        model = load_weights(
+            build_model(config.model), init_weights, channels=(baseline_channels, config.channels)
+        )
+    return train_segmentation(train, val, config, run_dir, model=model, progress=progress)
 
 
 def _mask_rows(slices: pd.DataFrame, masks_dir: Path) -> pd.DataFrame:
@@ -853,6 +891,105 @@ def budgeting_runs(
     )
 
 
+def _changed(config: TrainingConfig, changes: Mapping[str, Any]) -> TrainingConfig:
+    """``config`` with ``changes``; new ``channels`` also set the network's input channels."""
+    values = {**config.to_dict(), **changes}
+    if "channels" in changes:
+        values["model"] = {**values["model"], "in_channels": len(changes["channels"])}
+    return TrainingConfig.from_dict(values)
+
+
+def robustness_runs(
+    cohort: Any,
+    pipeline_splits: pd.DataFrame,
+    *,
+    results_dir: str | os.PathLike,
+    seed: int,
+    training: Mapping[str, Any],
+    models: Mapping[str, Mapping[str, Any]],
+    init: str = "baseline",
+    baseline_training: Mapping[str, Any] | None = None,
+    n_runs: int = 1,
+) -> RobustnessRuns:
+    """The robustness chapter's runs: ``n_runs`` per model, on the pipeline's sessions.
+
+    Every model keeps the settings of the pipeline's ``run-0`` (the paper's T1w+T2w
+    network, which the chapter compares them with), changed by ``training`` and then by
+    the model's own changes, e.g. ``{"channels": ["t2w"]}`` or ``{"channels": ["t2w"],
+    "synthesis": {...}}`` (:class:`neonb.experiment.TrainingConfig`). With
+    ``init="baseline"`` a run starts from the baseline's weights (the filters of the
+    channels it keeps), which must have finished. Run ``k`` of a model trains with seed
+    ``seed + k`` in ``06_robustness/<model>/run-<k>``.
+
+    Args:
+        cohort, pipeline_splits, results_dir, seed: as :func:`pipeline_runs`.
+        training: changes to the baseline's settings for every model.
+        models: model name → its changes.
+        init: ``"baseline"`` or ``"scratch"``.
+        baseline_training: the pipeline chapter's ``training`` parameters, for the
+            baseline's settings while it has not finished (planning); ``None``: it must
+            have finished.
+        n_runs: runs per model.
+
+    Raises:
+        DataError: when the baseline has not finished and no ``baseline_training`` is given.
+        ConfigError: for an unknown ``init``, ``n_runs`` below 1, no model, or a bad setting.
+    """
+    from neonb.experiment import read_finished_run
+
+    if init not in ("baseline", "scratch"):
+        raise ConfigError(f"init must be 'baseline' or 'scratch', but found {init!r}")
+    if not models:
+        raise ConfigError("06_robustness: models names no model to train")
+    n_runs = _check_n_runs(n_runs)
+    results = Path(results_dir)
+    folder, baseline_dir = results / "06_robustness", results / "01_pipeline" / "run-0"
+    if baseline_training is None or run_status(baseline_dir) == FINISHED:
+        base, _ = read_finished_run(baseline_dir)
+    else:
+        base = TrainingConfig.from_dict({**baseline_training, "seed": seed})
+    config = _changed(base, training)
+    records = _records(cohort, pipeline_splits, ("train", "val", "test"))
+    baseline = Need("01_pipeline", "run-0", baseline_dir)
+    weights = baseline_dir / BEST_MODEL_FILE if init == "baseline" else None
+    runs = {}
+    for name, changes in models.items():
+        model_config = _changed(config, changes or {})
+        for k in range(n_runs):
+            run_id = replicate_id(name, k)
+            run_config = model_config.replace(seed=model_config.seed + k)
+            trainer = functools.partial(
+                _train_from_baseline,
+                records["train"],
+                records["val"],
+                run_config,
+                folder / run_id,
+                weights,
+                base.channels,
+            )
+            runs[run_id] = Run(
+                "06_robustness",
+                run_id,
+                folder / run_id,
+                run_config,
+                len(records["train"]),
+                trainer,
+                needs=(baseline,) if weights is not None else (),
+                splits_dir=results,
+                group=name,
+                replicate=k,
+            )
+    return RobustnessRuns(
+        "06_robustness",
+        runs,
+        records,
+        config,
+        folder,
+        baseline_dir=baseline_dir,
+        models={name: dict(changes or {}) for name, changes in models.items()},
+    )
+
+
 def _check_n_runs(n_runs: Any) -> int:
     """``n_runs`` as an int, or a :class:`ConfigError` for anything but a whole number >= 1."""
     if not isinstance(n_runs, numbers.Integral) or isinstance(n_runs, bool) or n_runs < 1:
@@ -1021,6 +1158,16 @@ def define_runs(
             depths=params.get("depths"),
             n_runs=params.get("n_runs", 1),
         )
+    if chapter == "06_robustness":
+        return robustness_runs(
+            cohort,
+            tables["pipeline"],
+            **common,
+            models=params.get("models", {}),
+            init=params.get("init", "baseline"),
+            baseline_training=pipeline_training,
+            n_runs=params.get("n_runs", 1),
+        )
     raise ConfigError(
         f"chapter {chapter!r} trains no networks; the chapters that do: "
         f"{', '.join(TRAINING_CHAPTERS)}"
@@ -1047,8 +1194,8 @@ def load_chapter(
 
     Args:
         params_dir: a parameters folder (``params/paper``).
-        chapter: ``01_pipeline`` (or ``pipeline``), ``02_ageunet``, ``03_budgeting`` or
-            ``04_transfer``.
+        chapter: ``01_pipeline`` (or ``pipeline``), ``02_ageunet``, ``03_budgeting``,
+            ``04_transfer`` or ``06_robustness``.
         data_root: the dHCP release; overrides the parameters' ``data_root``.
 
     Raises:

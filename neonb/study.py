@@ -37,9 +37,12 @@ NOTEBOOKS = (
     "02_ageunet",
     "03_budgeting",
     "04_transfer",
+    "06_robustness",
     "05_paper_vs_neonb",
 )
-"""The study's notebooks, in the order they run (later ones reuse earlier results)."""
+"""The study's notebooks, in the order they run (later ones reuse earlier results): the
+robustness chapter goes beyond the paper, and runs before the closing chapter, which shows
+its findings beside the others."""
 
 
 class NotebookError(NeonbError):

@@ -151,6 +151,10 @@ class SynthesisConfig:
             for f in dataclasses.fields(self)
         }
 
+    def replace(self, **changes: Any) -> SynthesisConfig:
+        """A copy with some settings changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
 
 def synthesize_image(
     label: torch.Tensor,

@@ -194,7 +194,9 @@ plots.dice_curves(logs, title=f"Validation Dice per tissue ({dataset}, {hardware
 # percentile Hausdorff distance in mm.
 
 # %%
-test_volumes = experiment.prepare_volumes(records["test"], cache_dir=config.cache_dir)
+test_volumes = experiment.prepare_volumes(
+    records["test"], cache_dir=config.cache_dir, channels=config.channels
+)
 per_case = pd.concat(
     [
         experiment.evaluate(

@@ -246,7 +246,9 @@ plots.dice_curves(
 # count less. The volumes are loaded once for all variants; HD95 is not computed here.
 
 # %%
-volumes = experiment.prepare_volumes(records["test"], cache_dir=config.cache_dir)
+volumes = experiment.prepare_volumes(
+    records["test"], cache_dir=config.cache_dir, channels=config.channels
+)
 per_class, ages = [], []
 for name, run in trained.items():
     variant, k = chapter.replicates[name]

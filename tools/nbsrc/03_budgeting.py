@@ -315,7 +315,9 @@ plots.budget_curves(logs)
 # %%
 test_records = budgeting.evaluation_subset(records["test"], n_test_eval, seed=seed)
 started = time.perf_counter()
-test_volumes = experiment.prepare_volumes(test_records, cache_dir=config.cache_dir)
+test_volumes = experiment.prepare_volumes(
+    test_records, cache_dir=config.cache_dir, channels=config.channels
+)
 per_case = trained.evaluate(test_volumes, config.replace(overlap=test_overlap), by="condition")
 per_case.to_csv(out / "test_per_class.tsv", sep="\t", index=False)
 cases = case_summary(per_case, by=("condition", "run", "participant_id", "session_id", "scan_age"))

@@ -258,7 +258,9 @@ timing.groupby("strategy", sort=False)[
 # and windows per forward pass as set above), and each tissue is scored with Dice.
 
 # %%
-volumes = experiment.prepare_volumes(records["target_test"], cache_dir=source_config.cache_dir)
+volumes = experiment.prepare_volumes(
+    records["target_test"], cache_dir=source_config.cache_dir, channels=source_config.channels
+)
 per_case = trained.evaluate(
     volumes, source_config, by="strategy", names=names, sw_batch_size=sw_batch_size
 )

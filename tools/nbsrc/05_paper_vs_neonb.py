@@ -171,6 +171,28 @@ findings[["chapter", *shown]].style.format({"difference": "{:+.3f}", "p_correcte
 )
 
 # %% [markdown]
+# ## Beyond the paper: scans from the wild
+#
+# The [robustness chapter](06_robustness) asked what the paper did not: how the paper's
+# T1w+T2w network, a T2w-only network and a domain-randomised T2w network hold up when the
+# test scans come from another scanner, another age, or a thick-slice acquisition. Its
+# goals are neonb's, decided by the same rules.
+
+# %%
+goals = read_table(results, "06_robustness", "goals.tsv")
+goals[["finding", "difference", "test", "p_corrected", "verdict"]].style.format(
+    {"difference": "{:+.3f}", "p_corrected": "{:.2g}"}
+).hide(axis="index")
+
+# %% [markdown]
+# And how well `neonb segment --tta`'s QC score singled out the poor segmentations among
+# the shifted scans:
+
+# %%
+qc_separation = read_table(results, "06_robustness", "qc_separation.tsv")
+qc_separation
+
+# %% [markdown]
 # ## Every Dice value against the paper's
 #
 # Each point is one cell of Table 2 (a tissue on the validation or test set), Table 3 (a
@@ -203,6 +225,7 @@ plots.paper_vs_neonb(pairs, title=f"Dice: neonb ({dataset}) against the paper (d
 # | Figure 9 | AgeU-Net's validation Dice over epochs | [AgeU-Net](02_ageunet) |
 # | Figure 10 | ages of the source, target-train and target-test sets | [Transfer](04_transfer) |
 # | Figure 11 | per-subject Dice of each transfer strategy | [Transfer](04_transfer) |
+# | (none) | Dice against the severity of scanner, age, bias, slice, motion and noise shifts | [Robustness](06_robustness), beyond the paper |
 #
 # Figure 3 of the paper is a diagram of the AgeU-Net architecture; the AgeU-Net chapter
 # describes the head neonb builds on the bottleneck.
@@ -220,6 +243,8 @@ print(
     f"of the findings checked, {(findings['verdict'] == 'holds').sum()} of {len(findings)} "
     f"hold here by their stated tests "
     f"({', '.join(f'{n} {v}' for v, n in findings['verdict'].value_counts().items())}). "
+    f"Beyond the paper, {(goals['verdict'] == 'holds').sum()} of {len(goals)} robustness "
+    "goals hold. "
     f"Runs: {len(environments)}, on "
     f"{'; '.join(sorted(environments['environment'].unique()))}."
 )
