@@ -913,3 +913,29 @@ def summary_text(
         f"{separation['Spearman rho']:.2f}).",
     ]
     return " ".join(parts)
+
+
+def select_levels(shifted: pd.DataFrame, levels: str, path: str | os.PathLike) -> Path:
+    """Write the rows of ``shifted`` at some levels as a batch manifest.
+
+    Args:
+        shifted: rows of :func:`write_shifted_sessions`.
+        levels: ``"all"`` (every row) or ``"severe"`` (the clean rows and each shift's most
+            severe level).
+        path: the TSV to write (atomically).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ConfigError: for another ``levels``.
+    """
+    if levels not in ("all", "severe"):
+        raise ConfigError(f"levels must be 'all' or 'severe', got {levels!r}")
+    rows = shifted
+    if levels == "severe":
+        top = shifted.groupby("shift")["level"].transform("max")
+        rows = shifted[(shifted["shift"] == CLEAN) | (shifted["level"] == top)]
+    path = Path(path)
+    atomic_write(path, lambda tmp: rows.to_csv(tmp, sep="\t", index=False, na_rep=TSV_MISSING))
+    return path

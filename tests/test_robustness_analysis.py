@@ -182,3 +182,22 @@ def test_a_randomized_t2w_run_starts_from_the_baseline_and_records_its_settings(
     assert len(trained.log) == 1
     reloaded, reloaded_config = load_trained_run(tmp_path / "randomized")
     assert reloaded_config.synthesis == config.synthesis
+
+
+def test_select_levels_keeps_clean_and_the_most_severe_rows(tmp_path):
+    from neonb.errors import ConfigError
+
+    shifted = pd.DataFrame(
+        {
+            "shift": ["none", "noise", "noise", "bias", "bias", "bias"],
+            "level": [0, 1, 2, 1, 2, 3],
+            "session_id": ["1", "1n1", "1n2", "1b1", "1b2", "1b3"],
+        }
+    )
+    path = robustness.select_levels(shifted, "severe", tmp_path / "qc.tsv")
+    kept = pd.read_csv(path, sep="\t", dtype=str)
+    assert list(kept["session_id"]) == ["1", "1n2", "1b3"]
+    every = pd.read_csv(robustness.select_levels(shifted, "all", tmp_path / "all.tsv"), sep="\t")
+    assert len(every) == 6
+    with pytest.raises(ConfigError, match="'all' or 'severe'"):
+        robustness.select_levels(shifted, "worst", tmp_path / "x.tsv")

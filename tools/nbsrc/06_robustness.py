@@ -27,6 +27,8 @@ n_runs = 1
 n_eval = 2
 shifts = {"scanner": [1.0], "thick_slices": [6.0], "noise": [0.2]}
 qc_dice = 0.7
+qc_levels = "all"
+qc_all = False
 overlap = 0.0
 sw_batch_size = 8
 
@@ -196,15 +198,21 @@ trained.facts(by="model").round(3)
 # ## The three networks as model folders
 #
 # Each network is exported as `neonb export` writes it (`models/<name>/`: weights,
-# `model.json` with its input channels, grid, norms and QC threshold), so that the
-# networks compared here are the ones a user would run with `neonb segment`.
+# `model.json` with its input channels, grid and norms), so that the networks compared
+# here are the ones a user would run with `neonb segment`. The paper's network also gets
+# its QC threshold, calibrated on the validation sessions of its run (8 TTA passes each);
+# with `qc_all` the other two do too (`neonb export --calibrate-qc` adds one later).
 
 # %%
 model_dirs = {"paper": chapter.baseline_dir}
 model_dirs.update({run.group: run.run_dir for run in chapter if run.replicate == 0})
 exported = {
     name: export.export_run(
-        run_dir, out / "models" / name, data_root=cohort.root, images=images, progress=False
+        run_dir,
+        out / "models" / name,
+        data_root=cohort.root,
+        images=images,
+        calibrate_qc="auto" if name == "paper" or qc_all else False,
     )
     for name, run_dir in model_dirs.items()
 }
@@ -272,14 +280,16 @@ goals
 # entropy of the averaged probabilities as an uncertainty map, and scores the scan with
 # the mean uncertainty inside the predicted brain; a score above the model folder's
 # threshold (calibrated at export on the run's validation sessions) flags the scan.
-# Here every shifted session goes through `neonb segment --batch --tta` with the paper's
-# network, as a user would run it, with its reference labels, so each segmentation's Dice
-# is known. A useful QC score is high where the Dice is low. The ROC AUC says how well it
+# Here the shifted sessions go through `neonb segment --batch --tta` with the paper's
+# network, as a user would run it, with their reference labels, so each segmentation's
+# Dice is known: the clean sessions and the levels `qc_levels` of every shift (`severe`:
+# the most severe one; `all`: every level). A useful QC score is high where the Dice is low. The ROC AUC says how well it
 # separates the segmentations below `qc_dice` Dice from the rest (0.5: no better than
 # chance, 1: perfectly).
 
 # %%
-qc = robustness.qc_study(exported["paper"], out / "shifted" / "shifted.tsv", out / "qc")
+qc_sessions = robustness.select_levels(shifted, qc_levels, out / "qc_sessions.tsv")
+qc = robustness.qc_study(exported["paper"], qc_sessions, out / "qc")
 qc.to_csv(out / "qc.tsv", sep="\t", index=False)
 separation = pd.DataFrame([robustness.qc_separation(qc, dice_threshold=qc_dice)])
 separation.to_csv(out / "qc_separation.tsv", sep="\t", index=False)
