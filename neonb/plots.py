@@ -322,7 +322,15 @@ def augmentation_pair(before: dict[str, np.ndarray], after: dict[str, np.ndarray
         "labels, original": before["label"][0, :, :, k],
         "labels, augmented": after["label"][0, :, :, k],
     }
-    fig = make_subplots(rows=1, cols=4, subplot_titles=list(panels), horizontal_spacing=0.02)
+    return _patch_panels(panels, f"Axial slice {k} of a training patch", height=330)
+
+
+def _patch_panels(panels: dict[str, np.ndarray], title: str, *, height: int) -> go.Figure:
+    """Slices side by side: grey images, and label maps (a name starting with ``labels``) in
+    the label colours with the class names on hover."""
+    fig = make_subplots(
+        rows=1, cols=len(panels), subplot_titles=list(panels), horizontal_spacing=0.02
+    )
     names = np.array([label.name for label in DRAWEM9.values()])
     for col, (name, panel) in enumerate(panels.items(), start=1):
         if name.startswith("labels"):
@@ -347,11 +355,7 @@ def augmentation_pair(before: dict[str, np.ndarray], after: dict[str, np.ndarray
                 col=col,
             )
         _image_axes(fig, col)
-    fig.update_layout(
-        title=f"Axial slice {k} of a training patch",
-        height=330,
-        margin={"l": 10, "r": 10, "t": 70, "b": 10},
-    )
+    fig.update_layout(title=title, height=height, margin={"l": 10, "r": 10, "t": 70, "b": 10})
     return fig
 
 
@@ -905,25 +909,5 @@ def synthesis_examples(
     k = before["image"].shape[-1] // 2
     panels = {"T2w, real": before["image"][-1, :, :, k], "labels": before["label"][0, :, :, k]}
     panels |= {f"synthetic {i + 1}": s["image"][-1, :, :, k] for i, s in enumerate(synthesized)}
-    fig = make_subplots(
-        rows=1, cols=len(panels), subplot_titles=list(panels), horizontal_spacing=0.02
-    )
-    for col, (name, panel) in enumerate(panels.items(), start=1):
-        labels = name == "labels"
-        fig.add_heatmap(
-            z=panel.T,
-            colorscale=_label_colorscale() if labels else "gray",
-            zmin=0 if labels else None,
-            zmax=NUM_CLASSES if labels else None,
-            showscale=False,
-            hovertemplate="%{z:.2f}<extra></extra>",
-            row=1,
-            col=col,
-        )
-        _image_axes(fig, col)
-    fig.update_layout(
-        title=f"Axial slice {k} of a training patch and images drawn from its labels",
-        height=300,
-        margin={"l": 10, "r": 10, "t": 70, "b": 10},
-    )
-    return fig
+    title = f"Axial slice {k} of a training patch and images drawn from its labels"
+    return _patch_panels(panels, title, height=300)

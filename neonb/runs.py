@@ -674,6 +674,22 @@ def pipeline_runs(
     return ChapterRuns("01_pipeline", runs, records, config, folder)
 
 
+def _baseline_config(
+    baseline_dir: Path, baseline_training: Mapping[str, Any] | None, seed: int
+) -> TrainingConfig:
+    """The pipeline baseline's settings: its ``config.yaml`` once finished, else (planning)
+    the pipeline chapter's ``training`` parameters; ``None`` for those: it must have finished.
+
+    Raises:
+        DataError: when it must have finished and has not.
+    """
+    from neonb.experiment import read_finished_run
+
+    if baseline_training is None or run_status(baseline_dir) == FINISHED:
+        return read_finished_run(baseline_dir)[0]
+    return TrainingConfig.from_dict({**baseline_training, "seed": seed})
+
+
 def ageunet_runs(
     cohort: Any,
     pipeline_splits: pd.DataFrame,
@@ -713,17 +729,13 @@ def ageunet_runs(
             another variant's replicate would take.
     """
     from neonb.ageunet import AgeHeadConfig
-    from neonb.experiment import read_finished_run
 
     if init not in ("baseline", "scratch"):
         raise ConfigError(f"init must be 'baseline' or 'scratch', but found {init!r}")
     n_runs = _check_n_runs(n_runs)
     results = Path(results_dir)
     folder, baseline_dir = results / "02_ageunet", results / "01_pipeline" / "run-0"
-    if baseline_training is None or run_status(baseline_dir) == FINISHED:
-        base, _ = read_finished_run(baseline_dir)
-    else:
-        base = TrainingConfig.from_dict({**baseline_training, "seed": seed})
+    base = _baseline_config(baseline_dir, baseline_training, seed)
     config = base.replace(**training)
     head_config = AgeHeadConfig.from_dict(head)
     records = _records(cohort, pipeline_splits, ("train", "val", "test"))
@@ -935,7 +947,6 @@ def robustness_runs(
         DataError: when the baseline has not finished and no ``baseline_training`` is given.
         ConfigError: for an unknown ``init``, ``n_runs`` below 1, no model, or a bad setting.
     """
-    from neonb.experiment import read_finished_run
 
     if init not in ("baseline", "scratch"):
         raise ConfigError(f"init must be 'baseline' or 'scratch', but found {init!r}")
@@ -944,10 +955,7 @@ def robustness_runs(
     n_runs = _check_n_runs(n_runs)
     results = Path(results_dir)
     folder, baseline_dir = results / "06_robustness", results / "01_pipeline" / "run-0"
-    if baseline_training is None or run_status(baseline_dir) == FINISHED:
-        base, _ = read_finished_run(baseline_dir)
-    else:
-        base = TrainingConfig.from_dict({**baseline_training, "seed": seed})
+    base = _baseline_config(baseline_dir, baseline_training, seed)
     config = _changed(base, training)
     records = _records(cohort, pipeline_splits, ("train", "val", "test"))
     baseline = Need("01_pipeline", "run-0", baseline_dir)
