@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--chapter",
         required=True,
-        help="[REQUIRED] 01_pipeline, 02_ageunet, 03_budgeting or 04_transfer",
+        help="[REQUIRED] 01_pipeline, 02_ageunet, 03_budgeting, 04_transfer or 06_robustness",
     )
     train.add_argument(
         "--run",
