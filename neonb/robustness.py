@@ -679,9 +679,15 @@ def _losses(scores: pd.DataFrame, value: str) -> pd.DataFrame:
     ids = ["model", "participant_id", "source_session_id"]
     clean = scores[scores["shift"] == CLEAN].set_index(ids)[value].rename("clean")
     shifted = scores[scores["shift"] != CLEAN]
-    top = shifted[shifted["level"] == shifted.groupby("shift")["level"].transform("max")]
+    top = shifted[_most_severe(shifted)]
     table = top.join(clean, on=ids).rename(columns={value: "severe"})
     return table.assign(loss=table["clean"] - table["severe"])
+
+
+def _most_severe(table: pd.DataFrame) -> pd.Series:
+    """Which rows are at their shift's most severe level (the clean rows, alone in their
+    ``shift``, count as their own)."""
+    return table["level"] == table.groupby("shift")["level"].transform("max")
 
 
 def severe_losses(scores: pd.DataFrame, value: str = "dice_mean_nobg") -> pd.DataFrame:
@@ -934,8 +940,7 @@ def select_levels(shifted: pd.DataFrame, levels: str, path: str | os.PathLike) -
         raise ConfigError(f"levels must be 'all' or 'severe', got {levels!r}")
     rows = shifted
     if levels == "severe":
-        top = shifted.groupby("shift")["level"].transform("max")
-        rows = shifted[(shifted["shift"] == CLEAN) | (shifted["level"] == top)]
+        rows = shifted[(shifted["shift"] == CLEAN) | _most_severe(shifted)]
     path = Path(path)
     atomic_write(path, lambda tmp: rows.to_csv(tmp, sep="\t", index=False, na_rep=TSV_MISSING))
     return path

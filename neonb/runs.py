@@ -904,10 +904,11 @@ def budgeting_runs(
 
 
 def _changed(config: TrainingConfig, changes: Mapping[str, Any]) -> TrainingConfig:
-    """``config`` with ``changes``; new ``channels`` also set the network's input channels."""
+    """``config`` with ``changes``; with new ``channels`` the network's input channels are
+    left for :meth:`TrainingConfig.from_dict` to derive from them."""
     values = {**config.to_dict(), **changes}
     if "channels" in changes:
-        values["model"] = {**values["model"], "in_channels": len(changes["channels"])}
+        values["model"] = {k: v for k, v in values["model"].items() if k != "in_channels"}
     return TrainingConfig.from_dict(values)
 
 

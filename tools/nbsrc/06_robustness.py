@@ -216,16 +216,7 @@ exported = {
     )
     for name, run_dir in model_dirs.items()
 }
-pd.DataFrame(
-    [
-        {
-            "model": name,
-            "folder": str(folder),
-            "channels": "+".join(export.load_exported_model(folder).channels),
-        }
-        for name, folder in exported.items()
-    ]
-)
+pd.Series({name: str(folder) for name, folder in exported.items()}, name="folder").to_frame()
 
 # %% [markdown]
 # ## Dice against severity
