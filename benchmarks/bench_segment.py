@@ -18,9 +18,12 @@ Each row times, in the same process and one after the other:
   whole, uncropped volume at overlap 0.5, one window at a time, fp32 under
   ``torch.no_grad`` (network time only: it reads and writes nothing).
 
-``windows`` and ``reference_windows`` count the windows of each, ``voxels_same`` the
-fraction of voxels where the two label maps agree (with untrained weights this says
-little; ``benchmarks/README.md`` compares the paths on a trained model).
+``--backends openvino,torch`` times ``neonb segment --backend`` once per backend, one row
+each (``backend`` and ``precision`` as the sidecar records them); the reference is timed
+once. ``windows`` and ``reference_windows`` count the windows of each, ``voxels_same`` the
+fraction of voxels where a row's labels and the reference's agree, ``voxels_same_as_first``
+where they agree with the first row's (with untrained weights these say little;
+``benchmarks/README.md`` compares the paths on a trained model).
 
 ``--batch N`` adds a row for ``neonb segment --batch`` over ``N`` synthetic sessions on the
 model's own grid: ``seconds`` with the reading and writing overlapping the network's work
@@ -30,6 +33,7 @@ the best of two runs in the order one by one, overlapped, overlapped, one by one
 
 Usage:
     .venv/bin/python benchmarks/bench_segment.py --config paper --out bench_segment.tsv
+    .venv/bin/python benchmarks/bench_segment.py --backends openvino,torch --out t.tsv
     .venv/bin/python benchmarks/bench_segment.py --config demo --batch 20 --out demo.tsv
     .venv/bin/python benchmarks/bench_segment.py --model models/demo --out mine.tsv
 """
@@ -37,6 +41,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -121,8 +126,10 @@ def _reference(model: ExportedModel, t1w: Path, t2w: Path) -> tuple[float, np.nd
     return seconds, labels, _windows(tuple(image.shape[1:]), model.patch_size, REFERENCE_OVERLAP)
 
 
-def _time_segment(model_dir: Path, model: ExportedModel, row: pd.Series, out: Path) -> dict:
-    args = ["segment", "--t2", str(row["t2w"]), "--t1", str(row["t1w"])]
+def _time_segment(
+    model_dir: Path, model: ExportedModel, row: pd.Series, out: Path, backend: str = "auto"
+) -> dict:
+    args = ["segment", "--t2", str(row["t2w"]), "--t1", str(row["t1w"]), "--backend", backend]
     started = time.perf_counter()
     code = neonb_main([*args, "--model", str(model_dir), "--out", str(out), "--device", "cpu"])
     seconds = time.perf_counter() - started
@@ -136,7 +143,14 @@ def _time_segment(model_dir: Path, model: ExportedModel, row: pd.Series, out: Pa
     shape = tuple(s.stop - s.start for s in box)
     labels = np.asarray(nib.load(next(out.glob("*_dseg.nii.gz"))).dataobj)
     windows = _windows(shape, model.patch_size, model.overlap)
-    return {"seconds": seconds, "windows": windows, "labels": labels}
+    sidecar = json.loads(next(out.glob("*_dseg.json")).read_text())
+    return {
+        "seconds": seconds,
+        "windows": windows,
+        "labels": labels,
+        "backend": sidecar["InferenceBackend"],
+        "precision": sidecar["InferencePrecision"],
+    }
 
 
 def _batch_rows(model_dir: Path, model: ExportedModel, work: Path, n: int, seed: int) -> list[dict]:
@@ -177,6 +191,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="the TSV to write")
     parser.add_argument("--batch", type=int, default=0, help="also time a batch of N sessions")
     parser.add_argument("--seed", type=int, default=0, help="phantom and weight seed (default 0)")
+    parser.add_argument("--backends", default="auto",
+                        help="neonb segment --backend values to time, one row each, "
+                        "comma-separated (default auto; e.g. openvino,torch)")  # fmt: skip
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,21 +209,29 @@ def main() -> None:
               f"{os.getloadavg()[0]:.2f} at the start")  # fmt: skip
         rows = []
         subject = _subjects(work / "dhcp", 1, 0.5, args.seed).iloc[0]
-        ours = _time_segment(model_dir, model, subject, work / "out")
+        timed = [
+            _time_segment(model_dir, model, subject, work / f"out-{backend}", backend)
+            for backend in args.backends.split(",")
+        ]
         ref_s, ref_labels, ref_windows = _reference(model, subject["t1w"], subject["t2w"])
-        same = np.nan  # comparable only on the model's own grid
-        if ref_labels.shape == ours["labels"].shape:
-            same = float((ours["labels"] == ref_labels).mean())
-        rows.append(
-            {
-                "input": "dHCP grid (0.5 mm, 217x290x290)",
-                "seconds": ours["seconds"],
-                "reference_seconds": ref_s,
-                "windows": ours["windows"],
-                "reference_windows": ref_windows,
-                "voxels_same": same,
-            }
-        )
+        for ours in timed:
+            same = np.nan  # comparable only on the model's own grid
+            if ref_labels.shape == ours["labels"].shape:
+                same = float((ours["labels"] == ref_labels).mean())
+            first = float((ours["labels"] == timed[0]["labels"]).mean())
+            rows.append(
+                {
+                    "input": "dHCP grid (0.5 mm, 217x290x290)",
+                    "backend": ours["backend"],
+                    "precision": ours["precision"],
+                    "seconds": ours["seconds"],
+                    "reference_seconds": ref_s,
+                    "windows": ours["windows"],
+                    "reference_windows": ref_windows,
+                    "voxels_same": same,
+                    "voxels_same_as_first": first,
+                }
+            )
         if args.batch:
             rows += _batch_rows(model_dir, model, work, args.batch, args.seed)
         print(f"load average {os.getloadavg()[0]:.2f} at the end")

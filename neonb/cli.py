@@ -132,6 +132,7 @@ def _segment(args: argparse.Namespace) -> None:
             device=args.device,
             amp=PRECISION_AMP[args.precision],
             tta=args.tta,
+            backend=args.backend,
         )
         for note in result.notes:
             print(f"note: {note}")
@@ -147,7 +148,7 @@ def _segment(args: argparse.Namespace) -> None:
         return
     result = segment_batch(
         model, args.batch, args.out, evaluate=args.evaluate, device=args.device, progress=True,
-        amp=PRECISION_AMP[args.precision], tta=args.tta,
+        amp=PRECISION_AMP[args.precision], tta=args.tta, backend=args.backend,
     )  # fmt: skip
     counts = {status: result.count(status) for status in ("done", "skipped", "failed")}
     print(
@@ -424,6 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="what the network computes in: auto (bf16 on a GPU or a CPU with native bf16, "
         "about twice as fast, labels within Dice 0.999 of fp32; fp32 elsewhere), fp32, bf16",
+    )
+    segment.add_argument(
+        "--backend",
+        choices=("auto", "torch", "openvino"),
+        default="auto",
+        help="what runs the network: auto (OpenVINO on the CPU, about twice as fast as "
+        "PyTorch there; PyTorch on a GPU or without the openvino package), torch, openvino",
     )
     segment.add_argument(
         "--tta",

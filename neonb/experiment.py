@@ -57,7 +57,13 @@ from neonb.engine import (
 )
 from neonb.errors import ConfigError, DataError
 from neonb.files import atomic_write
-from neonb.inference import default_sw_batch_size, load_weights, save_segmentation, segment
+from neonb.inference import (
+    compile_network,
+    default_sw_batch_size,
+    load_weights,
+    save_segmentation,
+    segment,
+)
 from neonb.losses import SegmentationLoss, deep_supervision_weights
 from neonb.metrics import evaluate_case
 from neonb.models import (
@@ -717,6 +723,7 @@ def evaluate(
     segmentation_logits: Callable[[Any], torch.Tensor] | None = None,
     out_dir: str | os.PathLike | None = None,
     sw_batch_size: int | None = None,
+    backend: str = "torch",
     progress: bool = False,
 ) -> Evaluation:
     """Segment whole volumes with overlapping sliding windows and score every class.
@@ -752,6 +759,11 @@ def evaluate(
             :func:`neonb.inference.default_sw_batch_size` allows, as ``neonb segment`` does).
             Several at once are faster on a CPU; the labels may differ from one at a time in
             float rounding only.
+        backend: what runs the windows (:data:`neonb.inference.BACKENDS`): ``"torch"``
+            (default), ``"openvino"`` or ``"auto"`` (OpenVINO on the CPU where installed).
+            The network is compiled once for all volumes (about 1.5 s for the demo's); the
+            labels differ from PyTorch's in float rounding only. It pays where a network
+            scores many volumes with large windows (chapters 01 and 06).
         progress: show a progress bar.
 
     Returns:
@@ -771,13 +783,16 @@ def evaluate(
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+    network = compile_network(
+        model, patch_size=config.patch_size, backend=backend, device=config.device
+    )
     tables, rows = [], []
     for volume in tqdm(volumes, desc="sliding-window inference", disable=not progress):
         _check_volume(volume, hd95 or out_dir is not None, len(config.channels))
         hook = window_hook() if window_hook is not None else None
         started = time.perf_counter()
         predicted = segment(
-            model,
+            network,
             volume["image"],
             patch_size=config.patch_size,
             overlap=config.overlap,

@@ -43,7 +43,7 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -163,6 +163,28 @@ class ExportedModel:
     model: nn.Module
     metadata: dict[str, Any]
     model_dir: Path
+    _networks: dict[tuple[str, str, bool], nn.Module] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def network(
+        self, backend: str = "auto", device: str | torch.device = "auto", amp: bool | str = "native"
+    ) -> nn.Module:
+        """The network that runs the windows, compiled once per backend, device and precision.
+
+        :func:`neonb.inference.compile_network` of :attr:`model`: the PyTorch network
+        itself, or its OpenVINO compilation (``backend`` ``"auto"`` on the CPU where
+        OpenVINO is installed, or ``"openvino"``), kept for the next session of a batch.
+        """
+        from neonb.inference import compile_network, resolve_device, use_inference_amp
+
+        dev = resolve_device(device)
+        key = (backend, str(dev), use_inference_amp(amp, dev))
+        if key not in self._networks:
+            self._networks[key] = compile_network(
+                self.model, patch_size=self.patch_size, backend=backend, device=dev, amp=amp
+            )
+        return self._networks[key]
 
     @property
     def channels(self) -> tuple[str, ...]:

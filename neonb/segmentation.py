@@ -125,6 +125,7 @@ from neonb.errors import ConfigError, DataError, NeonbError, NeonbWarning
 from neonb.export import METADATA_FILE, WEIGHTS_FILE, ExportedModel, load_exported_model
 from neonb.files import atomic_write, exclusive_lock, temporary_name
 from neonb.inference import (
+    backend_name,
     default_sw_batch_size,
     flip_combinations,
     normalised_entropy,
@@ -871,6 +872,7 @@ class _Prediction:
         uncertainty: ``(X', Y', Z')`` normalised entropy of the probabilities (0 outside
             the box), with TTA; else ``None``.
         passes: forward passes over the volume (1, or 1 + flips with TTA).
+        backend: what ran the network, ``"torch"`` or ``"openvino"``.
     """
 
     labels: np.ndarray
@@ -878,6 +880,7 @@ class _Prediction:
     probs: torch.Tensor | None = None
     uncertainty: np.ndarray | None = None
     passes: int = 1
+    backend: str = "torch"
 
 
 def tta_flips(model: ExportedModel) -> list[tuple[int, ...]]:
@@ -903,11 +906,13 @@ def _predict(
     *,
     keep_probs: bool = False,
     tta: bool = False,
+    backend: str = "auto",
 ) -> tuple[_Prediction, dict[str, float] | None]:
     """Labels (and, for an AgeU-Net, ages as :func:`neonb.ageunet.segment_with_age` gives them).
 
     ``keep_probs`` keeps the probabilities (to resample them back); ``tta`` averages over
-    :func:`tta_flips` and adds the uncertainty map.
+    :func:`tta_flips` and adds the uncertainty map; ``backend`` as
+    :meth:`~neonb.export.ExportedModel.network`.
     """
     windows = None
     if model.age_head is not None:
@@ -915,14 +920,15 @@ def _predict(
 
         windows = WindowAges()
     flips = tta_flips(model) if tta else []
+    network = model.network(backend, device, amp)
     probs, box = predict_foreground(
-        model.model, image, patch_size=model.patch_size, overlap=model.overlap, device=device,
+        network, image, patch_size=model.patch_size, overlap=model.overlap, device=device,
         amp=amp, segmentation_logits=windows, flips=flips,
         sw_batch_size=default_sw_batch_size(model.patch_size),
     )  # fmt: skip
     labels = np.zeros(tuple(image.shape[1:]), dtype=np.uint8)
     labels[box] = probs.argmax(dim=0).to(torch.uint8).numpy()
-    prediction = _Prediction(labels, box, passes=1 + len(flips))
+    prediction = _Prediction(labels, box, passes=1 + len(flips), backend=backend_name(network))
     if keep_probs:
         prediction.probs = probs.to(torch.float16)
     if tta:
@@ -1047,6 +1053,7 @@ def segment_scan(
     device: str | torch.device = "auto",
     amp: bool | str = "native",
     tta: bool = False,
+    backend: str = "auto",
 ) -> SegmentationResult:
     """Segment one session and write its outputs (see the module docstring).
 
@@ -1070,6 +1077,8 @@ def segment_scan(
             the paper's three flip axes): probabilities averaged, and an uncertainty map,
             a QC score and flag (:func:`qc_score`, :func:`qc_threshold`). Without it the
             network runs once and no uncertainty is computed.
+        backend: where the windows run (:data:`neonb.inference.BACKENDS`): ``"auto"``
+            (OpenVINO on the CPU where installed, else PyTorch), ``"torch"``, ``"openvino"``.
 
     Returns:
         The outputs written, the tissue volumes, ages, Dice, notes and QC score.
@@ -1088,7 +1097,7 @@ def segment_scan(
         scan_age=scan_age, started=started, precision=precision(device, amp), tta=tta,
     )  # fmt: skip
     try:
-        return _finish_session(session, *_infer_session(session, device, amp))
+        return _finish_session(session, *_infer_session(session, device, amp, backend))
     except BaseException:
         _remove_created(session.created)
         raise
@@ -1206,14 +1215,14 @@ def _prepare_session(
 
 
 def _infer_session(
-    session: _Session, device: str | torch.device, amp: bool | str = "auto"
+    session: _Session, device: str | torch.device, amp: bool | str = "auto", backend: str = "auto"
 ) -> tuple[_Prediction, dict[str, float] | None, float]:
     """The network's part of :func:`segment_scan`: the prediction on the model's grid, ages,
     seconds."""
     inference_started = time.perf_counter()
     prediction, ages = _predict(
         session.model, session.image.as_tensor(), device, amp,
-        keep_probs=session.mapping.resampled, tta=session.tta,
+        keep_probs=session.mapping.resampled, tta=session.tta, backend=backend,
     )  # fmt: skip
     return prediction, ages, time.perf_counter() - inference_started
 
@@ -1255,6 +1264,7 @@ def _finish_session(
     notes = _notes(mapping, model, prediction.passes)
     sidecar = _sidecar(session.sources, model, mapping, notes)
     sidecar["InferencePrecision"] = session.precision
+    sidecar["InferenceBackend"] = prediction.backend
     sidecar["Warnings"] = session.header_warnings
     norm_writers = _norms_outputs(session, volumes, sidecar)
     uncertainty = score = flag = None
@@ -1351,13 +1361,15 @@ def score_session(
     t1w: str | os.PathLike | None = None,
     device: str | torch.device = "auto",
     amp: bool | str = "native",
+    backend: str = "auto",
 ) -> float:
     """The QC score ``neonb segment --tta`` gives a session, without writing anything.
 
     The same steps as :func:`segment_scan` with ``tta=True`` up to :func:`qc_score`: read
     and check, bring onto the model's grid, predict with flip TTA, map the labels and the
     uncertainty back to the input's grid. Used to calibrate a model's QC threshold
-    (:func:`neonb.export.calibrate_qc`). ``t2w`` and ``t1w`` as in :func:`segment_scan`.
+    (:func:`neonb.export.calibrate_qc`). ``t2w``, ``t1w`` and ``backend`` as in
+    :func:`segment_scan`.
 
     Raises:
         DataError: for a bad input (:func:`load_inputs`).
@@ -1371,8 +1383,9 @@ def score_session(
     volumes = [np.asanyarray(images[key].dataobj) for key in model.channels]
     image = prepare_image(volumes, mapping, model.channels)
     prediction, _ = _predict(
-        model, image.as_tensor(), device, amp, keep_probs=mapping.resampled, tta=True
-    )
+        model, image.as_tensor(), device, amp, keep_probs=mapping.resampled, tta=True,
+        backend=backend,
+    )  # fmt: skip
     if mapping.resampled:
         labels = from_model_grid_probabilities(
             prediction.probs, image.affine, mapping,
@@ -1709,6 +1722,7 @@ def segment_batch(
     prefetch: bool = True,
     amp: bool | str = "native",
     tta: bool = False,
+    backend: str = "auto",
 ) -> BatchResult:
     """Segment every session of a manifest TSV or a dHCP/BIDS folder.
 
@@ -1736,6 +1750,7 @@ def segment_batch(
         tta: flip test-time augmentation, uncertainty maps and QC, as in
             :func:`segment_scan`; the summary's ``qc_uncertainty`` and ``qc_flag`` columns
             are filled (``n/a`` without it, and ``qc_flag`` without a threshold).
+        backend: where the windows run, as in :func:`segment_scan` (compiled once).
 
     Returns:
         The per-session summary, also written to ``out_dir/segment_batch.tsv``.
@@ -1767,6 +1782,7 @@ def segment_batch(
                 prefetch,
                 amp,
                 tta,
+                backend,
             )
     except BaseException:
         _remove_created(created)
@@ -1824,6 +1840,7 @@ def _run_batch(
     prefetch: bool = True,
     amp: bool | str = "native",
     tta: bool = False,
+    backend: str = "auto",
 ) -> BatchResult:
     _write_dataset_description(out_dir)
     batch = _Batch(
@@ -1833,7 +1850,7 @@ def _run_batch(
             total=len(sessions), desc="segmenting", unit="session",
             bar_format=_BAR_FORMAT, disable=not progress,
         ),
-        tta=tta,
+        tta=tta, backend=backend,
     )  # fmt: skip
     try:
         batch.run(list(sessions.itertuples(index=False)), prefetch)
@@ -1887,6 +1904,7 @@ class _Batch:
     processed: int = 0
     began: float = field(default_factory=time.perf_counter)
     tta: bool = False
+    backend: str = "auto"
 
     def run(self, sessions: Sequence[Any], prefetch: bool) -> None:
         """Segment ``sessions`` in order; rows land in :attr:`rows` as sessions finish.
@@ -1975,7 +1993,7 @@ class _Batch:
     def infer(self, session: _Session) -> tuple[_Prediction, dict[str, float] | None, float]:
         """The network's work on one session; its output folder is taken back on an error."""
         try:
-            return _infer_session(session, self.device, self.amp)
+            return _infer_session(session, self.device, self.amp, self.backend)
         except BaseException:
             _remove_created(session.created)
             raise
