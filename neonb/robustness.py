@@ -611,6 +611,7 @@ def score_shifts(
     *,
     cache_dir: str | os.PathLike | None = None,
     sw_batch_size: int | None = None,
+    backend: str = "torch",
     progress: bool = False,
 ) -> pd.DataFrame:
     """Dice of every network on every shifted session, through the study's one evaluation.
@@ -624,6 +625,7 @@ def score_shifts(
         shifted: rows of :func:`write_shifted_sessions`.
         cache_dir: the disk cache of pre-processed volumes.
         sw_batch_size: windows per forward pass (``None``: the default).
+        backend: what runs the windows (:func:`neonb.experiment.evaluate`).
         progress: a progress bar per network.
 
     Returns:
@@ -639,7 +641,10 @@ def score_shifts(
         volumes = prepare_volumes(
             shifted_records(shifted), cache_dir=cache_dir, channels=config.channels
         )
-        result = evaluate(network, volumes, config, sw_batch_size=sw_batch_size, progress=progress)
+        result = evaluate(
+            network, volumes, config, sw_batch_size=sw_batch_size, backend=backend,
+            progress=progress,
+        )  # fmt: skip
         cases = case_summary(result.per_class, by=("participant_id", "session_id", "scan_age"))
         cases = cases.astype({"participant_id": str, "session_id": str})
         tables.append(cases.merge(facts, on=["participant_id", "session_id"]).assign(model=name))

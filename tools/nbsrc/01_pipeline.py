@@ -28,6 +28,7 @@ training = {
     "overlap": 0.25,
     "model": {"strides": [1, 2, 2], "filters": [4, 8, 16], "deep_supr_num": 1},
 }
+backend = "auto"  # the test set's windows: OpenVINO on the CPU (as neonb segment), else PyTorch
 
 # %% [markdown]
 # ---
@@ -188,7 +189,10 @@ plots.dice_curves(logs, title=f"Validation Dice per tissue ({dataset}, {hardware
 # ## The test set: whole volumes, sliding windows
 #
 # Test volumes are segmented whole: overlapping windows of the training patch size are
-# averaged into one probability map per class (MONAI's sliding-window inference). Each
+# averaged into one probability map per class (MONAI's sliding-window inference). On a
+# CPU the windows run through OpenVINO (`backend = "auto"`), which fuses each convolution
+# with its normalisation and activation: about twice PyTorch's speed there, the same
+# labels up to float rounding (`benchmarks/README.md`); `neonb segment` does the same. Each
 # prediction is saved as a NIfTI file with the input's affine, named as a BIDS derivative
 # (`sub-X_ses-Y_desc-neonb_dseg.nii.gz`), and scored per tissue: Dice, and the 95th
 # percentile Hausdorff distance in mm.
@@ -200,7 +204,12 @@ test_volumes = experiment.prepare_volumes(
 per_case = pd.concat(
     [
         experiment.evaluate(
-            trained.model, test_volumes, config, hd95=True, out_dir=trained.run_dir / "test"
+            trained.model,
+            test_volumes,
+            config,
+            hd95=True,
+            out_dir=trained.run_dir / "test",
+            backend=backend,
         ).per_class.assign(run=run)
         for run, trained in enumerate(trained_runs)
     ],

@@ -31,6 +31,7 @@ qc_levels = "all"
 qc_all = False
 overlap = 0.0
 sw_batch_size = 8
+backend = "auto"  # the windows: OpenVINO on the CPU (as neonb segment), else PyTorch
 
 # %% [markdown]
 # ---
@@ -236,8 +237,9 @@ networks.update(
     }
 )
 scores = robustness.score_shifts(
-    networks, shifted, cache_dir=baseline_config.cache_dir, sw_batch_size=sw_batch_size
-)
+    networks, shifted, cache_dir=baseline_config.cache_dir, sw_batch_size=sw_batch_size,
+    backend=backend,
+)  # fmt: skip
 scores.to_csv(out / "robustness.tsv", sep="\t", index=False)
 table = robustness.severity_table(scores)
 table.to_csv(out / "severity_table.tsv", sep="\t", index=False)
