@@ -150,6 +150,10 @@ class TrainingConfig:
             training patches get an image synthesised from their labels with random
             contrast, bias field, resolution and noise, in place of the real one; ``None``
             (the paper's training): the real images only.
+        val_every: validate every this many epochs, and after the last one (1: every
+            epoch, as the authors' code). The best checkpoint is chosen among the validated
+            epochs. The demo's budgeting and transfer runs validate every second epoch, to
+            fit slower machines (neonb's choice).
     """
 
     channels: tuple[str, ...] = MODALITY_KEYS
@@ -170,6 +174,7 @@ class TrainingConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     synthesis: SynthesisConfig | None = None
+    val_every: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", check_channels(self.channels))
@@ -180,7 +185,7 @@ class TrainingConfig:
                 "(it follows channels) or make them agree"
             )
         object.__setattr__(self, "patch_size", check_patch_size(self.patch_size, self.model))
-        for name in ("batch_size", "epochs", "samples_per_volume"):
+        for name in ("batch_size", "epochs", "samples_per_volume", "val_every"):
             value = getattr(self, name)
             if int(value) != value or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -451,6 +456,7 @@ def train_segmentation(
         training_loader(train_records, config, cache_dir=cache),
         validation_loader(val_records, config, cache_dir=cache),
         epochs=config.epochs,
+        val_every=config.val_every,
         run_dir=run_dir,
         scheduler=poly_scheduler(optimizer, config.epochs, power=config.poly_power),
         device=config.device,

@@ -259,3 +259,21 @@ def test_a_config_yaml_without_channels_reads_as_t1w_and_t2w(records, tmp_path):
     path.write_text(yaml.safe_dump(old))
     _, loaded = load_trained_run(tmp_path / "run")
     assert loaded.channels == ("t1w", "t2w") and loaded == config
+
+
+def test_val_every_validates_every_nth_epoch_and_the_last(tmp_path):
+    """``TrainingConfig.val_every`` reaches the training loop: validation columns are filled
+    only for validated epochs, and the best checkpoint is one of them."""
+    from tiny_model import TINY, tiny_cohort
+
+    from neonb import data
+    from neonb.experiment import TrainingConfig, train_segmentation
+
+    with pytest.raises(ConfigError, match="val_every must be a positive integer"):
+        TrainingConfig.from_dict({**TINY, "val_every": 0})
+    records = data.to_data_dicts(data.read_manifest(tiny_cohort(tmp_path, seed=4), progress=False))
+    config = TrainingConfig.from_dict({**TINY, "epochs": 3, "val_every": 2})
+    trained = train_segmentation(records[:3], records[3:], config, tmp_path / "run", progress=False)
+    validated = trained.log["val_dice"].notna().tolist()
+    assert validated == [False, True, True]
+    assert TrainingConfig.from_dict(config.to_dict()).val_every == 2
