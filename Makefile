@@ -39,7 +39,10 @@ browser:
 test: setup browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	# The smoke study runs in a process of its own: after OpenVINO has run in the same pytest
+	# process, its in-process study died of SIGSEGV (session 6; cause not found yet).
+	$(BIN)/python -m pytest -q --ignore=tests/test_study.py
+	$(BIN)/python -m pytest -q tests/test_study.py
 
 clean:
 	rm -rf $(VENV) book/_build book/notebooks results data
