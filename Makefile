@@ -39,9 +39,11 @@ browser:
 test: setup browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	# The smoke study runs in a process of its own: after OpenVINO has run in the same pytest
-	# process, its in-process study died of SIGSEGV (session 6; cause not found yet).
-	$(BIN)/python -m pytest -q --ignore=tests/test_study.py
+	# OpenVINO's tests and the smoke study run in processes of their own: with OpenVINO
+	# loaded, the one pytest process died of SIGSEGV late in the suite (issue 16; cause not
+	# found yet). The library's defaults stay on PyTorch (backend "torch") until it is.
+	$(BIN)/python -m pytest -q --ignore=tests/test_study.py --ignore=tests/test_openvino.py
+	$(BIN)/python -m pytest -q tests/test_openvino.py
 	$(BIN)/python -m pytest -q tests/test_study.py
 
 clean:

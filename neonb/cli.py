@@ -429,9 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument(
         "--backend",
         choices=("auto", "torch", "openvino"),
-        default="auto",
-        help="what runs the network: auto (OpenVINO on the CPU, about twice as fast as "
-        "PyTorch there; PyTorch on a GPU or without the openvino package), torch, openvino",
+        default="torch",
+        help="what runs the network: torch (the default), openvino (the CPU only, about "
+        "twice as fast there), auto (OpenVINO on the CPU where installed, else PyTorch)",
     )
     segment.add_argument(
         "--tta",

@@ -168,7 +168,10 @@ class ExportedModel:
     )
 
     def network(
-        self, backend: str = "auto", device: str | torch.device = "auto", amp: bool | str = "native"
+        self,
+        backend: str = "torch",
+        device: str | torch.device = "auto",
+        amp: bool | str = "native",
     ) -> nn.Module:
         """The network that runs the windows, compiled once per backend, device and precision.
 

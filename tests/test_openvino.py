@@ -128,7 +128,9 @@ def test_a_batch_compiles_the_network_once(model_dir, tmp_path, monkeypatch):
     table = manifest[["participant_id", "session_id", "scan_age", "t2w", "t1w"]].iloc[:3]
     tsv = tmp_path / "batch.tsv"
     table.to_csv(tsv, sep="\t", index=False)
-    result = segment_batch(model_path, tsv, tmp_path / "out", device="cpu", progress=False)
+    result = segment_batch(
+        model_path, tsv, tmp_path / "out", device="cpu", progress=False, backend="openvino"
+    )
     assert (result.summary["status"] == "done").all()
     assert len(calls) == 1
     model = load_exported_model(model_path)
