@@ -124,10 +124,14 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX instructions).
 
     Where it does, oneDNN's bf16 convolutions do about twice the work per cycle of fp32;
-    elsewhere bf16 is emulated and slower than fp32.
+    elsewhere bf16 is emulated and slower than fp32. Both the CPU and oneDNN must agree:
+    oneDNN held to a lower instruction set (``ONEDNN_MAX_CPU_ISA=AVX2``) has no bf16
+    convolution, and PyTorch then falls back to its naive one, several times slower than
+    fp32 (seen in a demo run under ``ONEDNN_MAX_CPU_ISA=AVX2`` on a CPU with AVX-512 BF16).
     """
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+    cpu = any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+    return cpu and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def use_inference_amp(amp: bool | str, device: torch.device) -> bool:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -301,3 +305,13 @@ def test_default_windows_per_pass_fit_the_voxel_budget():
     assert inference.default_sw_batch_size((48, 48, 48)) == 8  # the demo's windows
     assert inference.default_sw_batch_size((128, 128, 128)) == 1  # the paper's
     assert inference.default_sw_batch_size(PATCH) == inference.SW_BATCH_VOXELS // 16**3
+
+
+def test_no_native_bf16_where_onednn_is_held_to_avx2():
+    """``ONEDNN_MAX_CPU_ISA=AVX2`` leaves oneDNN without bf16 convolutions, whatever the CPU."""
+    code = "from neonb.inference import cpu_has_native_bf16; print(cpu_has_native_bf16())"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
