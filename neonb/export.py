@@ -431,6 +431,7 @@ def export_run(
     calibrate_qc: bool | str | os.PathLike = "auto",
     qc_quantile: float = QC_QUANTILE,
     device: str | torch.device = "auto",
+    backend: str = "torch",
     progress: bool = False,
 ) -> Path:
     """Write a finished run as a model folder (:data:`WEIGHTS_FILE` + :data:`METADATA_FILE`).
@@ -471,6 +472,7 @@ def export_run(
             (:func:`neonb.segmentation.read_batch`), raising if that fails.
         qc_quantile: quantile of the sessions' QC scores taken as threshold, in (0, 1].
         device: where the QC calibration runs: ``"auto"``, ``"cpu"``, ``"cuda"``.
+        backend: what runs the QC calibration's windows (``neonb segment --backend``).
         progress: show a progress bar while calibrating.
 
     Returns:
@@ -526,7 +528,7 @@ def export_run(
         _export_norms(out_dir, run_dir, data_root, norms, images)
     except OSError as err:
         raise DataError(out_dir, f"cannot write the model folder: {err}") from err
-    _calibrate_at_export(out_dir, run_dir, calibrate_qc, qc_quantile, device, progress)
+    _calibrate_at_export(out_dir, run_dir, calibrate_qc, qc_quantile, device, backend, progress)
     return out_dir
 
 
@@ -536,6 +538,7 @@ def _calibrate_at_export(
     calibrate: bool | str | os.PathLike,
     quantile: float,
     device: str | torch.device,
+    backend: str,
     progress: bool,
 ) -> None:
     """The QC calibration of :func:`export_run` (see its ``calibrate_qc``)."""
@@ -560,7 +563,9 @@ def _calibrate_at_export(
     else:
         sessions = Path(calibrate)
     try:
-        calibrate_qc(out_dir, sessions, quantile=quantile, device=device, progress=progress)
+        calibrate_qc(
+            out_dir, sessions, quantile=quantile, device=device, backend=backend, progress=progress
+        )
     except DataError as err:
         if not auto:
             raise
@@ -668,6 +673,7 @@ def calibrate_qc(
     quantile: float = QC_QUANTILE,
     device: str | torch.device = "auto",
     amp: bool | str = "native",
+    backend: str = "torch",
     progress: bool = False,
 ) -> dict[str, Any]:
     """Calibrate a model folder's QC threshold on sessions it was not trained on.
@@ -688,6 +694,8 @@ def calibrate_qc(
         quantile: in (0, 1]; default :data:`QC_QUANTILE`.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         amp: bf16 autocast, as in :func:`neonb.segmentation.segment_scan`.
+        backend: what runs the windows, as in :func:`neonb.segmentation.segment_scan`
+            (the network is compiled once for all sessions).
         progress: show a progress bar.
 
     Returns:
@@ -719,7 +727,7 @@ def calibrate_qc(
             raise DataError(sessions, f"sub-{row.participant_id} ses-{row.session_id}: {problem}")
         name = f"sub-{row.participant_id}_ses-{row.session_id}"
         scores[name] = score_session(
-            model, row.t2w or None, t1w=row.t1w or None, device=device, amp=amp
+            model, row.t2w or None, t1w=row.t1w or None, device=device, amp=amp, backend=backend
         )
     finite = [v for v in scores.values() if math.isfinite(v)]
     if not finite:

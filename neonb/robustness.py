@@ -805,6 +805,7 @@ def qc_study(
     out_dir: str | os.PathLike,
     *,
     device: str = "auto",
+    backend: str = "torch",
     progress: bool = False,
 ) -> pd.DataFrame:
     """Segment every shifted session as ``neonb segment --batch --tta --evaluate`` does.
@@ -819,6 +820,7 @@ def qc_study(
         shifted: the ``shifted.tsv`` of :func:`write_shifted_sessions`.
         out_dir: the batch's derivatives folder.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
+        backend: what runs the windows (``neonb segment --backend``).
         progress: the batch's progress bar.
 
     Returns:
@@ -834,7 +836,8 @@ def qc_study(
     from neonb.segmentation import segment_batch
 
     result = segment_batch(
-        model_dir, shifted, out_dir, evaluate=True, tta=True, device=device, progress=progress,
+        model_dir, shifted, out_dir, evaluate=True, tta=True, device=device, backend=backend,
+        progress=progress,
         echo=None if progress else (lambda _: None),
     )  # fmt: skip
     failed = result.summary[result.summary["status"] == "failed"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -13,7 +14,7 @@ from tiny_model import tiny_cohort, tiny_run
 from neonb import data, inference
 from neonb.ageunet import AgeHeadConfig, build_ageunet
 from neonb.errors import ConfigError
-from neonb.export import export_run, load_exported_model
+from neonb.export import calibrate_qc, export_run, load_exported_model
 from neonb.metrics import dice_per_class
 from neonb.models import ModelConfig, build_model
 from neonb.segmentation import segment_batch, segment_scan
@@ -135,3 +136,32 @@ def test_a_batch_compiles_the_network_once(model_dir, tmp_path, monkeypatch):
     assert len(calls) == 1
     model = load_exported_model(model_path)
     assert model.network("auto", "cpu") is model.network("auto", "cpu")
+
+
+def test_qc_calibration_runs_on_the_backend_given_and_scores_as_pytorch(
+    model_dir, tmp_path, monkeypatch
+):
+    model_path = shutil.copytree(model_dir[0], tmp_path / "model")  # calibrating writes to it
+    manifest = model_dir[1]
+    table = manifest[["participant_id", "session_id", "scan_age", "t2w", "t1w"]].iloc[:2]
+    sessions = tmp_path / "sessions.tsv"
+    table.to_csv(sessions, sep="\t", index=False)
+    scores = {
+        backend: calibrate_qc(model_path, sessions, device="cpu", amp=False, backend=backend)[
+            "scores"
+        ]
+        for backend in ("torch", "openvino")
+    }
+    assert scores["openvino"].keys() == scores["torch"].keys()
+    for name, score in scores["torch"].items():
+        assert scores["openvino"][name] == pytest.approx(score, abs=1e-3)
+    calls = []
+    original = inference.OpenVINONetwork.__init__
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(inference.OpenVINONetwork, "__init__", counting)
+    calibrate_qc(model_path, sessions, device="cpu", amp=False, backend="openvino")
+    assert len(calls) == 1  # one network for both sessions

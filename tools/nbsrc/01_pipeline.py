@@ -28,7 +28,7 @@ training = {
     "overlap": 0.25,
     "model": {"strides": [1, 2, 2], "filters": [4, 8, 16], "deep_supr_num": 1},
 }
-backend = "auto"  # the test set's windows: OpenVINO on the CPU (as neonb segment), else PyTorch
+backend = "auto"  # the test set's windows: OpenVINO on the CPU where installed, else PyTorch
 
 # %% [markdown]
 # ---
@@ -192,7 +192,7 @@ plots.dice_curves(logs, title=f"Validation Dice per tissue ({dataset}, {hardware
 # averaged into one probability map per class (MONAI's sliding-window inference). On a
 # CPU the windows run through OpenVINO (`backend = "auto"`), which fuses each convolution
 # with its normalisation and activation: about twice PyTorch's speed there, the same
-# labels up to float rounding (`benchmarks/README.md`); `neonb segment` does the same. Each
+# labels up to float rounding (`benchmarks/README.md`), as `neonb segment --backend auto`. Each
 # prediction is saved as a NIfTI file with the input's affine, named as a BIDS derivative
 # (`sub-X_ses-Y_desc-neonb_dseg.nii.gz`), and scored per tissue: Dice, and the 95th
 # percentile Hausdorff distance in mm.

@@ -31,7 +31,7 @@ qc_levels = "all"
 qc_all = False
 overlap = 0.0
 sw_batch_size = 8
-backend = "auto"  # the windows: OpenVINO on the CPU (as neonb segment), else PyTorch
+backend = "auto"  # every window of the chapter (scores, QC): OpenVINO on the CPU where installed
 
 # %% [markdown]
 # ---
@@ -214,6 +214,7 @@ exported = {
         data_root=cohort.root,
         images=images,
         calibrate_qc="auto" if name == "paper" or qc_all else False,
+        backend=backend,
     )
     for name, run_dir in model_dirs.items()
 }
@@ -282,7 +283,7 @@ goals
 
 # %%
 qc_sessions = robustness.select_levels(shifted, qc_levels, out / "qc_sessions.tsv")
-qc = robustness.qc_study(exported["paper"], qc_sessions, out / "qc")
+qc = robustness.qc_study(exported["paper"], qc_sessions, out / "qc", backend=backend)
 qc.to_csv(out / "qc.tsv", sep="\t", index=False)
 separation = pd.DataFrame([robustness.qc_separation(qc, dice_threshold=qc_dice)])
 separation.to_csv(out / "qc_separation.tsv", sep="\t", index=False)
