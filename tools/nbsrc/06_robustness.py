@@ -274,8 +274,8 @@ goals
 # entropy of the averaged probabilities as an uncertainty map, and scores the scan with
 # the mean uncertainty inside the predicted brain; a score above the model folder's
 # threshold (calibrated at export on the run's validation sessions) flags the scan.
-# Here the shifted sessions go through `neonb segment --batch --tta` with the paper's
-# network, as a user would run it, with their reference labels, so each segmentation's
+# Here the shifted sessions go through `neonb segment --batch --tta --backend` (the
+# chapter's `backend`) with the paper's network, as a user would run it, with their reference labels, so each segmentation's
 # Dice is known: the clean sessions and the levels `qc_levels` of every shift (`severe`:
 # the most severe one; `all`: every level). A useful QC score is high where the Dice is low. The ROC AUC says how well it
 # separates the segmentations below `qc_dice` Dice from the rest (0.5: no better than
