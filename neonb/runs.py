@@ -459,6 +459,7 @@ class TrainedRuns:
         by: str = "group",
         names: Mapping[str, str] | None = None,
         sw_batch_size: int = 8,
+        backend: str = "torch",
     ) -> pd.DataFrame:
         """Per-class test Dice of every run (:func:`neonb.experiment.evaluate`).
 
@@ -468,6 +469,8 @@ class TrainedRuns:
             config: the window size, overlap and device of the segmentation.
             by, names: as :meth:`facts`.
             sw_batch_size: windows per forward pass.
+            backend: what runs the windows (:data:`neonb.inference.BACKENDS`); each run's
+                network is compiled once for all ``volumes``.
 
         Returns:
             The per-class rows of :func:`~neonb.experiment.evaluate` (Dice, no HD95) with
@@ -479,7 +482,9 @@ class TrainedRuns:
         tables = []
         for run_id, trained in self.trained.items():
             run = self.runs[run_id]
-            scores = evaluate(trained.model, volumes, config, sw_batch_size=sw_batch_size)
+            scores = evaluate(
+                trained.model, volumes, config, sw_batch_size=sw_batch_size, backend=backend
+            )
             tables.append(
                 scores.per_class.assign(**{by: self._name(run, names), "run": run.replicate})
             )

@@ -236,7 +236,7 @@ def test_both_schedules_add_the_full_volumes_at_equal_epochs(workdir):
     assert groups["fullepochs"][0].config.epochs == dispersed.config.epochs
 
 
-def test_replicates_are_trained_reported_and_scored_by_group(workdir):
+def test_replicates_are_trained_reported_and_scored_by_group(workdir, monkeypatch):
     from neonb import experiment
     from neonb.runs import train_runs
 
@@ -259,6 +259,17 @@ def test_replicates_are_trained_reported_and_scored_by_group(workdir):
     # two seeds, two networks: their test scores differ
     full = per_case[per_case["condition"] == "full"]
     assert not full[full["run"] == 0]["dice"].equals(full[full["run"] == 1]["dice"])
+    # the backend reaches the one evaluation path (OpenVINO's own tests run it)
+    backends = []
+    original = experiment.evaluate
+
+    def recording(*args, backend, **kwargs):
+        backends.append(backend)
+        return original(*args, backend="torch", **kwargs)
+
+    monkeypatch.setattr(experiment, "evaluate", recording)
+    trained.evaluate(volumes, chapter.config, by="condition", backend="openvino")
+    assert backends == ["openvino"] * 3
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, 2.0, "3", True])

@@ -31,6 +31,7 @@ fine_tuning = {"epochs": 1, "learning_rate": 0.001}
 scratch = {"epochs": 2}
 depths = {"shallow": 1, "medium": 2, "deep": 3}
 sw_batch_size = 8
+backend = "auto"  # the test windows: OpenVINO on the CPU where installed, else PyTorch
 n_runs = 2
 equivalence_margin = 0.01
 
@@ -254,15 +255,20 @@ timing.groupby("strategy", sort=False)[
 # ## Scoring on the target test set
 #
 # Each network segments every target test volume whole, with sliding windows of the
-# training patch size inside the foreground box (as in the pipeline chapter; overlap
-# and windows per forward pass as set above), and each tissue is scored with Dice.
+# training patch size inside the foreground box (as in the pipeline chapter; overlap,
+# windows per forward pass and `backend` as set above), and each tissue is scored with Dice.
 
 # %%
 volumes = experiment.prepare_volumes(
     records["target_test"], cache_dir=source_config.cache_dir, channels=source_config.channels
 )
 per_case = trained.evaluate(
-    volumes, source_config, by="strategy", names=names, sw_batch_size=sw_batch_size
+    volumes,
+    source_config,
+    by="strategy",
+    names=names,
+    sw_batch_size=sw_batch_size,
+    backend=backend,
 )
 per_case.to_csv(out / "test_per_class.tsv", sep="\t", index=False)
 cases = case_summary(per_case, by=("strategy", "run", "participant_id", "session_id", "scan_age"))
