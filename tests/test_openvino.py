@@ -42,6 +42,19 @@ def model_dir(tmp_path_factory):
     return model, manifest
 
 
+def count_compiles(monkeypatch) -> list[int]:
+    """A list that grows by one each time an :class:`OpenVINONetwork` is compiled."""
+    calls = []
+    original = inference.OpenVINONetwork.__init__
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(inference.OpenVINONetwork, "__init__", counting)
+    return calls
+
+
 def test_auto_picks_openvino_for_a_plain_network_on_the_cpu(network):
     assert inference.resolve_backend("auto", CPU, network) == "openvino"
     assert inference.resolve_backend("torch", CPU, network) == "torch"
@@ -118,14 +131,7 @@ def test_segment_records_the_backend_and_both_agree(model_dir, tmp_path):
 
 def test_a_batch_compiles_the_network_once(model_dir, tmp_path, monkeypatch):
     model_path, manifest = model_dir
-    calls = []
-    original = inference.OpenVINONetwork.__init__
-
-    def counting(self, *args, **kwargs):
-        calls.append(1)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(inference.OpenVINONetwork, "__init__", counting)
+    calls = count_compiles(monkeypatch)
     table = manifest[["participant_id", "session_id", "scan_age", "t2w", "t1w"]].iloc[:3]
     tsv = tmp_path / "batch.tsv"
     table.to_csv(tsv, sep="\t", index=False)
@@ -155,13 +161,6 @@ def test_qc_calibration_runs_on_the_backend_given_and_scores_as_pytorch(
     assert scores["openvino"].keys() == scores["torch"].keys()
     for name, score in scores["torch"].items():
         assert scores["openvino"][name] == pytest.approx(score, abs=1e-3)
-    calls = []
-    original = inference.OpenVINONetwork.__init__
-
-    def counting(self, *args, **kwargs):
-        calls.append(1)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(inference.OpenVINONetwork, "__init__", counting)
+    calls = count_compiles(monkeypatch)
     calibrate_qc(model_path, sessions, device="cpu", amp=False, backend="openvino")
     assert len(calls) == 1  # one network for both sessions
