@@ -100,6 +100,7 @@ from neonb.experiment import (
 )
 from neonb.files import atomic_write
 from neonb.inference import (
+    class_indices,
     default_segmentation_logits,
     foreground_box,
     load_weights,
@@ -839,7 +840,7 @@ def _centre_patch_dice(
     with torch.no_grad():
         for batch in validation_loader(records, config):
             logits = segmentation_logits(model(batch["image"].to(device))).float()
-            metric(y_pred=logits.argmax(dim=1, keepdim=True), y=batch["label"].to(device))
+            metric(y_pred=class_indices(logits, dim=1, keepdim=True), y=batch["label"].to(device))
     dice = metric.per_class().cpu()
     return {
         "val_dice": float(torch.nanmean(dice)),

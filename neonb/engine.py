@@ -78,6 +78,7 @@ from neonb.files import atomic_write
 from neonb.inference import (
     SegmentationLogits,
     autocast,
+    class_indices,
     default_segmentation_logits,
     resolve_device,
     use_amp,
@@ -740,7 +741,7 @@ def _validate(run: _Run, loader: Iterable[Batch]) -> torch.Tensor:
             with autocast(run.amp, run.device):
                 outputs = run.inferer(batch[run.image_key], run.model)
             logits = run.extract(outputs).float()
-            predicted = logits.argmax(dim=1, keepdim=True)
+            predicted = class_indices(logits, dim=1, keepdim=True)
             scores.append(dice_scores(predicted, batch[run.label_key], run.num_classes))
     run.model.train()
     if not scores:

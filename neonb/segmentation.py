@@ -126,6 +126,7 @@ from neonb.export import METADATA_FILE, WEIGHTS_FILE, ExportedModel, load_export
 from neonb.files import atomic_write, exclusive_lock, temporary_name
 from neonb.inference import (
     backend_name,
+    class_indices,
     default_sw_batch_size,
     flip_combinations,
     normalised_entropy,
@@ -569,7 +570,7 @@ def from_model_grid_probabilities(
         ``(X, Y, Z)`` uint8 labels on the input's grid (class 0 outside the model's grid).
     """
     if not mapping.resampled:
-        labels = probs.float().argmax(dim=0).to(torch.uint8)
+        labels = class_indices(probs.float()).to(torch.uint8)
         if box is not None:
             full = torch.zeros(tuple(int(n) for n in model_shape), dtype=torch.uint8)
             full[tuple(box)] = labels
@@ -927,7 +928,7 @@ def _predict(
         sw_batch_size=default_sw_batch_size(model.patch_size),
     )  # fmt: skip
     labels = np.zeros(tuple(image.shape[1:]), dtype=np.uint8)
-    labels[box] = probs.argmax(dim=0).to(torch.uint8).numpy()
+    labels[box] = class_indices(probs).to(torch.uint8).numpy()
     prediction = _Prediction(labels, box, passes=1 + len(flips), backend=backend_name(network))
     if keep_probs:
         prediction.probs = probs.to(torch.float16)

@@ -260,6 +260,25 @@ def test_channels_last_changes_no_result_and_is_undone(start_channels_last):
     last += 1
 
 
+@pytest.mark.parametrize("stored_channels_last", [False, True])
+def test_auto_layout_is_the_one_the_model_is_stored_in(stored_channels_last):
+    model = _dynunet(seed=4)
+    if stored_channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    cpu = torch.device("cpu")
+    assert inference.use_channels_last("auto", cpu, model) == stored_channels_last
+    assert inference.use_channels_last(True, cpu, model)
+    assert not inference.use_channels_last(False, cpu, model)
+
+
+def test_class_indices_are_argmax_ties_included():
+    scores = torch.randint(0, 3, (2, 10, 6, 7, 8)).float()  # many ties among 3 values
+    torch.testing.assert_close(inference.class_indices(scores, dim=1), scores.argmax(dim=1))
+    kept = inference.class_indices(scores[0], dim=0, keepdim=True)
+    assert kept.shape == (1, 6, 7, 8)
+    torch.testing.assert_close(kept[0], scores[0].argmax(dim=0))
+
+
 def test_channels_last_must_be_auto_or_a_bool():
     with pytest.raises(ConfigError, match="channels_last"):
         predict_volume(_dynunet(), torch.zeros(2, 8, 8, 8), patch_size=PATCH, channels_last="yes")
