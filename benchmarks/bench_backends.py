@@ -3,12 +3,15 @@
 Each test volume of a trained run is segmented by :func:`neonb.inference.segment` (the
 study's and ``neonb segment``'s path: windows over the head's box, the run's window size and
 overlap) with PyTorch in fp32 (the reference: the path before OpenVINO) and with every other
-variant: OpenVINO fp32 and, where the CPU computes bf16 natively, OpenVINO bf16 and PyTorch
-bf16 autocast. For each variant the table gives the Dice of every class between its labels
-and the reference's (mean over classes and volumes, the worst volume, the worst class of any
-volume), the fraction of voxels with the same label, and the seconds per volume (variants
-take turns volume by volume, so load on the machine slows them alike; converting to
-OpenVINO is timed apart).
+variant: PyTorch fp32 with the network channels-last (as :func:`neonb.engine.fit` leaves it
+on the CPU, with layout-keeping instance norms: ``neonb.models.channels_last``), OpenVINO
+fp32 and, where the CPU computes bf16 natively, OpenVINO bf16 and PyTorch bf16 autocast. For
+each variant the table gives the Dice of every class between its labels and the reference's
+(mean over classes and volumes, the worst volume, the worst class of any volume), the
+fraction of voxels with the same label, and the seconds per volume (variants take turns
+volume by volume, so load on the machine slows them alike; converting to OpenVINO is timed
+apart). A last line times the label map of the first volume's probabilities: ``argmax`` over
+the classes against :func:`neonb.inference.class_indices`.
 
 Usage:
     .venv/bin/python benchmarks/bench_backends.py --run results/demo/01_pipeline/run-0 \\
@@ -18,6 +21,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import time
 from pathlib import Path
@@ -26,9 +30,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from neonb import data
+from neonb import data, models
 from neonb.experiment import load_trained_run, prepare_volumes
-from neonb.inference import OpenVINONetwork, cpu_has_native_bf16, segment
+from neonb.inference import (
+    OpenVINONetwork,
+    class_indices,
+    cpu_has_native_bf16,
+    predict_foreground,
+    segment,
+)
 from neonb.metrics import dice_per_class
 
 
@@ -68,6 +78,7 @@ def main() -> None:
           f"{window} windows, overlap {config.overlap:g}")  # fmt: skip
 
     variants = {"torch fp32": (model, False)}
+    variants["torch fp32 channels-last"] = (models.channels_last(copy.deepcopy(model)), False)
     started = time.perf_counter()
     variants["openvino fp32"] = (OpenVINONetwork(model, patch_size=config.patch_size), False)
     print(f"converting and compiling for OpenVINO fp32: {time.perf_counter() - started:.1f} s")
@@ -117,8 +128,31 @@ def main() -> None:
         )
     table = pd.DataFrame(rows)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.5f}"))
+    _time_label_map(model, volumes[0]["image"], config)
     if args.out:
         table.to_csv(args.out, sep="\t", index=False, float_format="%.6g")
+
+
+def _time_label_map(model: torch.nn.Module, image: torch.Tensor, config) -> None:
+    """Print the median time of argmax and of class_indices over one volume's probabilities."""
+    probs, _ = predict_foreground(
+        model, image, patch_size=config.patch_size, overlap=config.overlap, device="cpu"
+    )
+    times = {}
+    label_maps = {"argmax": lambda p: p.argmax(dim=0), "class_indices": class_indices}
+    for name, label_map in label_maps.items():
+        runs = []
+        for _ in range(7):
+            began = time.perf_counter()
+            label_map(probs)
+            runs.append(time.perf_counter() - began)
+        times[name] = float(np.median(runs))
+    assert torch.equal(probs.argmax(dim=0), class_indices(probs))
+    print(
+        f"label map of {tuple(probs.shape)} probabilities: argmax {times['argmax'] * 1e3:.1f} ms, "
+        f"class_indices {times['class_indices'] * 1e3:.1f} ms "
+        f"({times['argmax'] / times['class_indices']:.1f}x), the same labels"
+    )
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ def _export(args: argparse.Namespace) -> None:
         norms=args.norms,
         calibrate_qc="auto" if calibrate is None else calibrate,
         qc_quantile=args.qc_quantile,
+        overlap=args.overlap,
         device=args.device,
         progress=True,
     )
@@ -351,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.95,
         metavar="Q",
         help="[OPTIONAL] quantile of the calibration scores taken as threshold (default 0.95)",
+    )
+    export.add_argument(
+        "--overlap",
+        type=float,
+        metavar="F",
+        help="[OPTIONAL] sliding-window overlap in [0, 1) that neonb segment and the QC "
+        "calibration use with this model (default: the run's); 0 needs the fewest windows",
     )
     export.add_argument(
         "--device",

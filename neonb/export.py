@@ -430,6 +430,7 @@ def export_run(
     norms: str | os.PathLike | None = None,
     calibrate_qc: bool | str | os.PathLike = "auto",
     qc_quantile: float = QC_QUANTILE,
+    overlap: float | None = None,
     device: str | torch.device = "auto",
     backend: str = "torch",
     progress: bool = False,
@@ -471,6 +472,11 @@ def export_run(
             on the sessions of that manifest TSV or release folder
             (:func:`neonb.segmentation.read_batch`), raising if that fails.
         qc_quantile: quantile of the sessions' QC scores taken as threshold, in (0, 1].
+        overlap: the sliding-window overlap the model folder declares, in [0, 1): what
+            ``neonb segment`` and the QC calibration use (a QC threshold holds for the overlap
+            it was calibrated at). ``None``: the run's (its ``config.overlap``). Without
+            overlap a volume needs fewer windows (the demo's 48³ windows on its 1.5 mm heads:
+            8 instead of 18), at some cost in accuracy at the windows' borders.
         device: where the QC calibration runs: ``"auto"``, ``"cpu"``, ``"cuda"``.
         backend: what runs the QC calibration's windows (``neonb segment --backend``).
         progress: show a progress bar while calibrating.
@@ -482,14 +488,16 @@ def export_run(
         DataError: when the run folder is missing, unfinished or unreadable, or (unless
             ``calibrate_qc`` is ``"auto"``) the QC calibration sessions are.
         ConfigError: when the voxel size or orientation is neither given nor derivable,
-            the network's input channels cannot be named, or ``qc_quantile`` is outside
-            (0, 1].
+            the network's input channels cannot be named, ``qc_quantile`` is outside
+            (0, 1] or ``overlap`` outside [0, 1).
     """
     from neonb.data import check_image_kind
 
     check_image_kind(images)
     if calibrate_qc is not False and not 0 < qc_quantile <= 1:
         raise ConfigError(f"qc_quantile must be in (0, 1], got {qc_quantile}")
+    if overlap is not None and not 0 <= overlap < 1:
+        raise ConfigError(f"overlap must be in [0, 1), got {overlap}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     grid = _grid(data_root, voxel_size, orientation, images)
     model, log, config, head = _load_run(run_dir)
@@ -508,7 +516,7 @@ def export_run(
         "input_images": images,
         "labels": label_table().to_dict(orient="records")[: config.model.out_channels],
         "patch_size": list(config.patch_size),
-        "overlap": config.overlap,
+        "overlap": config.overlap if overlap is None else float(overlap),
         "normalisation": NORMALISATION,
         "voxel_size_mm": grid["voxel_size_mm"],
         "orientation": grid["orientation"],

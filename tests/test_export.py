@@ -153,6 +153,16 @@ def test_cli_export(run_dir, cohort, tmp_path, capsys):
     assert "model exported to" in capsys.readouterr().out
     meta = json.loads((out / METADATA_FILE).read_text())
     assert meta["training_data"]["description"] == "tiny phantom"
+    assert meta["overlap"] == 0.25  # the run's
+
+
+def test_the_model_folder_declares_the_overlap_given(run_dir, cohort, tmp_path, capsys):
+    args = ["export", str(run_dir), "--data-root", str(cohort), "--no-calibrate-qc"]
+    assert main([*args, "--out", str(tmp_path / "m"), "--overlap", "0"]) == 0
+    assert load_exported_model(tmp_path / "m").overlap == 0.0
+    with pytest.raises(ConfigError, match=r"overlap must be in \[0, 1\), got 1"):
+        export_run(run_dir, tmp_path / "bad", data_root=cohort, overlap=1.0)
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
 def test_loading_never_unpickles(run_dir, cohort, tmp_path):

@@ -200,9 +200,12 @@ trained.facts(by="model").round(3)
 #
 # Each network is exported as `neonb export` writes it (`models/<name>/`: weights,
 # `model.json` with its input channels, grid and norms), so that the networks compared
-# here are the ones a user would run with `neonb segment`. The paper's network also gets
-# its QC threshold, calibrated on the validation sessions of its run (8 TTA passes each);
-# with `qc_all` the other two do too (`neonb export --calibrate-qc` adds one later).
+# here are the ones a user would run with `neonb segment`. Each folder declares the
+# chapter's window `overlap` (`neonb export --overlap`), which `neonb segment` then uses, so
+# the QC study below segments with the same windows as the scores. The paper's network also
+# gets its QC threshold, calibrated on the validation sessions of its run (8 TTA passes
+# each, at that overlap); with `qc_all` the other two do too (`neonb export --calibrate-qc`
+# adds one later).
 
 # %%
 model_dirs = {"paper": chapter.baseline_dir}
@@ -214,6 +217,7 @@ exported = {
         data_root=cohort.root,
         images=images,
         calibrate_qc="auto" if name == "paper" or qc_all else False,
+        overlap=overlap,
         backend=backend,
     )
     for name, run_dir in model_dirs.items()
