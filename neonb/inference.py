@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import os
@@ -256,6 +257,24 @@ def _in_channels(model: nn.Module) -> int:
     raise ConfigError(f"{type(model).__name__} has no 3-D convolution to read its input channels")
 
 
+@functools.cache
+def openvino_core() -> Any:
+    """The process's one :class:`openvino.Core`, made on first use and kept until exit.
+
+    OpenVINO's CPU plugin gives the calling thread an alternate signal stack of its own on
+    Linux (room for the AMX state in a signal frame) and swaps it with the one there before
+    (``strace``: ``sigaltstack`` calls of 20144 bytes). With a ``Core`` made for every
+    compiled network, one pytest process running the whole suite with every ``backend`` on
+    ``"auto"`` died in 4 of 4 runs with faulthandler on (a CPU with AMX; issue 16): SIGSEGV
+    with ``si_code`` SI_KERNEL while the main thread waited in ``epoll_wait``, the mark of a
+    signal the kernel could not deliver onto the thread's alternate stack. With one ``Core``
+    for the process, as OpenVINO advises anyway, 2 of 2 such runs passed.
+    """
+    import openvino as ov
+
+    return ov.Core()
+
+
 class OpenVINONetwork(nn.Module):
     """A network compiled by OpenVINO for the CPU, called like the PyTorch one it came from.
 
@@ -311,7 +330,7 @@ class OpenVINONetwork(nn.Module):
             "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
             "PERFORMANCE_HINT": "LATENCY",
         }
-        self.compiled = ov.Core().compile_model(converted, "CPU", settings)
+        self.compiled = openvino_core().compile_model(converted, "CPU", settings)
         self._request = self.compiled.create_infer_request()
         self.precision = precision
 

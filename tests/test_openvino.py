@@ -164,3 +164,25 @@ def test_qc_calibration_runs_on_the_backend_given_and_scores_as_pytorch(
     calls = count_compiles(monkeypatch)
     calibrate_qc(model_path, sessions, device="cpu", amp=False, backend="openvino")
     assert len(calls) == 1  # one network for both sessions
+
+
+def test_every_network_compiles_on_the_one_core_of_the_process(network, monkeypatch):
+    import openvino as ov
+
+    made = []
+
+    class CountingCore(ov.Core):
+        def __init__(self):
+            made.append(1)
+            super().__init__()
+
+    monkeypatch.setattr(ov, "Core", CountingCore)
+    inference.openvino_core.cache_clear()
+    try:
+        first = inference.OpenVINONetwork(network, patch_size=(16, 16, 16))
+        second = inference.OpenVINONetwork(network, patch_size=(16, 16, 16))
+        assert len(made) == 1  # a Core per network left freed signal stacks behind (issue 16)
+        x = torch.randn(1, 2, 16, 16, 16)
+        torch.testing.assert_close(first(x), second(x))
+    finally:
+        inference.openvino_core.cache_clear()
