@@ -19,7 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,32 @@ NOTEBOOKS = (
     "06_robustness",
     "05_paper_vs_neonb",
 )
-"""The study's notebooks, in the order they run (later ones reuse earlier results): the
-robustness chapter goes beyond the paper, and runs before the closing chapter, which shows
-its findings beside the others."""
+"""The study's notebooks, in the order they run one at a time (later ones reuse earlier
+results): the robustness chapter goes beyond the paper, and runs before the closing chapter,
+which shows its findings beside the others."""
+
+READS: dict[str, tuple[str, ...]] = {
+    "02_ageunet": ("01_pipeline",),
+    "06_robustness": ("01_pipeline",),
+    "05_paper_vs_neonb": NOTEBOOKS[:-1],
+}
+"""The chapters that read another chapter's results, and whose. The others read only the
+cohort, the splits and the plan, which exist before any chapter runs, so with ``jobs`` > 1
+they run beside each other."""
+
+LONGEST_FIRST = (
+    "01_pipeline",
+    "06_robustness",
+    "04_transfer",
+    "03_budgeting",
+    "02_ageunet",
+    "00_data",
+    "05_paper_vs_neonb",
+)
+"""With ``jobs`` > 1, the order in which chapters that can start do start: the pipeline
+first (two chapters wait for it), then by running time in the demo (measured on 2 cores:
+06 and 04 about 200 s each, 03 130 s, 02 80 s, 00 15 s), so that the longest do not end
+up last and alone."""
 
 
 class NotebookError(NeonbError):
@@ -344,6 +368,91 @@ def build_book(book_dir: str | os.PathLike = REPO_ROOT / "book") -> Path:
     return book_dir / "_build" / "html" / "index.html"
 
 
+def run_chapters(
+    names: tuple[str, ...] | list[str],
+    run_one: Callable[[str], Any],
+    *,
+    jobs: int = 1,
+    echo: Callable[..., Any] = print,
+) -> None:
+    """Run chapters one at a time in the given order, or ``jobs`` at a time by :data:`READS`.
+
+    With ``jobs`` = 1 the chapters run in ``names``' order. With more, a chapter starts once
+    every chapter it reads (:data:`READS`, among ``names``) has finished and fewer than
+    ``jobs`` are running; of those that can start, the first in :data:`LONGEST_FIRST` does.
+    When a chapter fails, no other starts; the running ones finish (their runs and results
+    are kept), then the first failure is raised.
+
+    Args:
+        names: the chapters to run (a subset of :data:`NOTEBOOKS`).
+        run_one: runs one chapter by name (:func:`run_notebook` with its parameters).
+        jobs: how many chapters may run at once (≥ 1).
+        echo: where progress lines go (``[k/n] name ... done in S s``).
+    """
+    if jobs < 1:
+        raise ConfigError(f"jobs must be at least 1, got {jobs}")
+    names = list(names)
+    total = len(names)
+    if jobs == 1:
+        for step, name in enumerate(names, start=1):
+            echo(f"[{step}/{total}] {name} ...", end=" ", flush=True)
+            tick = time.perf_counter()
+            run_one(name)
+            echo(f"done in {time.perf_counter() - tick:.0f} s")
+        return
+    order = {name: rank for rank, name in enumerate(LONGEST_FIRST)}
+    waiting = sorted(names, key=lambda name: order.get(name, len(order)))
+    finished: set[str] = set()
+    running: dict[Future, tuple[str, int, float]] = {}
+    failure: BaseException | None = None
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="neonb-chapter") as pool:
+        while running or (waiting and failure is None):
+            for name in list(waiting):
+                if failure is not None or len(running) >= jobs:
+                    break
+                if all(dep in finished or dep not in names for dep in READS.get(name, ())):
+                    waiting.remove(name)
+                    step = total - len(waiting)
+                    echo(f"[{step}/{total}] {name} started")
+                    running[pool.submit(run_one, name)] = (name, step, time.perf_counter())
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                name, step, tick = running.pop(future)
+                error = future.exception()
+                if error is None:
+                    finished.add(name)
+                    echo(f"[{step}/{total}] {name} done in {time.perf_counter() - tick:.0f} s")
+                else:
+                    echo(f"[{step}/{total}] {name} failed after {time.perf_counter() - tick:.0f} s")
+                    failure = failure or error
+    if failure is not None:
+        raise failure
+
+
+@contextlib.contextmanager
+def _threads_per_chapter(jobs: int) -> Iterator[int]:
+    """Give each of ``jobs`` chapter kernels an equal share of this process's CPU cores.
+
+    Kernels inherit the environment, and PyTorch (and OpenVINO through
+    :func:`neonb.inference`) take ``OMP_NUM_THREADS`` threads: ``cores // jobs``, at least one,
+    unless the user set ``OMP_NUM_THREADS``. The same count for every chapter whatever the
+    schedule, so that a chapter's numbers do not depend on which other chapter ran beside it.
+    Yields the number of threads.
+    """
+    if jobs == 1 or "OMP_NUM_THREADS" in os.environ:
+        yield int(os.environ.get("OMP_NUM_THREADS", 0) or 0)
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = max(1, (cores or 1) // jobs)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        yield threads
+    finally:
+        os.environ.pop("OMP_NUM_THREADS", None)
+
+
 def run_study(
     params_dir: str | os.PathLike,
     *,
@@ -352,6 +461,7 @@ def run_study(
     book: bool = True,
     book_dir: str | os.PathLike = REPO_ROOT / "book",
     workdir: str | os.PathLike = REPO_ROOT,
+    jobs: int | None = None,
     echo=print,
 ) -> Path | None:
     """Plan the study, run every notebook that has parameters in ``params_dir``, build the book.
@@ -368,6 +478,11 @@ def run_study(
         book_dir: the book; executed notebooks go to its ``notebooks/`` folder.
         workdir: folder the notebooks run in; relative paths in the parameters
             (cohort, results) are relative to it.
+        jobs: how many chapters run at once (:func:`run_chapters`), each kernel with
+            ``cores // jobs`` threads; default: ``jobs`` in the folder's ``study.yaml``
+            (a chapter's YAML file does not change it), else 1.
+            Two on 2 cores made the demo's chapters 02-06 take 0.8 times as long as one
+            at a time with two threads (``benchmarks/README.md``).
         echo: where progress lines go.
 
     Returns:
@@ -377,6 +492,11 @@ def run_study(
     plan = [(name, params) for name, params in plan if params is not None]
     if not plan:
         raise ConfigError(f"{params_dir} holds no parameters for any of {list(notebooks)}")
+    if jobs is None:
+        shared = Path(params_dir) / "study.yaml"
+        jobs = (yaml.safe_load(shared.read_text()) or {}).get("jobs", 1) if shared.is_file() else 1
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ConfigError(f"jobs must be a whole number of at least 1, got {jobs!r}")
     started = time.perf_counter()
     from neonb.plan import check_plan
 
@@ -384,13 +504,22 @@ def run_study(
     root = Path(data_root).expanduser().resolve() if data_root else None
     with contextlib.chdir(workdir):
         check_plan(Path(params_dir).resolve(), data_root=root, echo=echo)
-    for step, (name, params) in enumerate(plan, start=1):
+    chapter_params = dict(plan)
+    for params in chapter_params.values():
+        params.pop("jobs", None)  # the schedule's, not a notebook parameter
         if data_root:
             params["data_root"] = str(Path(data_root).expanduser().resolve())
-        echo(f"[{step}/{len(plan)}] {name} ...", end=" ", flush=True)
-        tick = time.perf_counter()
-        run_notebook(name, params, output_dir=Path(book_dir) / "notebooks", cwd=workdir)
-        echo(f"done in {time.perf_counter() - tick:.0f} s")
+    with _threads_per_chapter(jobs) as threads:
+        if jobs > 1:
+            echo(f"running up to {jobs} chapters at once, {threads} thread(s) each")
+        run_chapters(
+            list(chapter_params),
+            lambda name: run_notebook(
+                name, chapter_params[name], output_dir=Path(book_dir) / "notebooks", cwd=workdir
+            ),
+            jobs=jobs,
+            echo=echo,
+        )
     index = None
     if book:
         echo("building the book ...", end=" ", flush=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -10,10 +13,13 @@ import pytest
 from neonb.cli import main
 from neonb.errors import ConfigError
 from neonb.study import (
+    NOTEBOOKS,
+    READS,
     NotebookError,
     load_params,
     open_cohort,
     resolve_data_root,
+    run_chapters,
     run_notebook,
     run_study,
 )
@@ -56,6 +62,92 @@ def test_a_failing_notebook_is_named_with_its_cell(tmp_path):
         run_notebook(
             "00_data", {"data_root": "/no/such/release"}, output_dir=tmp_path, cwd=tmp_path
         )
+
+
+class _Chapters:
+    """A fake ``run_one`` that records when each chapter starts and ends (no papermill)."""
+
+    def __init__(self, seconds: float = 0.02, fail: str | None = None):
+        self.seconds, self.fail = seconds, fail
+        self.events: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, name: str) -> None:
+        with self.lock:
+            self.events.append(("start", name))
+        time.sleep(self.seconds)
+        with self.lock:
+            self.events.append(("end", name))
+        if name == self.fail:
+            raise NotebookError(f"notebook {name}.ipynb failed")
+
+    def running_at_most(self) -> int:
+        running = peak = 0
+        for kind, _ in self.events:
+            running += 1 if kind == "start" else -1
+            peak = max(peak, running)
+        return peak
+
+
+def test_one_job_runs_the_chapters_in_the_study_order():
+    chapters, lines = _Chapters(seconds=0), []
+    run_chapters(NOTEBOOKS, chapters, jobs=1, echo=lambda *a, **k: lines.append(a[0]))
+    assert [name for kind, name in chapters.events if kind == "start"] == list(NOTEBOOKS)
+    assert chapters.running_at_most() == 1
+    assert lines[:2] == ["[1/7] 00_data ...", lines[1]] and lines[1].startswith("done in")
+
+
+def test_two_jobs_run_two_chapters_at_once_after_those_they_read():
+    chapters, lines = _Chapters(), []
+    run_chapters(NOTEBOOKS, chapters, jobs=2, echo=lambda *a, **k: lines.append(a[0]))
+    events = chapters.events
+    assert chapters.running_at_most() == 2
+    assert sorted(name for kind, name in events if kind == "end") == sorted(NOTEBOOKS)
+    for chapter, reads in READS.items():
+        for other in reads:
+            assert events.index(("end", other)) < events.index(("start", chapter)), (
+                f"{chapter} started before {other}, whose results it reads, had finished"
+            )
+    assert events[:2] == [("start", "01_pipeline"), ("start", "04_transfer")]
+    assert sum(line.endswith("started") for line in lines) == len(NOTEBOOKS)
+    assert any(line.startswith("[7/7] 05_paper_vs_neonb done in") for line in lines)
+
+
+def test_a_failed_chapter_stops_new_ones_and_is_raised_after_the_running_finish():
+    chapters, lines = _Chapters(fail="01_pipeline"), []
+    with pytest.raises(NotebookError, match="01_pipeline"):
+        run_chapters(NOTEBOOKS, chapters, jobs=2, echo=lambda *a, **k: lines.append(a[0]))
+    started = {name for kind, name in chapters.events if kind == "start"}
+    ended = {name for kind, name in chapters.events if kind == "end"}
+    assert started == ended == {"01_pipeline", "04_transfer"}
+    assert any("01_pipeline failed after" in line for line in lines)
+    with pytest.raises(ConfigError, match="at least 1"):
+        run_chapters(NOTEBOOKS, chapters, jobs=0)
+
+
+def test_chapters_at_once_share_the_cores_and_the_user_s_thread_count_wins(monkeypatch):
+    from neonb.study import _threads_per_chapter
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(5)))
+    with _threads_per_chapter(2) as threads:
+        assert threads == 2 and os.environ["OMP_NUM_THREADS"] == "2"
+    assert "OMP_NUM_THREADS" not in os.environ
+    with _threads_per_chapter(8) as threads:
+        assert threads == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    with _threads_per_chapter(2) as threads:
+        assert threads == 3
+    assert os.environ["OMP_NUM_THREADS"] == "3"
+
+
+def test_a_study_with_a_bad_jobs_count_is_refused_before_planning(tmp_path):
+    params = tmp_path / "params"
+    params.mkdir()
+    (params / "study.yaml").write_text("jobs: two\ndata_root: /no/such/release\n")
+    (params / "00_data.yaml").write_text("{}\n")
+    with pytest.raises(ConfigError, match=r"jobs must be a whole number of at least 1, got 'two'"):
+        run_study(params, book=False, workdir=tmp_path, echo=lambda *a, **k: None)
 
 
 def test_a_study_that_cannot_be_planned_stops_before_any_notebook(tmp_path):
