@@ -39,11 +39,11 @@ browser:
 test: setup browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	# OpenVINO's tests and the smoke study run in processes of their own: with OpenVINO
-	# loaded, the one pytest process died of SIGSEGV late in the suite (issue 16). The likely
-	# cause, an ov.Core per compiled network, is gone (neonb.inference.openvino_core: 2 of 2
-	# one-process runs passed where 4 of 4 died); the library's defaults stay on PyTorch
-	# (backend "torch") and the processes stay apart until more runs confirm it.
+	# OpenVINO's tests and the smoke study run in processes of their own, a precaution: with
+	# OpenVINO loaded, the one pytest process once died of SIGSEGV late in the suite (issue
+	# 16). The likely cause, an ov.Core per compiled network, is gone
+	# (neonb.inference.openvino_core): one-process runs with OpenVINO in use passed 3 of 3 on
+	# an Intel CPU with AMX where 4 of 4 had died, and 1 of 1 on an AMD EPYC without AMX.
 	$(BIN)/python -m pytest -q --ignore=tests/test_study.py --ignore=tests/test_openvino.py
 	$(BIN)/python -m pytest -q tests/test_openvino.py
 	$(BIN)/python -m pytest -q tests/test_study.py

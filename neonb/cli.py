@@ -45,7 +45,7 @@ def _study(args: argparse.Namespace) -> None:
 
         check_plan(args.params, data_root=args.data)
         return
-    run_study(args.params, data_root=args.data, book=not args.no_book)
+    run_study(args.params, data_root=args.data, book=not args.no_book, jobs=args.jobs)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -243,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     study.add_argument("--no-book", action="store_true", help="run the notebooks only")
     study.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="[OPTIONAL] chapters run at once, each with cores // jobs threads; chapters that "
+        "read another's results wait for it (default: jobs in the folder's study.yaml, else 1)",
+    )
+    study.add_argument(
         "--plan",
         action="store_true",
         help="train nothing: resolve the data, draw or read the splits, lay out every "
@@ -437,9 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument(
         "--backend",
         choices=("auto", "torch", "openvino"),
-        default="torch",
-        help="what runs the network: torch (the default), openvino (the CPU only, about "
-        "twice as fast there), auto (OpenVINO on the CPU where installed, else PyTorch)",
+        default="auto",
+        help="what runs the network: auto (the default: OpenVINO on the CPU where installed, "
+        "about twice as fast there, else PyTorch), torch, openvino (the CPU only)",
     )
     segment.add_argument(
         "--tta",

@@ -169,7 +169,7 @@ class ExportedModel:
 
     def network(
         self,
-        backend: str = "torch",
+        backend: str = "auto",
         device: str | torch.device = "auto",
         amp: bool | str = "native",
     ) -> nn.Module:
@@ -432,7 +432,7 @@ def export_run(
     qc_quantile: float = QC_QUANTILE,
     overlap: float | None = None,
     device: str | torch.device = "auto",
-    backend: str = "torch",
+    backend: str = "auto",
     progress: bool = False,
 ) -> Path:
     """Write a finished run as a model folder (:data:`WEIGHTS_FILE` + :data:`METADATA_FILE`).
@@ -682,7 +682,7 @@ def calibrate_qc(
     quantile: float = QC_QUANTILE,
     device: str | torch.device = "auto",
     amp: bool | str = "native",
-    backend: str = "torch",
+    backend: str = "auto",
     progress: bool = False,
 ) -> dict[str, Any]:
     """Calibrate a model folder's QC threshold on sessions it was not trained on.

@@ -805,7 +805,7 @@ def qc_study(
     out_dir: str | os.PathLike,
     *,
     device: str = "auto",
-    backend: str = "torch",
+    backend: str = "auto",
     progress: bool = False,
 ) -> pd.DataFrame:
     """Segment every shifted session as ``neonb segment --batch --tta --evaluate`` does.

@@ -907,7 +907,7 @@ def _predict(
     *,
     keep_probs: bool = False,
     tta: bool = False,
-    backend: str = "torch",
+    backend: str = "auto",
 ) -> tuple[_Prediction, dict[str, float] | None]:
     """Labels (and, for an AgeU-Net, ages as :func:`neonb.ageunet.segment_with_age` gives them).
 
@@ -1054,7 +1054,7 @@ def segment_scan(
     device: str | torch.device = "auto",
     amp: bool | str = "native",
     tta: bool = False,
-    backend: str = "torch",
+    backend: str = "auto",
 ) -> SegmentationResult:
     """Segment one session and write its outputs (see the module docstring).
 
@@ -1078,10 +1078,10 @@ def segment_scan(
             the paper's three flip axes): probabilities averaged, and an uncertainty map,
             a QC score and flag (:func:`qc_score`, :func:`qc_threshold`). Without it the
             network runs once and no uncertainty is computed.
-        backend: where the windows run (:data:`neonb.inference.BACKENDS`): ``"torch"``
-            (the default), ``"openvino"`` (about twice as fast on a CPU), or ``"auto"``
-            (OpenVINO on the CPU where installed, else PyTorch). Opt-in for now: see
-            ``benchmarks/README.md`` on a crash seen in the test suite.
+        backend: where the windows run (:data:`neonb.inference.BACKENDS`): ``"auto"``
+            (the default: OpenVINO on the CPU where it is installed, about twice PyTorch's
+            speed there, with labels within float rounding of PyTorch's; PyTorch on a GPU),
+            ``"torch"`` or ``"openvino"``.
 
     Returns:
         The outputs written, the tissue volumes, ages, Dice, notes and QC score.
@@ -1218,7 +1218,7 @@ def _prepare_session(
 
 
 def _infer_session(
-    session: _Session, device: str | torch.device, amp: bool | str = "auto", backend: str = "torch"
+    session: _Session, device: str | torch.device, amp: bool | str = "auto", backend: str = "auto"
 ) -> tuple[_Prediction, dict[str, float] | None, float]:
     """The network's part of :func:`segment_scan`: the prediction on the model's grid, ages,
     seconds."""
@@ -1364,7 +1364,7 @@ def score_session(
     t1w: str | os.PathLike | None = None,
     device: str | torch.device = "auto",
     amp: bool | str = "native",
-    backend: str = "torch",
+    backend: str = "auto",
 ) -> float:
     """The QC score ``neonb segment --tta`` gives a session, without writing anything.
 
@@ -1725,7 +1725,7 @@ def segment_batch(
     prefetch: bool = True,
     amp: bool | str = "native",
     tta: bool = False,
-    backend: str = "torch",
+    backend: str = "auto",
 ) -> BatchResult:
     """Segment every session of a manifest TSV or a dHCP/BIDS folder.
 
@@ -1843,7 +1843,7 @@ def _run_batch(
     prefetch: bool = True,
     amp: bool | str = "native",
     tta: bool = False,
-    backend: str = "torch",
+    backend: str = "auto",
 ) -> BatchResult:
     _write_dataset_description(out_dir)
     batch = _Batch(
@@ -1907,7 +1907,7 @@ class _Batch:
     processed: int = 0
     began: float = field(default_factory=time.perf_counter)
     tta: bool = False
-    backend: str = "torch"
+    backend: str = "auto"
 
     def run(self, sessions: Sequence[Any], prefetch: bool) -> None:
         """Segment ``sessions`` in order; rows land in :attr:`rows` as sessions finish.

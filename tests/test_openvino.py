@@ -13,6 +13,7 @@ from tiny_model import tiny_cohort, tiny_run
 
 from neonb import data, inference
 from neonb.ageunet import AgeHeadConfig, build_ageunet
+from neonb.cli import main
 from neonb.errors import ConfigError
 from neonb.export import calibrate_qc, export_run, load_exported_model
 from neonb.metrics import dice_per_class
@@ -127,6 +128,16 @@ def test_segment_records_the_backend_and_both_agree(model_dir, tmp_path):
     dice = dice_per_class(labels["openvino"], labels["torch"], num_classes=10)
     present = [d for d in dice if not np.isnan(d)]
     assert min(present) > 0.99
+
+
+def test_neonb_segment_runs_on_openvino_on_the_cpu_by_default(model_dir, tmp_path):
+    model_path, manifest = model_dir
+    row = manifest.iloc[0]
+    out = tmp_path / "default"
+    args = ["--t2", row["t2w"], "--t1", row["t1w"], "--model", str(model_path), "--out", str(out)]
+    assert main(["segment", *args, "--device", "cpu", "--precision", "fp32"]) == 0
+    (sidecar,) = out.rglob("*_dseg.json")
+    assert json.loads(sidecar.read_text())["InferenceBackend"] == "openvino"
 
 
 def test_a_batch_compiles_the_network_once(model_dir, tmp_path, monkeypatch):
