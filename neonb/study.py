@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -275,6 +277,42 @@ def _kernel_config() -> Iterator[Any]:
         yield config
 
 
+_KERNEL_PIDS: set[int] = set()
+"""Process ids of the chapter kernels now running (each in a session of its own, so that a
+Ctrl-C at the terminal reaches only ``neonb study``: :func:`run_chapters` passes it on)."""
+_KERNEL_PIDS_LOCK = threading.Lock()
+
+
+def _chapter_kernel_manager() -> type:
+    """nbclient's kernel manager, recording each kernel's process id in :data:`_KERNEL_PIDS`."""
+    from jupyter_client import AsyncKernelManager
+
+    class ChapterKernelManager(AsyncKernelManager):
+        async def start_kernel(self, **kwargs: Any) -> None:
+            await super().start_kernel(**kwargs)
+            with _KERNEL_PIDS_LOCK:
+                _KERNEL_PIDS.add(self.provisioner.pid)
+
+        async def shutdown_kernel(self, *args: Any, **kwargs: Any) -> None:
+            pid = getattr(self.provisioner, "pid", None)
+            await super().shutdown_kernel(*args, **kwargs)
+            with _KERNEL_PIDS_LOCK:
+                _KERNEL_PIDS.discard(pid)
+
+    return ChapterKernelManager
+
+
+def _signal_kernels(signum: int) -> None:
+    """Send ``signum`` to every chapter kernel: ``SIGINT`` interrupts the running cell (as
+    Jupyter's interrupt button), ``SIGTERM`` ends the kernel (files are written atomically,
+    so a run stops at its last checkpoint)."""
+    with _KERNEL_PIDS_LOCK:
+        pids = list(_KERNEL_PIDS)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
 def run_notebook(
     notebook: str,
     parameters: dict[str, Any],
@@ -296,7 +334,7 @@ def run_notebook(
     source = Path(notebooks_dir) / f"{notebook}.ipynb"
     if not source.is_file():
         raise DataError(source, "no such notebook")
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     executed = output_dir / source.name
     try:
@@ -307,8 +345,11 @@ def run_notebook(
                 parameters=parameters,
                 kernel_name="python3",
                 progress_bar=False,
-                cwd=str(cwd),
+                # The kernel starts in ``cwd`` (nbclient's resources path): papermill's own
+                # ``cwd`` changes this process's folder, which chapters run at once would race.
+                resources={"metadata": {"path": str(Path(cwd).resolve())}},
                 config=kernel_config,
+                kernel_manager_class=_chapter_kernel_manager(),
             )
     except PapermillExecutionError as error:
         first_line = error.source.strip().splitlines()[0] if error.source.strip() else ""
@@ -381,7 +422,9 @@ def run_chapters(
     every chapter it reads (:data:`READS`, among ``names``) has finished and fewer than
     ``jobs`` are running; of those that can start, the first in :data:`LONGEST_FIRST` does.
     When a chapter fails, no other starts; the running ones finish (their runs and results
-    are kept), then the first failure is raised.
+    are kept), then the first failure is raised. A Ctrl-C interrupts the running chapters'
+    kernels (ends them if they have not stopped 10 s later), then raises
+    :class:`KeyboardInterrupt`.
 
     Args:
         names: the chapters to run (a subset of :data:`NOTEBOOKS`).
@@ -417,7 +460,16 @@ def run_chapters(
                     running[pool.submit(run_one, name)] = (name, step, time.perf_counter())
             if not running:
                 break
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            try:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+            except KeyboardInterrupt:
+                names_running = ", ".join(name for name, _, _ in running.values())
+                echo(f"interrupted: stopping {names_running} (finished runs and epochs are kept)")
+                _signal_kernels(signal.SIGINT)
+                if wait(running, timeout=10).not_done:  # idle between two cells, or in C code
+                    _signal_kernels(signal.SIGTERM)
+                    wait(running)
+                raise
             for future in done:
                 name, step, tick = running.pop(future)
                 error = future.exception()

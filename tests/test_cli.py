@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import os
 import threading
 import time
@@ -125,6 +126,16 @@ def test_a_failed_chapter_stops_new_ones_and_is_raised_after_the_running_finish(
         run_chapters(NOTEBOOKS, chapters, jobs=0)
 
 
+def test_ctrl_c_stops_the_chapters_at_once_and_says_which():
+    chapters, lines = _Chapters(seconds=0.5), []
+    threading.Timer(0.1, _thread.interrupt_main).start()  # what a Ctrl-C does
+    with pytest.raises(KeyboardInterrupt):
+        run_chapters(NOTEBOOKS, chapters, jobs=2, echo=lambda *a, **k: lines.append(a[0]))
+    running = "01_pipeline, 04_transfer"
+    assert lines[-1] == f"interrupted: stopping {running} (finished runs and epochs are kept)"
+    assert {name for kind, name in chapters.events if kind == "start"} == set(running.split(", "))
+
+
 def test_chapters_at_once_share_the_cores_and_the_user_s_thread_count_wins(monkeypatch):
     from neonb.study import _threads_per_chapter
 
@@ -139,6 +150,35 @@ def test_chapters_at_once_share_the_cores_and_the_user_s_thread_count_wins(monke
     with _threads_per_chapter(2) as threads:
         assert threads == 3
     assert os.environ["OMP_NUM_THREADS"] == "3"
+
+
+def test_a_notebook_runs_in_its_folder_without_moving_this_process(tmp_path):
+    import nbformat
+
+    notebooks, work = tmp_path / "notebooks", tmp_path / "work"
+    notebooks.mkdir(), work.mkdir()
+    probe = nbformat.v4.new_notebook()
+    probe.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "3"}
+    probe.cells = [
+        nbformat.v4.new_code_cell("out = 'cwd.txt'", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(
+            "import os, time\ntime.sleep(1)\nopen(out, 'w').write(os.getcwd())"
+        ),
+    ]
+    nbformat.write(probe, notebooks / "probe.ipynb")
+    before, seen = os.getcwd(), set()
+    runner = threading.Thread(
+        target=run_notebook,
+        args=("probe", {"out": "cwd.txt"}),
+        kwargs={"notebooks_dir": notebooks, "output_dir": tmp_path / "executed", "cwd": work},
+    )
+    runner.start()
+    while runner.is_alive():  # chapters run in threads: none may move the others' folder
+        seen.add(os.getcwd())
+        time.sleep(0.01)
+    assert seen == {before}
+    assert (work / "cwd.txt").read_text() == str(work.resolve())
+    assert (tmp_path / "executed" / "probe.ipynb").is_file()
 
 
 def test_a_study_with_a_bad_jobs_count_is_refused_before_planning(tmp_path):
