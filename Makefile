@@ -43,7 +43,7 @@ test: setup browser
 	# OpenVINO loaded, the one pytest process once died of SIGSEGV late in the suite (issue
 	# 16). The likely cause, an ov.Core per compiled network, is gone
 	# (neonb.inference.openvino_core): one-process runs with OpenVINO in use passed 3 of 3 on
-	# an Intel CPU with AMX where 4 of 4 had died, and 1 of 1 on an AMD EPYC without AMX.
+	# an Intel CPU with AMX where 4 of 4 had died, and 2 of 2 on an AMD EPYC without AMX.
 	$(BIN)/python -m pytest -q --ignore=tests/test_study.py --ignore=tests/test_openvino.py
 	$(BIN)/python -m pytest -q tests/test_openvino.py
 	$(BIN)/python -m pytest -q tests/test_study.py
