@@ -1,4 +1,4 @@
-"""Run the study: the notebooks in order with papermill, then the Jupyter Book.
+"""Run the study: the notebooks with papermill, in order or a few at once, then the Jupyter Book.
 
 The study is a set of parameterised notebooks (``notebooks/NN_name.ipynb``) and one
 folder of parameters per scale (``params/smoke``, ``params/demo``, ``params/paper``).
@@ -7,7 +7,9 @@ synthetic cohort size, seed, results folder) and one ``NN_name.yaml`` per notebo
 run; a notebook without a YAML file in the folder is not run at that scale.
 
 Executed notebooks are written to ``book/notebooks/``, where the book's table of
-contents expects them; the book build does not execute them again.
+contents expects them; the book build does not execute them again. With ``jobs: 2`` in
+``study.yaml`` (the demo's) two notebooks run at once, each kernel with half the cores
+(:func:`run_chapters`; :data:`READS` says which chapter waits for which).
 """
 
 from __future__ import annotations
