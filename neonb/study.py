@@ -15,6 +15,7 @@ contents expects them; the book build does not execute them again. With ``jobs: 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -285,6 +286,7 @@ Ctrl-C at the terminal reaches only ``neonb study``: :func:`run_chapters` passes
 _KERNEL_PIDS_LOCK = threading.Lock()
 
 
+@functools.cache
 def _chapter_kernel_manager() -> type:
     """nbclient's kernel manager, recording each kernel's process id in :data:`_KERNEL_PIDS`."""
     from jupyter_client import AsyncKernelManager
@@ -434,8 +436,7 @@ def run_chapters(
         jobs: how many chapters may run at once (≥ 1).
         echo: where progress lines go (``[k/n] name ... done in S s``).
     """
-    if jobs < 1:
-        raise ConfigError(f"jobs must be at least 1, got {jobs}")
+    _check_jobs(jobs)
     names = list(names)
     total = len(names)
     if jobs == 1:
@@ -485,22 +486,28 @@ def run_chapters(
         raise failure
 
 
+def _check_jobs(jobs: Any) -> None:
+    """Refuse a ``jobs`` count (``study.yaml``, ``--jobs``) that is not a whole number ≥ 1."""
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ConfigError(f"jobs must be a whole number of at least 1, got {jobs!r}")
+
+
 @contextlib.contextmanager
-def _threads_per_chapter(jobs: int) -> Iterator[int]:
+def _threads_per_chapter(jobs: int) -> Iterator[str]:
     """Give each of ``jobs`` chapter kernels an equal share of this process's CPU cores.
 
     Kernels inherit the environment, and PyTorch (and OpenVINO through
     :func:`neonb.inference`) take ``OMP_NUM_THREADS`` threads: ``cores // jobs``, at least one,
     unless the user set ``OMP_NUM_THREADS``. The same count for every chapter whatever the
     schedule, so that a chapter's numbers do not depend on which other chapter ran beside it.
-    Yields the number of threads.
+    Yields ``OMP_NUM_THREADS`` as the kernels see it (unset: ``""``, with one job).
     """
     if jobs == 1 or "OMP_NUM_THREADS" in os.environ:
-        yield int(os.environ.get("OMP_NUM_THREADS", 0) or 0)
+        yield os.environ.get("OMP_NUM_THREADS", "")
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = max(1, (cores or 1) // jobs)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+    threads = str(max(1, (cores or 1) // jobs))
+    os.environ["OMP_NUM_THREADS"] = threads
     try:
         yield threads
     finally:
@@ -535,8 +542,8 @@ def run_study(
         jobs: how many chapters run at once (:func:`run_chapters`), each kernel with
             ``cores // jobs`` threads; default: ``jobs`` in the folder's ``study.yaml``
             (a chapter's YAML file does not change it), else 1.
-            Two on 2 cores made the demo's chapters 02-06 take 0.8 times as long as one
-            at a time with two threads (``benchmarks/README.md``).
+            Two on 2 cores made the demo study take 0.84 times as long as one chapter at a
+            time with two threads (``benchmarks/README.md``).
         echo: where progress lines go.
 
     Returns:
@@ -549,8 +556,7 @@ def run_study(
     if jobs is None:
         shared = Path(params_dir) / "study.yaml"
         jobs = (yaml.safe_load(shared.read_text()) or {}).get("jobs", 1) if shared.is_file() else 1
-    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
-        raise ConfigError(f"jobs must be a whole number of at least 1, got {jobs!r}")
+    _check_jobs(jobs)
     started = time.perf_counter()
     from neonb.plan import check_plan
 
