@@ -67,6 +67,7 @@ from monai.utils import set_determinism
 from torch import nn
 
 from neonb.data import read_manifest, to_data_dicts
+from neonb.engine import training_network
 from neonb.experiment import (
     TrainingConfig,
     build_optimizer,
@@ -75,7 +76,7 @@ from neonb.experiment import (
 )
 from neonb.inference import autocast, predict_volume
 from neonb.losses import SegmentationLoss, deep_supervision_weights
-from neonb.models import build_model, channels_last, head_scales
+from neonb.models import build_model, channels_last
 from neonb.phantom import write_cohort
 from neonb.study import load_params
 from neonb.transforms import eval_transforms
@@ -145,8 +146,9 @@ class AbSpec:
     ``cl_norm`` (that, with :class:`neonb.models.InstanceNorm3dChannelsLast`, which keeps the
     layout) or ``group_norm`` (channels-last with one-group-per-channel group norms; measured,
     not kept). ``fused``: ``SegmentationLoss(fused=...)`` (``False``: the per-head MONAI-based
-    loss neonb used before). ``low_res_heads``: the lower heads scored at their own
-    resolution (``head_scales``). ``foreach``: AdamW/SGD's multi-tensor ``foreach`` step.
+    loss neonb used before). ``low_res_heads``: the DynUNet's lower heads returned and scored
+    at their own resolution (:func:`neonb.engine.training_network`). ``foreach``: AdamW/SGD's
+    multi-tensor ``foreach`` step.
     """
 
     layout: str = "contiguous"
@@ -435,7 +437,10 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     with autocast(amp, device):
         outputs = model(batch["image"])
-    loss = loss_fn(outputs.float(), batch)
+    if isinstance(outputs, tuple):  # heads at their own resolution
+        loss = loss_fn(tuple(head.float() for head in outputs), batch)
+    else:
+        loss = loss_fn(outputs.float(), batch)
     value = float(loss.detach())
     loss.backward()
     optimizer.step()
@@ -557,10 +562,11 @@ def measure_inference(
 
 @dataclass
 class Variant:
-    """One ``--ab`` variant: its model, optimiser and loss, and what its steps gave."""
+    """One ``--ab`` variant: what it trains, its optimiser and loss, and what its steps gave."""
 
     name: str
     model: nn.Module
+    """The network called on each batch (the DynUNet, or the wrapper returning its heads)."""
     optimizer: torch.optim.Optimizer
     loss_fn: nn.Module
     batches: list[dict[str, torch.Tensor]]
@@ -584,16 +590,16 @@ def build_variant(
         for group in optimizer.param_groups:
             group["foreach"] = True
     heads = 1 + bench.training.model.deep_supr_num if bench.training.model.deep_supervision else 1
-    scales = head_scales(model) if spec.low_res_heads else None
     weights = deep_supervision_weights(heads)
-    loss_fn = SegmentationLoss(weights, fused=spec.fused, head_scales=scales)
+    loss_fn = SegmentationLoss(weights, fused=spec.fused)
+    network = training_network(model, loss_fn, spec.low_res_heads)
     own = []
     for batch in batches:
         own.append(dict(batch))
         if spec.layout != "contiguous":
             image = batch["image"].contiguous(memory_format=torch.channels_last_3d)
             own[-1]["image"] = image
-    return Variant(name, model, optimizer, loss_fn, own, [], [])
+    return Variant(name, network, optimizer, loss_fn, own, [], [])
 
 
 def swap_group_norms(model: nn.Module) -> None:

@@ -86,8 +86,8 @@ from neonb.inference import (
 from neonb.labels import NUM_CLASSES
 from neonb.losses import SegmentationLoss
 from neonb.metrics import class_column, dice_scores, tissue_indices
+from neonb.models import HeadsAtOwnResolution, head_scales
 from neonb.models import channels_last as to_channels_last
-from neonb.models import head_scales
 
 logger = logging.getLogger(__name__)
 
@@ -495,7 +495,8 @@ class _Run:
     channels_last: bool
     progress: bool
     network: nn.Module
-    """What trains: ``model``, or ``model`` wrapped in DistributedDataParallel under torchrun."""
+    """What trains: ``model``, or :func:`training_network`'s wrapper of it, in
+    DistributedDataParallel under torchrun."""
     main: bool
     """Whether this process validates, writes the run folder and prints (rank 0)."""
 
@@ -647,29 +648,32 @@ def use_channels_last(channels_last: bool | str, device: torch.device) -> bool:
     return channels_last is True or (channels_last == "auto" and device.type == "cpu")
 
 
-def loss_at_head_scales(loss_fn: LossFn, model: nn.Module, low_res_heads: bool | str) -> LossFn:
-    """``loss_fn`` scoring ``model``'s deep-supervision heads at their own resolution, if it can.
+def training_network(model: nn.Module, loss_fn: LossFn, low_res_heads: bool) -> nn.Module:
+    """What :func:`fit` calls on a training batch: ``model``, or its heads at their own resolution.
 
-    A fused :class:`~neonb.losses.SegmentationLoss` without ``head_scales`` is copied with
-    :func:`neonb.models.head_scales` of a DynUNet (:meth:`SegmentationLoss.with_head_scales
-    <neonb.losses.SegmentationLoss.with_head_scales>`): the same loss up to float rounding,
-    because DynUNet upsamples its heads by nearest neighbour. Any other loss or model, or
-    ``low_res_heads=False``, gives ``loss_fn`` back unchanged. ``"auto"`` also requires the
-    model's ``forward`` to be DynUNet's own (a subclass could upsample differently).
+    With ``low_res_heads``, a DynUNet with DynUNet's own ``forward``, deep supervision and
+    heads coarser by powers of two (:func:`neonb.models.head_scales`), trained with a fused
+    :class:`~neonb.losses.SegmentationLoss`, is wrapped in
+    :class:`neonb.models.HeadsAtOwnResolution`: its lower heads are no longer upsampled and
+    stacked, and the loss scores them as if they were (the same loss and gradients up to float
+    rounding, because DynUNet upsamples by nearest neighbour). Any other network or loss (the
+    AgeU-Net, whose ``forward`` is its own; a loss of the caller's), or
+    ``low_res_heads=False``, gives ``model`` back.
 
     Raises:
-        ConfigError: if ``low_res_heads`` is not ``"auto"``, ``True`` or ``False``.
+        ConfigError: if ``low_res_heads`` is not ``True`` or ``False``.
     """
-    if low_res_heads not in ("auto", True, False):
-        raise ConfigError(f"low_res_heads must be 'auto', True or False, got {low_res_heads!r}")
-    if low_res_heads is False or not isinstance(loss_fn, SegmentationLoss):
-        return loss_fn
-    if not loss_fn.fused or loss_fn.head_scales is not None:
-        return loss_fn
-    if low_res_heads == "auto" and type(model).forward is not DynUNet.forward:
-        return loss_fn
-    scales = head_scales(model)
-    return loss_fn if scales is None else loss_fn.with_head_scales(scales)
+    if not isinstance(low_res_heads, bool):
+        raise ConfigError(f"low_res_heads must be True or False, got {low_res_heads!r}")
+    applies = (
+        low_res_heads
+        and isinstance(loss_fn, SegmentationLoss)
+        and loss_fn.fused
+        and isinstance(model, DynUNet)
+        and type(model).forward is DynUNet.forward
+        and head_scales(model) is not None
+    )
+    return HeadsAtOwnResolution(model) if applies else model
 
 
 def _to_float(outputs: Any) -> Any:
@@ -806,7 +810,7 @@ def fit(
     max_grad_norm: float | None = None,
     deterministic: bool = True,
     channels_last: bool | str = "auto",
-    low_res_heads: bool | str = "auto",
+    low_res_heads: bool = True,
     config: Mapping[str, Any] | None = None,
     image_key: str = "image",
     label_key: str = "label",
@@ -901,11 +905,9 @@ def fit(
             interchangeable with a run trained without it. The instance norms are replaced
             by :class:`neonb.models.InstanceNorm3dChannelsLast` (same function, parameters and
             state-dict keys), which keep the layout.
-        low_res_heads: score the deep-supervision heads at their own resolution
-            (:func:`loss_at_head_scales`): ``"auto"``/``True`` when ``loss_fn`` is a fused
-            :class:`~neonb.losses.SegmentationLoss` and ``model`` a DynUNet whose heads are
-            upsampled by powers of two (``"auto"``: only with DynUNet's own ``forward``). The
-            same loss and gradients up to float rounding, about 1.1 times faster per CPU step.
+        low_res_heads: train a DynUNet's deep-supervision heads at their own resolution
+            (:func:`training_network`), where the network and loss allow it: the same loss
+            and gradients up to float rounding, without upsampling and stacking the heads.
         config: the resolved configuration, saved as ``config.yaml`` when the run starts.
         image_key: batch key of the network input.
         label_key: batch key of the validation label maps.
@@ -927,10 +929,9 @@ def fit(
     layout = use_channels_last(channels_last, dev)
     if layout:
         model = to_channels_last(model)
-    loss_fn = loss_at_head_scales(loss_fn, model, low_res_heads)
-    network = model
+    network = training_network(model, loss_fn, low_res_heads)
     if distributed.is_distributed():
-        network = DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
+        network = DistributedDataParallel(network, device_ids=[dev] if dev.type == "cuda" else None)
     main = distributed.is_main()
     run = _Run(
         model=model,

@@ -197,50 +197,47 @@ def masked_dice_ce(
     return loss(logits, label, mask)
 
 
-HeadScale = int | tuple[int, int, int]
-"""How many times coarser a head is than the label along each axis (one int for all)."""
-
-
 def masked_dice_ce_heads(
-    heads: Tensor,
+    heads: Tensor | Sequence[Tensor],
     label: Tensor,
     mask: Tensor | None = None,
     *,
-    head_scales: Sequence[HeadScale] | None = None,
     include_background: bool = True,
     smooth_nr: float = 1e-5,
     smooth_dr: float = 1e-5,
     lambda_dice: float = 1.0,
     lambda_ce: float = 1.0,
 ) -> Tensor:
-    """:class:`MaskedDiceCELoss` of every head of a stacked output at once, ``(H,)``.
+    """:class:`MaskedDiceCELoss` of every deep-supervision head at once, ``(H,)``.
 
-    The same values as ``MaskedDiceCELoss(...)(heads[:, h], label, mask)`` for each head ``h``
-    (up to float rounding; the test suite checks values and gradients), computed with less work
-    on the CPU: the mask, the masked one-hot target and its per-class sums are built once for
-    all heads, and one ``log_softmax`` per head gives both the cross-entropy and (through
-    ``exp``) the softmax of the Dice term.
+    The same values as ``MaskedDiceCELoss(...)(head, label, mask)`` for each head at the label's
+    resolution (up to float rounding; the test suite checks values and gradients), computed
+    with less work on the CPU: the mask, the masked one-hot target and its per-class sums are
+    built once for all heads, and one ``log_softmax`` per head gives both the cross-entropy and
+    (through ``exp``) the softmax of the Dice term. The classes are the last axis of every
+    product and sum, so the heads of a channels-last network (``torch.channels_last_3d``) are
+    read in place, without a copy into another layout.
 
-    **Heads at their own resolution** (``head_scales``). DynUNet upsamples a lower head to
-    the label's size by nearest-neighbour interpolation, so the upsampled head is constant
-    over blocks of ``s`` voxels (``s`` its scale per axis) and every sum of the loss over the
-    voxels of a block is the low-resolution head's value times a sum over the block of the
-    label's: the masked one-hot target pooled over blocks (a count of each class's annotated
-    voxels) and the mask pooled likewise (annotated voxels per block). Given the scales, the
-    loss reads the low-resolution head back from the upsampled one (every ``s``-th voxel,
-    exactly its values) and sums over ``1/prod(s)`` of the voxels: the same Dice and
-    cross-entropy, and the same gradient, up to float rounding. It is exact only for
-    nearest-neighbour upsampling by whole factors (what ``neonb.models.head_scales`` checks);
-    for any other upsampling (trilinear, or nnU-Net's comparison of the low-resolution head
-    with a *downsampled label*, which neonb does not do) it would compute a different loss.
+    **Heads at their own resolution.** MONAI's DynUNet upsamples a lower head to the label's
+    size by nearest-neighbour interpolation before stacking. A head given at its own,
+    coarser, resolution is scored as that upsampled head: over each block of ``s`` voxels
+    (``s`` the ratio of the label's size to the head's, per axis) the upsampled head is one
+    value of the low-resolution head, so every sum of the loss over the block's voxels is that
+    value times a sum over the block of the label's: the masked one-hot target pooled over
+    blocks (each class's annotated voxels) and the mask pooled likewise. The same Dice and
+    cross-entropy, and the same gradient, up to float rounding, from ``1/prod(s)`` of the
+    voxels and without the upsampled copies (:class:`neonb.models.HeadsAtOwnResolution`).
+    It equals DynUNet's loss only because DynUNet upsamples by nearest neighbour and by whole
+    factors; it is not nnU-Net's loss, which compares a low-resolution head with a
+    *downsampled label*.
 
     Args:
-        heads: logits ``(B, H, C, X, Y, Z)`` (any number of spatial dims), ``C >= 2``.
+        heads: DynUNet's stacked training output, logits ``(B, H, C, X, Y, Z)`` at the label's
+            resolution (any number of spatial dims), or a sequence of ``H`` heads
+            ``(B, C, x, y, z)``, final head first, each of a size that divides the label's.
+            ``C >= 2``.
         label: class indices ``(B, 1, X, Y, Z)``, integer-valued (float or int dtype).
         mask: ``(B, 1, X, Y, Z)`` of 0 and 1 (1 = annotated), or ``None`` for all annotated.
-        head_scales: for each head, how many times coarser it was before nearest-neighbour
-            upsampling to ``(X, Y, Z)`` (an int, or one per spatial axis); ``None``: every
-            head is scored at full resolution, whatever its upsampling.
         include_background: keep class 0 in the Dice term.
         smooth_nr: constant added to the Dice numerator.
         smooth_dr: constant added to the Dice denominator.
@@ -251,40 +248,52 @@ def masked_dice_ce_heads(
         The loss of each head, ``(H,)``.
 
     Raises:
-        ValueError: when the shapes don't fit together, or a scale does not divide the size.
+        ValueError: when the shapes don't fit together: no heads, a head whose batch or class
+            count differs from the final head's, or whose size does not divide the label's.
     """
-    logits, target = _plain(heads), _plain(label)
-    if logits.ndim < 4:
-        raise ValueError(f"heads must be (B, H, C, X, Y, Z), but found shape {tuple(logits.shape)}")
-    _check_shapes(logits[:, 0], target, mask)
-    batch, n_heads, classes = logits.shape[:3]
-    spatial = tuple(logits.shape[3:])
-    scales = _head_scales(head_scales, n_heads, spatial)
+    target = _plain(label)
+    if isinstance(heads, Tensor):
+        if heads.ndim < 4:
+            raise ValueError(
+                f"heads must be (B, H, C, X, Y, Z), but found shape {tuple(heads.shape)}"
+            )
+        head_list = list(torch.unbind(_plain(heads), dim=1))
+    else:
+        head_list = [_plain(head) for head in heads]
+    if not head_list:
+        raise ValueError("heads holds no head")
+    _check_shapes(head_list[0], target, mask)
+    batch, classes = head_list[0].shape[:2]
+    spatial = tuple(target.shape[2:])
+    scales = [_head_scale(k, head, spatial) for k, head in enumerate(head_list)]
     annotated = (
         torch.ones_like(target, dtype=torch.bool)
         if mask is None
         else _plain(mask).to(target.device) > MASK_THRESHOLD
     )
-    weight = annotated.to(logits.dtype)  # (B, 1, X, Y, Z)
-    index = torch.where(annotated, target, torch.zeros_like(target)).long()
-    onehot = one_hot(index, classes, dtype=logits.dtype) * weight  # masked one-hot (B, C, ...)
-    ground = onehot.flatten(2).sum(dim=2)  # (B, C)
+    # The masked one-hot target, classes last: (B, X, Y, Z, C); its mask (B, X, Y, Z, 1).
+    dtype = head_list[0].dtype
+    weight = annotated[:, 0, ..., None].to(dtype)
+    index = torch.where(annotated, target, torch.zeros_like(target)).long()[:, 0, ..., None]
+    onehot = torch.zeros(*weight.shape[:-1], classes, dtype=dtype, device=weight.device)
+    onehot.scatter_(-1, index, weight)
+    ground = onehot.reshape(batch, -1, classes).sum(dim=1)  # (B, C)
 
     pooled: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
     true_pos, predicted, ce_sums = [], [], []
-    for head, scale in zip(torch.unbind(logits, dim=1), scales, strict=True):
+    for head, scale in zip(head_list, scales, strict=True):
         if scale not in pooled:  # the target's counts per block, once per scale
-            counts = _block_sums(onehot, scale).reshape(batch, classes, -1)
-            pooled[scale] = (counts, _block_sums(weight, scale).reshape(batch, 1, -1))
+            counts = _block_sums(onehot, scale).reshape(batch, -1, classes)
+            pooled[scale] = (counts, _block_sums(weight, scale).reshape(batch, -1, 1))
         counts, voxels = pooled[scale]
-        coarse = head[(..., *(slice(None, None, f) for f in scale))]  # a view, no copy
-        log_probs = torch.log_softmax(coarse.reshape(batch, classes, -1), dim=1)
+        logits = head.movedim(1, -1).reshape(batch, -1, classes)  # a view if channels-last
+        log_probs = torch.log_softmax(logits, dim=2)
         probs = log_probs.exp()
-        true_pos.append((probs * counts).sum(dim=2))
+        true_pos.append((probs * counts).sum(dim=1))
         if mask is None:
-            predicted.append(probs.sum(dim=2) * math.prod(scale))
+            predicted.append(probs.sum(dim=1) * math.prod(scale))
         else:
-            predicted.append((probs * voxels).sum(dim=2))
+            predicted.append((probs * voxels).sum(dim=1))
         ce_sums.append((log_probs * counts).sum())
     true_pos_all = torch.stack(true_pos, dim=1)  # (B, H, C)
     predicted_all = torch.stack(predicted, dim=1)
@@ -307,32 +316,24 @@ def masked_dice_ce_heads(
     return lambda_dice * dice + lambda_ce * ce
 
 
-def _head_scales(
-    head_scales: Sequence[HeadScale] | None, n_heads: int, spatial: tuple[int, ...]
-) -> list[tuple[int, ...]]:
-    """``head_scales`` as one tuple per head and spatial axis, checked against the size."""
-    if head_scales is None:
-        return [(1,) * len(spatial)] * n_heads
-    if len(head_scales) != n_heads:
-        raise ValueError(f"head_scales needs one entry per head ({n_heads}), got {head_scales!r}")
-    scales = []
-    for scale in head_scales:
-        triple = (int(scale),) * len(spatial) if isinstance(scale, int) else tuple(scale)
-        if len(triple) != len(spatial) or any(
-            f < 1 or size % f for f, size in zip(triple, spatial, strict=True)
-        ):
-            raise ValueError(f"head scale {scale!r} does not divide the label's size {spatial}")
-        scales.append(tuple(int(f) for f in triple))
-    return scales
+def _head_scale(k: int, head: Tensor, spatial: tuple[int, ...]) -> tuple[int, ...]:
+    """How many times coarser head ``k`` is than the label ``spatial``, per axis."""
+    size = tuple(head.shape[2:])
+    if len(size) != len(spatial) or any(s < 1 or n % s for n, s in zip(spatial, size, strict=True)):
+        raise ValueError(
+            f"head {k} has shape {tuple(head.shape)}: its size {size} does not divide the "
+            f"label's size {spatial}"
+        )
+    return tuple(n // s for n, s in zip(spatial, size, strict=True))
 
 
 def _block_sums(x: Tensor, scale: tuple[int, ...]) -> Tensor:
-    """Sums of ``x`` ``(B, C, X, Y, Z)`` over blocks of ``scale`` voxels: ``(B, C, X/sx, ...)``."""
+    """Sums of ``x`` ``(B, X, Y, Z, K)`` over blocks of ``scale`` voxels: ``(B, X/sx, ..., K)``."""
     if all(f == 1 for f in scale):
         return x
-    split = [d for size, f in zip(x.shape[2:], scale, strict=True) for d in (size // f, f)]
-    blocks = x.reshape(*x.shape[:2], *split)
-    return blocks.sum(dim=tuple(range(3, blocks.ndim, 2)))
+    split = [d for size, f in zip(x.shape[1:-1], scale, strict=True) for d in (size // f, f)]
+    blocks = x.reshape(x.shape[0], *split, x.shape[-1])
+    return blocks.sum(dim=tuple(range(2, blocks.ndim - 1, 2)))
 
 
 def deep_supervision_weights(n_heads: int) -> list[float]:
@@ -361,11 +362,16 @@ def deep_supervision_weights(n_heads: int) -> list[float]:
 class SegmentationLoss(nn.Module):
     """Masked Dice + CE summed over the deep-supervision heads (paper Eq. 1-3).
 
-    ``forward(outputs, batch)`` accepts the network output in either form:
+    ``forward(outputs, batch)`` accepts the network output in any of three forms:
 
     * ``(B, C, X, Y, Z)``: one head (eval mode, or no deep supervision), weight 1;
     * ``(B, H, C, X, Y, Z)``: DynUNet's stacked training output, final head first; head ``h``
-      gets weight ``weights[h]``.
+      gets weight ``weights[h]``;
+    * a tuple or list of ``H`` heads ``(B, C, x, y, z)`` at their own resolution, final head
+      first (:class:`neonb.models.HeadsAtOwnResolution`, what :func:`neonb.engine.fit` trains
+      a DynUNet with): scored as the stacked output whose heads were upsampled by nearest
+      neighbour, with the same loss and gradients up to float rounding
+      (:func:`masked_dice_ce_heads`); fused loss only.
 
     MONAI's DynUNet upsamples its lower-resolution heads to the full patch size before stacking,
     so every head is compared with the full-resolution ``batch["label"]`` and masked with the
@@ -386,16 +392,9 @@ class SegmentationLoss(nn.Module):
             ``False`` calls :class:`MaskedDiceCELoss` once per head, MONAI's ``MaskedDiceLoss``
             inside, as neonb did before (the same values up to float rounding; kept as the
             reference for the tests and ``benchmarks/bench_pipeline.py --ab``).
-        head_scales: score the lower heads at their own resolution: for each head, how many
-            times coarser it is than the label (an int, or one per axis), as
-            :func:`neonb.models.head_scales` gives them for a DynUNet; the same loss and
-            gradients up to float rounding when the heads were upsampled by nearest neighbour
-            (:func:`masked_dice_ce_heads`). ``None``: every head at full resolution.
-            :func:`neonb.engine.fit` sets them for a DynUNet (:meth:`with_head_scales`).
 
     Raises:
-        ConfigError: for negative weights or weights that sum to 0, or ``head_scales`` with
-            ``fused=False``.
+        ConfigError: for negative weights or weights that sum to 0.
 
     Example:
         >>> import torch
@@ -416,11 +415,8 @@ class SegmentationLoss(nn.Module):
         lambda_dice: float = 1.0,
         lambda_ce: float = 1.0,
         fused: bool = True,
-        head_scales: Sequence[HeadScale] | None = None,
     ) -> None:
         super().__init__()
-        if head_scales is not None and not fused:
-            raise ConfigError("head_scales needs the fused loss (fused=True)")
         if weights is not None:
             weights = [float(w) for w in weights]
             if not weights or min(weights) < 0.0 or sum(weights) <= 0.0:
@@ -437,9 +433,6 @@ class SegmentationLoss(nn.Module):
             lambda_ce=lambda_ce,
         )
         self.fused = bool(fused)
-        self.head_scales: list[HeadScale] | None = (
-            None if head_scales is None else list(head_scales)
-        )
         self.options = {
             "include_background": include_background,
             "smooth_nr": float(smooth_nr),
@@ -447,13 +440,6 @@ class SegmentationLoss(nn.Module):
             "lambda_dice": float(lambda_dice),
             "lambda_ce": float(lambda_ce),
         }
-
-    def with_head_scales(self, head_scales: Sequence[HeadScale] | None) -> SegmentationLoss:
-        """A copy of this loss that scores the heads at ``head_scales`` (see the class)."""
-        copy = SegmentationLoss(
-            self.weights, fused=self.fused, head_scales=head_scales, **self.options
-        )
-        return copy.train(self.training)
 
     def head_weights(self, n_heads: int) -> list[float]:
         """The weights used for ``n_heads`` heads, final head first."""
@@ -466,36 +452,47 @@ class SegmentationLoss(nn.Module):
             )
         return self.weights
 
-    def forward(self, outputs: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+    def forward(self, outputs: Tensor | Sequence[Tensor], batch: Mapping[str, Tensor]) -> Tensor:
         """Compute the loss for one batch.
 
         Args:
-            outputs: logits ``(B, C, X, Y, Z)`` or stacked heads ``(B, H, C, X, Y, Z)``.
+            outputs: logits ``(B, C, X, Y, Z)``, stacked heads ``(B, H, C, X, Y, Z)``, or a
+                sequence of heads ``(B, C, x, y, z)`` at their own resolution, final first.
             batch: holds ``"label"`` ``(B, 1, X, Y, Z)`` and optionally ``"annotation"``
                 ``(B, 1, X, Y, Z)`` (missing: every voxel annotated).
 
         Returns:
             The weighted loss, a scalar tensor.
+
+        Raises:
+            ValueError: for outputs of another shape, or heads at their own resolution
+                given to the per-head loss (``fused=False``).
         """
         label = batch["label"]
         mask = batch.get("annotation")
-        if outputs.ndim not in (label.ndim, label.ndim + 1):
-            raise ValueError(
-                f"outputs must be (B, C, X, Y, Z) or (B, H, C, X, Y, Z) for a label of shape "
-                f"{tuple(label.shape)}, but found shape {tuple(outputs.shape)}"
+        if isinstance(outputs, Tensor):
+            if outputs.ndim not in (label.ndim, label.ndim + 1):
+                raise ValueError(
+                    f"outputs must be (B, C, X, Y, Z) or (B, H, C, X, Y, Z) for a label of "
+                    f"shape {tuple(label.shape)}, but found shape {tuple(outputs.shape)}"
+                )
+            heads: Tensor | Sequence[Tensor] = (
+                outputs if outputs.ndim == label.ndim + 1 else outputs.unsqueeze(1)
             )
-        stacked = outputs if outputs.ndim == label.ndim + 1 else outputs.unsqueeze(1)
-        weights = self.head_weights(stacked.shape[1])
+        elif not self.fused:
+            raise ValueError("heads at their own resolution need the fused loss (fused=True)")
+        else:
+            heads = outputs
+        weights = self.head_weights(heads.shape[1] if isinstance(heads, Tensor) else len(heads))
         if self.fused:
-            scales = self.head_scales if outputs.ndim == label.ndim + 1 else None
-            losses = masked_dice_ce_heads(stacked, label, mask, head_scales=scales, **self.options)
+            losses = masked_dice_ce_heads(heads, label, mask, **self.options)
             total = weights[0] * losses[0]
             for h, weight in enumerate(weights[1:], start=1):
                 total = total + weight * losses[h]
             return total
-        heads = list(torch.unbind(stacked, dim=1))
-        total = weights[0] * self.loss(heads[0], label, mask)
-        for weight, head in zip(weights[1:], heads[1:], strict=True):
+        per_head = list(torch.unbind(heads, dim=1))
+        total = weights[0] * self.loss(per_head[0], label, mask)
+        for weight, head in zip(weights[1:], per_head[1:], strict=True):
             total = total + weight * self.loss(head, label, mask)
         return total
 

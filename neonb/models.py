@@ -68,6 +68,7 @@ __all__ = [
     "check_patch_size",
     "dynunet_kwargs",
     "head_scales",
+    "HeadsAtOwnResolution",
     "InstanceNorm3dChannelsLast",
     "reference_channel",
     "swap_instance_norms",
@@ -394,8 +395,9 @@ def head_scales(model: nn.Module | ModelConfig) -> list[tuple[int, int, int]] | 
     In training mode a DynUNet upsamples its lower heads to the patch size by
     nearest-neighbour interpolation before stacking them; head ``k`` (final head first) comes
     from the decoder level ``k`` steps down, coarser by the product of ``strides[1:k + 1]``.
-    :class:`neonb.losses.SegmentationLoss` given these scales scores the heads at their own
-    resolution, with the same loss up to float rounding (``benchmarks/README.md``).
+    :class:`HeadsAtOwnResolution` returns the heads at these scales, unupsampled, and
+    :class:`neonb.losses.SegmentationLoss` scores them with the same loss as the upsampled heads
+    up to float rounding (``benchmarks/README.md``).
 
     Args:
         model: a MONAI ``DynUNet`` (an AgeU-Net included) or its :class:`ModelConfig`.
@@ -424,6 +426,46 @@ def head_scales(model: nn.Module | ModelConfig) -> list[tuple[int, int, int]] | 
     if any(f & (f - 1) for scale in scales for f in scale):
         return None
     return scales  # type: ignore[return-value]
+
+
+class HeadsAtOwnResolution(nn.Module):
+    """A DynUNet that returns its deep-supervision heads at their own resolution in training.
+
+    In training mode MONAI's DynUNet upsamples each lower head to the patch size by nearest
+    neighbour and stacks the heads, ``(B, H, C, X, Y, Z)``; the upsampling and stacking, and
+    their backward passes, are memory traffic on full-size copies of every head. This wrapper
+    runs the same network and returns the heads as they are, a tuple ``(final, head_1, ...)``
+    of ``(B, C, X / s, Y / s, Z / s)`` (``s`` from :func:`head_scales`), which
+    :class:`neonb.losses.SegmentationLoss` scores as the upsampled heads: the same loss and
+    gradients up to float rounding. In eval mode, or without deep supervision, it returns what
+    the DynUNet returns. It holds ``model`` and no parameters of its own, so an optimiser of
+    ``model``'s parameters, its checkpoints and ``DistributedDataParallel`` around the wrapper
+    work as with the bare network (:func:`neonb.engine.fit` wraps it there).
+
+    Args:
+        model: a ``DynUNet`` with DynUNet's own ``forward`` (a subclass that overrides it,
+            such as the AgeU-Net, computes something else).
+
+    Raises:
+        ConfigError: for any other network.
+    """
+
+    def __init__(self, model: DynUNet) -> None:
+        super().__init__()
+        if not isinstance(model, DynUNet) or type(model).forward is not DynUNet.forward:
+            raise ConfigError(
+                f"HeadsAtOwnResolution needs a DynUNet with DynUNet's own forward, got "
+                f"{type(model).__name__}"
+            )
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
+        """The heads of ``x`` ``(B, C_in, X, Y, Z)``, final first, or the DynUNet's output."""
+        model = self.model
+        if not (model.training and model.deep_supervision):
+            return model(x)
+        final = model.output_block(model.skip_layers(x))  # fills model.heads, as in DynUNet
+        return (final, *model.heads)
 
 
 def total_stride(config: ModelConfig | None = None) -> tuple[int, int, int]:

@@ -17,14 +17,15 @@ from neonb.engine import (
     LOG_COLUMNS,
     fit,
     log_columns,
-    loss_at_head_scales,
     make_loader,
     poly_scheduler,
     sgd_nesterov,
+    training_network,
 )
 from neonb.errors import ConfigError, DataError
 from neonb.inference import load_weights
 from neonb.losses import SegmentationLoss
+from neonb.models import HeadsAtOwnResolution
 
 PATCH = 8
 TIMING = ["epoch_time_s", "data_time_s"]
@@ -222,9 +223,8 @@ def test_channels_last_training_matches_the_default_layout(tmp_path):
         channels_last=False,
         low_res_heads=False,
     )
-    # "auto": channels-last on the CPU, the heads scored at their own resolution
+    # the defaults: channels-last on the CPU, the heads at their own resolution
     fast_model, fast_log = _fit(tmp_path / "fast", 2, adam=True, loss_fn=loss_fn)
-    assert loss_fn.head_scales is None  # fit scored through a copy
     conv = fast_model.input_block.conv1.conv.weight
     assert conv.is_contiguous(memory_format=torch.channels_last_3d)
     assert not default_model.input_block.conv1.conv.weight.is_contiguous(
@@ -245,23 +245,22 @@ def test_bad_channels_last_raises(tmp_path):
         _fit(tmp_path, 1, channels_last="yes")
 
 
-def test_loss_at_head_scales_only_for_a_fused_loss_on_a_dynunet():
+def test_training_network_returns_heads_only_for_a_fused_loss_on_a_dynunet():
     model = _model()
-    scaled = loss_at_head_scales(SegmentationLoss(), model, "auto")
-    assert scaled.head_scales == [(1, 1, 1), (2, 2, 2)]
-    per_head = SegmentationLoss(fused=False)
-    assert loss_at_head_scales(per_head, model, "auto") is per_head
-    plain = SegmentationLoss()
-    assert loss_at_head_scales(plain, model, False) is plain
-    assert loss_at_head_scales(plain, torch.nn.Conv3d(2, 10, 1), True) is plain
+    wrapped = training_network(model, SegmentationLoss(), True)
+    assert isinstance(wrapped, HeadsAtOwnResolution) and wrapped.model is model
+    assert training_network(model, SegmentationLoss(), False) is model
+    assert training_network(model, SegmentationLoss(fused=False), True) is model
+    assert training_network(model, torch.nn.MSELoss(), True) is model
+    conv = torch.nn.Conv3d(2, 10, 1)
+    assert training_network(conv, SegmentationLoss(), True) is conv
 
-    class Trilinear(DynUNet):  # a subclass could upsample its heads differently
+    class OwnForward(DynUNet):  # a subclass (the AgeU-Net) computes something else
         def forward(self, x):
             return super().forward(x)
 
     other = _model()
-    other.__class__ = Trilinear
-    assert loss_at_head_scales(plain, other, "auto") is plain
-    assert loss_at_head_scales(plain, other, True).head_scales == [(1, 1, 1), (2, 2, 2)]
+    other.__class__ = OwnForward
+    assert training_network(other, SegmentationLoss(), True) is other
     with pytest.raises(ConfigError, match="low_res_heads"):
-        loss_at_head_scales(plain, model, "yes")
+        training_network(model, SegmentationLoss(), "auto")

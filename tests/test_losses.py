@@ -305,69 +305,73 @@ def test_fused_heads_reject_a_single_head_tensor():
         masked_dice_ce_heads(logits, label)
 
 
-def _upsampled_heads(scales, shape=(8, 4, 8), seed=5):
-    """Stacked heads as DynUNet makes them: head ``h`` drawn at ``1/scales[h]`` of ``shape``
-    and upsampled by nearest neighbour (``F.interpolate``'s default)."""
+def _coarse_heads(scales, shape=(8, 4, 8), seed=5):
+    """Heads at their own resolution (head ``h`` at ``1/scales[h]`` of ``shape``), the same
+    heads upsampled by nearest neighbour (``F.interpolate``'s default) and stacked, as DynUNet
+    makes them, and a label."""
     g = torch.Generator().manual_seed(seed)
-    heads = []
+    coarse = []
     for scale in scales:
-        coarse = [size // f for size, f in zip(shape, scale, strict=True)]
-        head = torch.randn(2, C, *coarse, generator=g) * 2
-        heads.append(torch.nn.functional.interpolate(head, size=shape))
+        size = [n // f for n, f in zip(shape, scale, strict=True)]
+        coarse.append(torch.randn(2, C, *size, generator=g) * 2)
+    stacked = torch.stack([torch.nn.functional.interpolate(h, size=shape) for h in coarse], dim=1)
     label = torch.randint(0, C, (2, 1, *shape), generator=g).float()
-    return torch.stack(heads, dim=1), label
+    return coarse, stacked, label
 
 
 @pytest.mark.parametrize("mask_name", ["none", "slices", "one_sample_empty"])
 @pytest.mark.parametrize("kwargs", [{}, {"include_background": False, "lambda_ce": 0.5}])
-def test_heads_at_own_resolution_equal_full_resolution_values_and_gradients(mask_name, kwargs):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_heads_at_own_resolution_equal_upsampled_heads_values_and_gradients(
+    mask_name, kwargs, channels_last
+):
     scales = [(1, 1, 1), (2, 2, 2), (4, 1, 2)]  # anisotropic too
-    heads, label = _upsampled_heads(scales)
+    coarse, stacked, label = _coarse_heads(scales)
     masks = {"none": None, "slices": _slice_mask(label), "one_sample_empty": _slice_mask(label)}
     masks["one_sample_empty"][0] = 0
     mask = masks[mask_name]
-    low_in = heads.clone().double().requires_grad_(True)
-    full_in = heads.clone().double().requires_grad_(True)
-    got = masked_dice_ce_heads(low_in, label, mask, head_scales=scales, **kwargs)
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    low_in = [h.double().contiguous(memory_format=layout).requires_grad_(True) for h in coarse]
+    full_in = stacked.clone().double().requires_grad_(True)
+    got = masked_dice_ce_heads(low_in, label, mask, **kwargs)
     expected = masked_dice_ce_heads(full_in, label, mask, **kwargs)
     assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12), (got, expected)
     weights = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     (got * weights).sum().backward()
     (expected * weights).sum().backward()
-    # the gradient that reaches each low-resolution head: the upsampling's backward sums blocks
+    # the gradient reaching each low-resolution head: the upsampling's backward sums blocks
     for h, scale in enumerate(scales):
-        pool = [f for f in scale]
-        a = torch.nn.functional.avg_pool3d(low_in.grad[:, h], pool) * math.prod(pool)
-        b = torch.nn.functional.avg_pool3d(full_in.grad[:, h], pool) * math.prod(pool)
-        assert torch.allclose(a, b, rtol=1e-9, atol=1e-14), h
+        summed = torch.nn.functional.avg_pool3d(full_in.grad[:, h], scale) * math.prod(scale)
+        assert torch.allclose(low_in[h].grad, summed, rtol=1e-9, atol=1e-14), h
 
 
-def test_heads_at_own_resolution_differ_when_the_upsampling_is_not_nearest():
-    heads, label = _upsampled_heads([(1, 1, 1), (2, 2, 2)])
-    smooth = heads.clone()
-    smooth[:, 1, 0] += torch.linspace(0, 3, 8)[:, None, None]  # class 0: not constant in blocks
-    low = masked_dice_ce_heads(smooth, label, head_scales=[1, 2])
+def test_heads_at_own_resolution_differ_from_heads_not_upsampled_by_nearest_neighbour():
+    coarse, stacked, label = _coarse_heads([(1, 1, 1), (2, 2, 2)])
+    smooth = stacked.clone()
+    smooth[:, 1] = torch.nn.functional.interpolate(
+        coarse[1], size=stacked.shape[3:], mode="trilinear"
+    )
+    low = masked_dice_ce_heads(coarse, label)
     full = masked_dice_ce_heads(smooth, label)
     assert torch.allclose(low[0], full[0])
     assert not torch.allclose(low[1], full[1])
 
 
-def test_segmentation_loss_with_head_scales_equals_full_resolution():
-    heads, label = _upsampled_heads([(1, 1, 1), (2, 2, 2), (4, 4, 4)])
+def test_segmentation_loss_of_heads_at_own_resolution_equals_stacked_heads():
+    coarse, stacked, label = _coarse_heads([(1, 1, 1), (2, 2, 2), (4, 4, 4)])
     batch = {"label": label, "annotation": _slice_mask(label)}
-    plain = SegmentationLoss()
-    scaled = plain.with_head_scales([1, 2, 4])
-    assert scaled.head_scales == [1, 2, 4] and plain.head_scales is None
-    assert torch.allclose(scaled(heads, batch), plain(heads, batch), rtol=1e-5, atol=ATOL)
-    # a single head (eval output) ignores the scales
-    assert torch.allclose(scaled(heads[:, 0], batch), plain(heads[:, 0], batch))
+    loss_fn = SegmentationLoss()
+    for outputs in (coarse, tuple(coarse)):
+        assert torch.allclose(loss_fn(outputs, batch), loss_fn(stacked, batch), rtol=1e-5)
+    with pytest.raises(ValueError, match="fused"):
+        SegmentationLoss(fused=False)(coarse, batch)
 
 
-def test_head_scales_are_checked():
-    heads, label = _upsampled_heads([(1, 1, 1), (2, 2, 2)])
+def test_heads_at_own_resolution_are_checked():
+    coarse, _, label = _coarse_heads([(1, 1, 1), (2, 2, 2)])
     with pytest.raises(ValueError, match="does not divide"):
-        masked_dice_ce_heads(heads, label, head_scales=[1, 3])
-    with pytest.raises(ValueError, match="one entry per head"):
-        masked_dice_ce_heads(heads, label, head_scales=[1])
-    with pytest.raises(ConfigError, match="fused"):
-        SegmentationLoss(fused=False, head_scales=[1, 2])
+        masked_dice_ce_heads([coarse[0], coarse[1][..., :3]], label)
+    with pytest.raises(ValueError, match="does not divide"):
+        masked_dice_ce_heads([coarse[0], coarse[1][:, :, 0]], label)  # a spatial axis short
+    with pytest.raises(ValueError, match="no head"):
+        masked_dice_ce_heads([], label)

@@ -10,6 +10,7 @@ from monai.networks.nets import DynUNet
 
 from neonb.errors import ConfigError
 from neonb.models import (
+    HeadsAtOwnResolution,
     ModelConfig,
     bottleneck_size,
     build_model,
@@ -211,3 +212,36 @@ def test_head_scales_anisotropic_and_none():
     assert head_scales(ModelConfig(**{**TINY, "deep_supervision": False})) is None
     assert head_scales(ModelConfig(strides=(1, 3, 2), filters=(4, 8, 16), deep_supr_num=1)) is None
     assert head_scales(torch.nn.Linear(2, 2)) is None
+
+
+def test_heads_at_own_resolution_are_the_heads_dynunet_upsamples():
+    net = build_model(ModelConfig(**TINY)).train()
+    heads = HeadsAtOwnResolution(net)
+    x = torch.randn(1, 2, 16, 16, 16)
+    torch.manual_seed(0)
+    stacked = net(x)
+    torch.manual_seed(0)
+    own = heads(x)
+    scales = head_scales(net)
+    assert isinstance(own, tuple) and len(own) == len(scales) == stacked.shape[1]
+    for h, (head, scale) in enumerate(zip(own, scales, strict=True)):
+        assert head.shape[2:] == tuple(16 // f for f in scale)
+        upsampled = torch.nn.functional.interpolate(head, size=(16, 16, 16))
+        assert torch.equal(upsampled, stacked[:, h])
+    assert list(heads.parameters()) == list(net.parameters())  # no parameters of its own
+    heads.eval()  # eval mode: the DynUNet's own output, the final head
+    with torch.no_grad():
+        assert torch.equal(heads(x), net(x))
+
+
+def test_heads_at_own_resolution_refuse_other_networks():
+    class OwnForward(DynUNet):
+        def forward(self, x):
+            return super().forward(x)
+
+    net = build_model(ModelConfig(**TINY))
+    net.__class__ = OwnForward
+    with pytest.raises(ConfigError, match="DynUNet's own forward"):
+        HeadsAtOwnResolution(net)
+    with pytest.raises(ConfigError, match="Conv3d"):
+        HeadsAtOwnResolution(torch.nn.Conv3d(2, 2, 1))
