@@ -58,6 +58,7 @@ from neonb.engine import (
 from neonb.errors import ConfigError, DataError
 from neonb.files import atomic_write
 from neonb.inference import (
+    check_overlap,
     compile_network,
     default_sw_batch_size,
     load_weights,
@@ -189,8 +190,7 @@ class TrainingConfig:
             value = getattr(self, name)
             if int(value) != value or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not 0 <= self.overlap < 1:
-            raise ConfigError(f"overlap must be in [0, 1), got {self.overlap!r}")
+        check_overlap(self.overlap)
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if isinstance(self.num_workers, bool) or int(self.num_workers) != self.num_workers:

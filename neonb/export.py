@@ -493,12 +493,13 @@ def export_run(
             (0, 1] or ``overlap`` outside [0, 1).
     """
     from neonb.data import check_image_kind
+    from neonb.inference import check_overlap
 
     check_image_kind(images)
     if calibrate_qc is not False and not 0 < qc_quantile <= 1:
         raise ConfigError(f"qc_quantile must be in (0, 1], got {qc_quantile}")
-    if overlap is not None and not 0 <= overlap < 1:
-        raise ConfigError(f"overlap must be in [0, 1), got {overlap}")
+    if overlap is not None:
+        check_overlap(overlap)
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     grid = _grid(data_root, voxel_size, orientation, images)
     model, log, config, head = _load_run(run_dir)

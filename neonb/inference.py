@@ -391,19 +391,27 @@ def _check_image(image: torch.Tensor) -> None:
         )
 
 
+def check_overlap(overlap: float) -> float:
+    """``overlap`` of neighbouring sliding windows, checked: a fraction in [0, 1).
+
+    Raises:
+        ConfigError: for a value outside [0, 1) (1 would never move the window).
+    """
+    if not 0 <= overlap < 1:
+        raise ConfigError(f"overlap must be in [0, 1), got {overlap!r}")
+    return overlap
+
+
 def _check_window(patch_size: Sequence[int], overlap: float) -> tuple[int, ...]:
     """Validate the sliding-window settings; return the patch size as a tuple."""
     size = tuple(int(s) for s in patch_size)
     if len(size) != 3 or min(size) < 1:
         raise ConfigError(f"patch_size must be three positive voxel counts, got {patch_size}")
-    if not 0 <= overlap < 1:
-        raise ConfigError(f"overlap must be in [0, 1), got {overlap}")
+    check_overlap(overlap)
     return size
 
 
-def use_channels_last(
-    channels_last: bool | str, device: torch.device, model: nn.Module | None = None
-) -> bool:
+def inference_channels_last(channels_last: bool | str, model: nn.Module | None = None) -> bool:
     """Whether to run the network in the channels-last 3D memory format (NDHWC).
 
     ``"auto"`` keeps the layout ``model`` is stored in, so that no window converts its
@@ -483,7 +491,7 @@ def predict_volume(
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda:0"``, ...
         amp: bf16 autocast (:func:`use_inference_amp`): ``"auto"`` on CUDA, ``"native"``
             also on a CPU with native bf16, ``True`` on, ``False`` off (fp32).
-        channels_last: run the network channels-last (:func:`use_channels_last`):
+        channels_last: run the network channels-last (:func:`inference_channels_last`):
             ``"auto"`` (the layout the model is stored in), ``True`` or ``False``.
         segmentation_logits: picks ``(B, C, X, Y, Z)`` logits from the model output;
             default :func:`default_segmentation_logits`.
@@ -521,7 +529,7 @@ def _probabilities(
     _check_image(image)
     dev = resolve_device(device)
     amp_on = use_inference_amp(amp, dev)
-    last = use_channels_last(channels_last, dev, model)
+    last = inference_channels_last(channels_last, model)
     if isinstance(model, OpenVINONetwork):  # its precision and layout were set when compiled
         if dev.type != "cpu":
             raise ConfigError(f"an OpenVINO network runs on the CPU; the device is {dev}")

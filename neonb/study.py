@@ -542,8 +542,8 @@ def run_study(
         jobs: how many chapters run at once (:func:`run_chapters`), each kernel with
             ``cores // jobs`` threads; default: ``jobs`` in the folder's ``study.yaml``
             (a chapter's YAML file does not change it), else 1.
-            Two on 2 cores made the demo study take 0.84 times as long as one chapter at a
-            time with two threads (``benchmarks/README.md``).
+            Two on 2 cores made the demo study take 0.84 and 0.78 times as long as one
+            chapter at a time with two threads, on two AMD EPYC VMs (``benchmarks/README.md``).
         echo: where progress lines go.
 
     Returns:

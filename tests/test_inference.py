@@ -265,10 +265,9 @@ def test_auto_layout_is_the_one_the_model_is_stored_in(stored_channels_last):
     model = _dynunet(seed=4)
     if stored_channels_last:
         model.to(memory_format=torch.channels_last_3d)
-    cpu = torch.device("cpu")
-    assert inference.use_channels_last("auto", cpu, model) == stored_channels_last
-    assert inference.use_channels_last(True, cpu, model)
-    assert not inference.use_channels_last(False, cpu, model)
+    assert inference.inference_channels_last("auto", model) == stored_channels_last
+    assert inference.inference_channels_last(True, model)
+    assert not inference.inference_channels_last(False, model)
 
 
 def test_class_indices_are_argmax_ties_included():
