@@ -67,7 +67,7 @@ from monai.utils import set_determinism
 from torch import nn
 
 from neonb.data import read_manifest, to_data_dicts
-from neonb.engine import training_network
+from neonb.engine import _to_float, training_network
 from neonb.experiment import (
     TrainingConfig,
     build_optimizer,
@@ -437,10 +437,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     with autocast(amp, device):
         outputs = model(batch["image"])
-    if isinstance(outputs, tuple):  # heads at their own resolution
-        loss = loss_fn(tuple(head.float() for head in outputs), batch)
-    else:
-        loss = loss_fn(outputs.float(), batch)
+    loss = loss_fn(_to_float(outputs), batch)  # a tensor, or the heads at their resolution
     value = float(loss.detach())
     loss.backward()
     optimizer.step()

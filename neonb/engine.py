@@ -64,7 +64,6 @@ from monai.data import DataLoader, MetaTensor
 from monai.data.utils import set_rnd
 from monai.inferers import SimpleInferer
 from monai.metrics.utils import do_metric_reduction
-from monai.networks.nets import DynUNet
 from monai.utils import set_determinism
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -669,8 +668,7 @@ def training_network(model: nn.Module, loss_fn: LossFn, low_res_heads: bool) -> 
         low_res_heads
         and isinstance(loss_fn, SegmentationLoss)
         and loss_fn.fused
-        and isinstance(model, DynUNet)
-        and type(model).forward is DynUNet.forward
+        and HeadsAtOwnResolution.accepts(model)
         and head_scales(model) is not None
     )
     return HeadsAtOwnResolution(model) if applies else model

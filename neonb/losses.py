@@ -265,7 +265,7 @@ def masked_dice_ce_heads(
     _check_shapes(head_list[0], target, mask)
     batch, classes = head_list[0].shape[:2]
     spatial = tuple(target.shape[2:])
-    scales = [_head_scale(k, head, spatial) for k, head in enumerate(head_list)]
+    scales = [_head_scale(k, head, (batch, classes), spatial) for k, head in enumerate(head_list)]
     annotated = (
         torch.ones_like(target, dtype=torch.bool)
         if mask is None
@@ -316,8 +316,16 @@ def masked_dice_ce_heads(
     return lambda_dice * dice + lambda_ce * ce
 
 
-def _head_scale(k: int, head: Tensor, spatial: tuple[int, ...]) -> tuple[int, ...]:
-    """How many times coarser head ``k`` is than the label ``spatial``, per axis."""
+def _head_scale(
+    k: int, head: Tensor, batch_classes: tuple[int, int], spatial: tuple[int, ...]
+) -> tuple[int, ...]:
+    """How many times coarser head ``k`` is than the label ``spatial``, per axis; its batch and
+    class counts must be ``batch_classes``, the final head's."""
+    if tuple(head.shape[:2]) != batch_classes:
+        raise ValueError(
+            f"head {k} has shape {tuple(head.shape)}: its batch and class counts differ from "
+            f"the final head's {batch_classes}"
+        )
     size = tuple(head.shape[2:])
     if len(size) != len(spatial) or any(s < 1 or n % s for n, s in zip(spatial, size, strict=True)):
         raise ValueError(

@@ -452,12 +452,17 @@ class HeadsAtOwnResolution(nn.Module):
 
     def __init__(self, model: DynUNet) -> None:
         super().__init__()
-        if not isinstance(model, DynUNet) or type(model).forward is not DynUNet.forward:
+        if not self.accepts(model):
             raise ConfigError(
                 f"HeadsAtOwnResolution needs a DynUNet with DynUNet's own forward, got "
                 f"{type(model).__name__}"
             )
         self.model = model
+
+    @staticmethod
+    def accepts(model: nn.Module) -> bool:
+        """Whether ``model`` is a DynUNet with DynUNet's own ``forward`` (what it can wrap)."""
+        return isinstance(model, DynUNet) and type(model).forward is DynUNet.forward
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
         """The heads of ``x`` ``(B, C_in, X, Y, Z)``, final first, or the DynUNet's output."""

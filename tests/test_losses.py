@@ -375,3 +375,7 @@ def test_heads_at_own_resolution_are_checked():
         masked_dice_ce_heads([coarse[0], coarse[1][:, :, 0]], label)  # a spatial axis short
     with pytest.raises(ValueError, match="no head"):
         masked_dice_ce_heads([], label)
+    with pytest.raises(ValueError, match="class counts differ"):
+        masked_dice_ce_heads([coarse[0], coarse[1][:, :5]], label)  # 5 classes, not 10
+    with pytest.raises(ValueError, match="class counts differ"):
+        masked_dice_ce_heads([coarse[0], coarse[1][:1]], label)  # one sample, not two

@@ -218,9 +218,7 @@ def test_heads_at_own_resolution_are_the_heads_dynunet_upsamples():
     net = build_model(ModelConfig(**TINY)).train()
     heads = HeadsAtOwnResolution(net)
     x = torch.randn(1, 2, 16, 16, 16)
-    torch.manual_seed(0)
     stacked = net(x)
-    torch.manual_seed(0)
     own = heads(x)
     scales = head_scales(net)
     assert isinstance(own, tuple) and len(own) == len(scales) == stacked.shape[1]
